@@ -1,0 +1,1 @@
+"""Metrics: caption fidelity on shapes, reconstruction PSNR, CLIP score, accuracy."""

@@ -1,0 +1,1 @@
+"""Shared layers, written once with stable state-dict keys (DESIGN.md, the timm rule)."""
