@@ -11,10 +11,7 @@ import argparse
 import sys
 
 from cvformers.config import ConfigError
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit status 2, never a traceback."""
+from cvformers.errors import UserError
 
 
 # --- subcommands ------------------------------------------------------------------------
