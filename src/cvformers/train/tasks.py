@@ -95,8 +95,13 @@ def task_args_from_cli(args) -> TaskArgs:
 
 def run_task(args) -> None:
     """Entry point of ``cvformers train TASK``: build the setup, then run the one loop."""
+    import torch
+
     from cvformers.train.trainer import Trainer
 
     task_args = task_args_from_cli(args)
+    # The task builds the model: seed first so that the same config gives the same initial weights.
+    seed = task_args.config.get("train", {}).get("seed", 0)
+    torch.manual_seed(seed if isinstance(seed, int) else 0)
     setup = get_task(args.task)(task_args)
     Trainer.from_setup(setup, task_args).fit()

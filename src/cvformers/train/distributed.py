@@ -1,0 +1,102 @@
+"""Running the same training command under ``torchrun``: process group, device, DDP.
+
+One process needs none of this: ``setup()`` returns rank 0 of 1 and the trainer uses the
+model as it is. Under ``torchrun`` (which sets RANK / WORLD_SIZE / LOCAL_RANK) it joins the
+process group — gloo on CPU, nccl on CUDA — and the trainer wraps the model in
+``DistributedDataParallel``, which averages gradients across processes during backward.
+Only rank 0 writes files and logs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    created_group: bool = False  # we called init_process_group, so we tear it down
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device: str | torch.device | None = None) -> tuple[DistInfo, torch.device]:
+    """Join the process group if launched by torchrun; pick this process's device.
+
+    ``device``: "cpu", "cuda", "cuda:1" … or None (cuda when available). Under torchrun a
+    CUDA device becomes ``cuda:LOCAL_RANK``.
+    """
+    wanted = torch.device(device) if device is not None else None
+    if wanted is None:
+        wanted = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if wanted.type == "cuda" and not torch.cuda.is_available():
+        from cvformers.errors import UserError
+
+        raise UserError("--device cuda was asked for but torch sees no CUDA device")
+    if not launched_by_torchrun():
+        return DistInfo(), wanted
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if wanted.type == "cuda":
+        wanted = torch.device("cuda", local_rank)
+        torch.cuda.set_device(wanted)
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if wanted.type == "cuda" else "gloo")
+        created = True
+    return DistInfo(rank, world_size, local_rank, created), wanted
+
+
+def teardown(info: DistInfo) -> None:
+    if info.created_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device, find_unused: bool = False):
+    if not info.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj`` in rank order (one-element list in a single process)."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank (e.g. an error found only by rank 0)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,408 @@
+"""The one training loop. Every model exposes ``loss(batch) -> (loss, metrics)``; this trains it.
+
+AdamW (no weight decay on biases, norms, embeddings, codebooks), linear warmup + cosine
+decay, gradient clipping, gradient accumulation, optional bf16 autocast, a progress bar,
+``metrics.jsonl``, atomic checkpoints every N steps, and ``resume`` that continues exactly
+where the run stopped: same weights, optimizer, learning rate, RNG and data order — a run
+of 2N steps and a run of N steps resumed for N more end with bit-identical weights. Under
+``torchrun`` the same code runs data-parallel (DDP) — see ``distributed.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cvformers.config import from_dict, save_toml, to_dict
+from cvformers.errors import UserError
+from cvformers.train import checkpoint as ckpt
+from cvformers.train import distributed
+from cvformers.train.schedule import EpochBatchSampler, lr_at, steps_per_epoch
+from cvformers.utils import atomic_write_bytes
+
+
+@dataclass
+class TrainConfig:
+    """The ``[train]`` table of a run. Batch sizes are per process."""
+
+    steps: int = 1000  # optimizer steps in the whole run
+    batch_size: int = 32  # items per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step (global batch = processes x batch_size x grad_accum)
+    lr: float = 3e-4  # peak learning rate, reached at the end of warmup
+    weight_decay: float = 0.01  # AdamW decoupled decay; not applied to biases/norms/embeddings (see param_groups)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates
+    eps: float = 1e-8  # AdamW denominator epsilon
+    warmup_steps: int = 100  # linear warmup from lr/warmup_steps to lr
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    grad_clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping
+    amp: Literal["none", "bf16"] = "none"  # bf16 autocast of the forward pass; keep "none" on CPU (slow)
+    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+    eval_every: int = 500  # steps between evaluations on the eval split (0: never; also at the end)
+    eval_batches: int = 0  # eval batches per evaluation (0: the whole eval set)
+    log_every: int = 10  # steps between metrics.jsonl lines
+    seed: int = 0  # seeds data order and the training RNG (dropout, sampling)
+    num_workers: int = 0  # DataLoader worker processes
+    ddp_find_unused: bool = False  # DDP find_unused_parameters, for models that skip parameters in some steps
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "eval_batches", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+def train_config_from(args: Any, defaults: TrainConfig | None = None) -> TrainConfig:
+    """Task defaults, then the TOML ``[train]`` table, then ``--steps/--batch-size/--lr``.
+
+    ``args`` is a ``TaskArgs`` (anything with ``config``, ``steps``, ``batch_size``, ``lr``).
+    Unknown keys or wrong types in ``[train]`` are refused naming the key.
+    """
+    merged = to_dict(defaults if defaults is not None else TrainConfig())
+    merged.update((getattr(args, "config", None) or {}).get("train", {}))
+    for key in ("steps", "batch_size", "lr"):
+        value = getattr(args, key, None)
+        if value is not None:
+            merged[key] = value
+    return from_dict(TrainConfig, merged, "train")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Split trainable parameters into decayed and not decayed.
+
+    Not decayed: every parameter with fewer than 2 dimensions (biases, norm gains, scalars
+    such as CLIP's logit scale), every parameter whose name contains "embed" or "codebook"
+    or ends in "_token" (token/position embeddings, VQ codebooks, ViT's cls_token), and the
+    names a model lists in ``no_weight_decay()`` (timm's convention). Decaying these pulls
+    lookup tables and scales towards 0 for no benefit (as in GPT-2/nanoGPT, timm, CLIP).
+    """
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lname = name.lower()
+        if p.ndim < 2 or "embed" in lname or "codebook" in lname or lname.endswith("_token") or name in skip:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class _LossForward(nn.Module):
+    """``forward(batch) = model.loss(batch)``, so DDP's gradient hooks see the loss call."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Any]):
+        return self.model.loss(batch)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return batch
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch gives each worker base_seed + id (and seeds `random` from it); numpy too.
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def _default_collate():
+    from cvformers.data import collate
+
+    return collate
+
+
+def _float(v: Any) -> float:
+    return float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
+
+
+class Trainer:
+    """Trains ``setup.model`` into the run folder ``out``; ``fit()`` runs to ``steps``."""
+
+    def __init__(self, setup, out: str | Path, *, resume: bool = False, device: str | None = None):
+        self.setup = setup
+        self.model: nn.Module = setup.model
+        self.config: TrainConfig = setup.train_config
+        self.out = Path(out)
+        self.resume = resume
+        self.device_name = device
+
+    @classmethod
+    def from_setup(cls, setup, task_args) -> "Trainer":
+        """As called by ``cvformers train TASK``: apply --steps/--batch-size/--lr, then build."""
+        base = setup.train_config if setup.train_config is not None else TrainConfig()
+        overrides = {k: getattr(task_args, k) for k in ("steps", "batch_size", "lr") if getattr(task_args, k, None) is not None}
+        setup.train_config = from_dict(TrainConfig, {**to_dict(base), **overrides}, "train")
+        return cls(setup, task_args.out, resume=task_args.resume, device=task_args.device)
+
+    # --- the run folder -------------------------------------------------------------------
+
+    def _check_run_folder(self) -> None:
+        if self.resume and not ckpt.has_checkpoint(self.out):
+            raise UserError(f"--resume: no checkpoint in {self.out} ({ckpt.STATE} is missing)")
+        if not self.resume and ckpt.has_checkpoint(self.out):
+            raise UserError(
+                f"{self.out} already holds a checkpoint; pass --resume to continue that run "
+                "or choose another --out"
+            )
+
+    def _write_run_files(self) -> None:
+        setup = self.setup
+        model_cfg = setup.model_config
+        run_config = {
+            "kind": setup.kind,
+            "model": to_dict(model_cfg) if not isinstance(model_cfg, dict) else dict(model_cfg),
+            "train": to_dict(self.config),
+            **setup.extra_config,
+        }
+        save_toml(run_config, self.out / ckpt.CONFIG)
+        for name, data in setup.extra_files.items():
+            atomic_write_bytes(self.out / name, data)
+
+    def _trim_metrics(self, step: int) -> None:
+        """On resume, drop the lines logged after the checkpoint: those steps run again."""
+        path = self.out / ckpt.METRICS
+        if not path.is_file():
+            return
+        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        atomic_write_bytes(path, "".join(ln + "\n" for ln in kept).encode())
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.out / ckpt.METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # --- data -----------------------------------------------------------------------------
+
+    def _micro_batches(self, start_step: int) -> Iterator[dict[str, Any]]:
+        """Micro-batches from optimizer step ``start_step`` on, epoch after epoch, without end."""
+        cfg, data = self.config, self.setup.train_data
+        per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
+        epoch, offset = divmod(start_step, steps_per_epoch(len(data), per_step))
+        collate = self.setup.collate or _default_collate()
+        while True:
+            if hasattr(data, "set_epoch"):
+                data.set_epoch(epoch)
+            sampler = EpochBatchSampler(
+                len(data), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed,
+                epoch=epoch, rank=self.dist.rank, world_size=self.dist.world_size, start_step=offset,
+            )
+            # An explicit generator keeps the loader from drawing its worker base seed from the
+            # global RNG, which would shift dropout after a resume; it also fixes worker seeds.
+            worker_seed = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + self.dist.rank)
+            loader = DataLoader(
+                data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                generator=worker_seed, worker_init_fn=_seed_worker, pin_memory=self.device.type == "cuda",
+            )
+            for batch in loader:
+                yield _to_device(batch, self.device)
+            epoch, offset = epoch + 1, 0
+
+    # --- evaluation -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean of ``model.loss`` metrics over the eval set (eval mode, no grad, RNG untouched)."""
+        data, cfg = self.setup.eval_data, self.config
+        collate = self.setup.collate or _default_collate()
+        loader = DataLoader(
+            data, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate, num_workers=cfg.num_workers,
+            generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=_seed_worker,
+        )
+        sums: dict[str, float] = {}
+        count = 0
+        was_training = self.model.training
+        self.model.eval()
+        py_state, np_state = random.getstate(), np.random.get_state()
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                for i, batch in enumerate(loader):
+                    if cfg.eval_batches and i >= cfg.eval_batches:
+                        break
+                    batch = _to_device(batch, self.device)
+                    n = next((len(v) for v in batch.values() if isinstance(v, torch.Tensor)), 1)
+                    with self._autocast():
+                        loss, metrics = self.model.loss(batch)
+                    for k, v in {"loss": loss, **metrics}.items():
+                        sums[k] = sums.get(k, 0.0) + _float(v) * n
+                    count += n
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            self.model.train(was_training)
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def _autocast(self):
+        if self.config.amp == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def fit(self, until: int | None = None) -> dict[str, float]:
+        """Train to ``config.steps`` (or stop after step ``until``, checkpointing there).
+
+        Returns the last logged train metrics and, prefixed ``eval_``, the last evaluation.
+        """
+        self.dist, self.device = distributed.setup(self.device_name)
+        try:
+            return self._fit(until)
+        finally:
+            distributed.teardown(self.dist)
+
+    def _fit(self, until: int | None) -> dict[str, float]:
+        cfg, setup, is_main = self.config, self.setup, self.dist.is_main
+        if not hasattr(self.model, "loss"):
+            raise TypeError(f"{type(self.model).__name__} has no loss(batch) method")
+        self._check_run_folder()
+        model = self.model.to(self.device)
+        model.train()
+        optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+        start, elapsed_before = 0, 0.0
+        if self.resume:
+            state = ckpt.load_checkpoint(self.out, model)
+            optimizer.load_state_dict(state["optimizer"])
+            start, elapsed_before = int(state["step"]), float(state.get("elapsed", 0.0))
+            rngs = state["rng"]
+            if len(rngs) == self.dist.world_size:
+                ckpt.restore_rng(rngs[self.dist.rank])
+            else:  # a different number of processes cannot replay the same RNG streams
+                print(f"warning: checkpoint has RNG for {len(rngs)} processes, running {self.dist.world_size}; "
+                      "reseeding", file=sys.stderr)
+                self._seed(cfg.seed + start)
+        else:
+            self._seed(cfg.seed)
+        if is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._write_run_files()
+            if self.resume:
+                self._trim_metrics(start)
+        distributed.barrier(self.dist)
+        end = cfg.steps if until is None else min(until, cfg.steps)
+        if start >= end:
+            return {"step": float(start)}
+
+        forward = distributed.wrap_ddp(_LossForward(model), self.dist, self.device, cfg.ddp_find_unused)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        batches = self._micro_batches(start)
+        items_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
+        bar = self._progress_bar(start)
+        result: dict[str, float] = {}
+        window: dict[str, float] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        t0 = time.perf_counter()
+        on_train_step = getattr(model, "on_train_step", None)
+        for step in range(start, end):
+            if on_train_step is not None:
+                on_train_step(step, cfg.steps)
+            lr = lr_at(step, lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_metrics: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                batch = next(batches)
+                last = micro == cfg.grad_accum - 1
+                sync = contextlib.nullcontext() if last or not self.dist.enabled else forward.no_sync()
+                with sync:
+                    with self._autocast():
+                        loss, metrics = forward(batch)
+                    # mean over micro-batches: with a mean-reduced loss, accumulating k batches
+                    # of b equals one batch of k*b
+                    (loss / cfg.grad_accum).backward()
+                for k, v in {"loss": loss, **metrics}.items():
+                    step_metrics[k] = step_metrics.get(k, 0.0) + _float(v) / cfg.grad_accum
+            if not math.isfinite(step_metrics["loss"]):
+                raise FloatingPointError(f"loss is {step_metrics['loss']} at step {step}; lower the lr or check the data")
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+
+            step_metrics["grad_norm"] = _float(grad_norm)
+            for k, v in step_metrics.items():
+                window[k] = window.get(k, 0.0) + v
+            window_steps += 1
+            if bar is not None:
+                bar.update(1)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                now = time.perf_counter()
+                speed = window_steps * items_per_step / max(now - window_start, 1e-9)
+                result = {"step": done, "split": "train", **{k: v / window_steps for k, v in window.items()},
+                          "lr": lr, "items_per_s": speed, "elapsed": elapsed_before + now - t0}
+                if is_main:
+                    self._log(result)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}", items_s=f"{speed:.1f}")
+                window, window_steps, window_start = {}, 0, time.perf_counter()
+            if setup.eval_data is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                if is_main:
+                    ev = self.evaluate()
+                    self._log({"step": done, "split": "eval", **ev})
+                    result.update({f"eval_{k}": v for k, v in ev.items()})
+                distributed.barrier(self.dist)
+            if done % cfg.checkpoint_every == 0 or done == end:
+                self._checkpoint(model, optimizer, done, elapsed_before + time.perf_counter() - t0)
+        if bar is not None:
+            bar.close()
+        return {k: v for k, v in result.items() if k != "split"}
+
+    def _seed(self, seed: int) -> None:
+        # each process its own stream (different dropout masks per shard), reproducible
+        seed = seed + self.dist.rank
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+
+    def _progress_bar(self, start: int):
+        if not self.dist.is_main or not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.config.steps, initial=start, unit="step", dynamic_ncols=True)
+
+    def _checkpoint(self, model: nn.Module, optimizer, step: int, elapsed: float) -> None:
+        cfg = self.config
+        per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
+        epoch, offset = divmod(step, steps_per_epoch(len(self.setup.train_data), per_step))
+        rngs = distributed.gather_objects(ckpt.capture_rng(), self.dist)
+        if self.dist.is_main:
+            state = {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "rng": rngs,  # one entry per process, in rank order
+                "data": {"epoch": epoch, "offset": offset, "items_per_step": per_step},
+                "elapsed": elapsed,
+            }
+            ckpt.save_checkpoint(self.out, model, state)
+            if self.setup.on_checkpoint is not None:
+                was_training = model.training
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    self.setup.on_checkpoint(model, self.out, step)
+                model.train(was_training)
+        distributed.barrier(self.dist)
