@@ -1,0 +1,280 @@
+"""``shapes``: the built-in captioned dataset and the project's exact benchmark of caption fidelity.
+
+Every item is a black canvas with one or two flat-coloured objects and a caption that
+describes it ("a small blue square on the left", "a yellow triangle above a large green
+plus"). Scenes are a pure function of (split, seed, index): item i renders the same picture
+and caption on every call, every epoch and every machine, so nothing is stored on disk.
+
+Layout, chosen so that a small DALL-E with an 8×8 token grid can learn it and so that a
+caption pins the picture down: objects sit on a coarse 3×3 grid of slots (x and y at 1/4,
+1/2, 3/4 of the canvas), never overlap, and a small object may move by a pixel or two
+around its slot. Sizes are odd pixel counts so shapes centre exactly on a pixel.
+
+Held-out compositions: the colour–shape pairs in ``HELDOUT_PAIRS`` never appear in the
+``train`` and ``test`` splits; the ``heldout`` split contains only scenes that use at least
+one of them (zero-shot generation, DALL-E §3.2 in spirit). The two objects of a scene have
+different colours, so a caption can name each object by its colour and the checker
+(``cvformers.eval.fidelity``) can find it unambiguously.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cvformers.errors import UserError
+
+# Exact RGB values (issue 2). The checker classifies pixels against this table.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 60),
+    "blue": (40, 80, 230),
+    "yellow": (240, 220, 30),
+    "purple": (150, 50, 200),
+    "orange": (250, 140, 20),
+    "cyan": (30, 200, 220),
+    "white": (235, 235, 235),
+}
+COLOURS = tuple(PALETTE)
+SHAPES = ("circle", "square", "triangle", "plus")
+SIZES = ("small", "large")
+RELATIONS = ("above", "below", "left of", "right of")
+# Colour–shape pairs that never occur in train/test; the heldout split is made of them.
+HELDOUT_PAIRS = frozenset({("red", "triangle"), ("green", "plus"), ("blue", "circle"), ("yellow", "square")})
+TRAIN_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELDOUT_PAIRS)
+ALL_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
+
+# Slot grid: names of the 3×3 positions -> (column, row) in {0, 1, 2}.
+POSITIONS: dict[str, tuple[int, int]] = {
+    "center": (1, 1),
+    "left": (0, 1),
+    "right": (2, 1),
+    "top": (1, 0),
+    "bottom": (1, 2),
+    "top left": (0, 0),
+    "top right": (2, 0),
+    "bottom left": (0, 2),
+    "bottom right": (2, 2),
+}
+
+SPLITS = {"train": 0, "test": 1, "heldout": 2}
+DEFAULT_SIZES = {"train": 50_000, "test": 2_000, "heldout": 2_000}
+
+# --- caption vocabulary: several words per concept so the text model has to read ------------
+_SHAPE_WORDS = {
+    "circle": ("circle", "disc", "round dot"),
+    "square": ("square", "box", "block"),
+    "triangle": ("triangle", "triangle"),
+    "plus": ("plus", "cross", "plus sign"),
+}
+_SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
+_COLOUR_WORDS = {c: (c,) for c in COLOURS} | {"purple": ("purple", "violet")}
+_POSITION_PHRASES = {
+    "center": ("in the center", "in the middle", "in the centre"),
+    "left": ("on the left", "at the left", "on the left side"),
+    "right": ("on the right", "at the right", "on the right side"),
+    "top": ("at the top", "near the top", "at the top edge"),
+    "bottom": ("at the bottom", "near the bottom", "at the bottom edge"),
+    "top left": ("in the top left corner", "at the top left", "in the upper left"),
+    "top right": ("in the top right corner", "at the top right", "in the upper right"),
+    "bottom left": ("in the bottom left corner", "at the bottom left", "in the lower left"),
+    "bottom right": ("in the bottom right corner", "at the bottom right", "in the lower right"),
+}
+# "A <rel> B" and the inverse phrasing "B <inverse rel> A" describe the same scene.
+_RELATION_PHRASES = {
+    "above": ("above", "over", "on top of"),
+    "below": ("below", "under", "beneath"),
+    "left of": ("to the left of", "left of", "on the left of"),
+    "right of": ("to the right of", "right of", "on the right of"),
+}
+_INVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+_FRAMES = ("{}", "{}", "{}", "an image of {}", "a picture of {}", "{} on a black background", "a drawing of {}")
+
+
+def object_sizes(image_size: int) -> dict[str, int]:
+    """Side in pixels of small (~1/4 canvas) and large (~1/2 canvas) objects; always odd.
+
+    Large is the biggest odd side that still leaves a one-pixel gap between two large
+    objects in neighbouring half-canvas slots (15 px at 32, 31 px at 64).
+    """
+    small = 2 * round(image_size / 8) + 1
+    large = 2 * ((image_size // 2 - 1) // 2) + 1
+    return {"small": small, "large": large}
+
+
+def slot_centers(image_size: int) -> tuple[int, int, int]:
+    """Pixel coordinates of the three slot lines (1/4, 1/2, 3/4 of the canvas)."""
+    return (image_size // 4, image_size // 2, (3 * image_size) // 4)
+
+
+@lru_cache(maxsize=64)
+def shape_mask(shape: str, side: int) -> np.ndarray:
+    """Binary [side, side] mask of a shape filling its box, by 4×4 supersampled coverage ≥ 1/2."""
+    ss = 4
+    coords = (np.arange(side * ss) + 0.5) / (side * ss)  # sample centres in [0, 1]
+    y, x = np.meshgrid(coords, coords, indexing="ij")
+    if shape == "circle":
+        inside = (x - 0.5) ** 2 + (y - 0.5) ** 2 <= 0.25
+    elif shape == "square":
+        inside = np.ones_like(x, dtype=bool)
+    elif shape == "triangle":  # apex at top centre, base along the bottom edge
+        inside = np.abs(x - 0.5) <= 0.5 * y
+    elif shape == "plus":  # two bars, each a third of the side thick
+        third = 1.0 / 3.0
+        inside = (np.abs(x - 0.5) <= third / 2) | (np.abs(y - 0.5) <= third / 2)
+    else:
+        raise UserError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    coverage = inside.reshape(side, ss, side, ss).mean(axis=(1, 3))
+    return coverage >= 0.5
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _describe(obj: dict, rng: random.Random, with_size: bool = True) -> str:
+    words = []
+    if with_size:
+        words.append(rng.choice(_SIZE_WORDS[obj["size"]]))
+    words.append(rng.choice(_COLOUR_WORDS[obj["colour"]]))
+    words.append(rng.choice(_SHAPE_WORDS[obj["shape"]]))
+    return _a(" ".join(words))
+
+
+def caption_for(record: dict, rng: random.Random) -> str:
+    """One caption for a scene record, with templates and synonyms drawn from ``rng``."""
+    objs = record["objects"]
+    if record["relation"] is None:
+        text = _describe(objs[0], rng)
+        if objs[0]["position_stated"]:
+            text += " " + rng.choice(_POSITION_PHRASES[objs[0]["position"]])
+    else:
+        with_size = rng.random() < 0.75  # sometimes sizes are left for the model to choose
+        a, b, rel = objs[0], objs[1], record["relation"]
+        if rng.random() < 0.5:  # say it the other way round: "B below A" == "A above B"
+            a, b, rel = b, a, _INVERSE[rel]
+        text = f"{_describe(a, rng, with_size)} {rng.choice(_RELATION_PHRASES[rel])} {_describe(b, rng, with_size)}"
+    return rng.choice(_FRAMES).format(text)
+
+
+def _place(obj: dict, col: int, row: int, image_size: int, rng: random.Random, jitter: int) -> None:
+    side = object_sizes(image_size)[obj["size"]]
+    lines = slot_centers(image_size)
+    cx, cy = lines[col], lines[row]
+    if obj["size"] == "small" and jitter:  # large objects fill their slot; only small ones move
+        cx += rng.randint(-jitter, jitter)
+        cy += rng.randint(-jitter, jitter)
+    x0, y0 = cx - side // 2, cy - side // 2
+    obj["center"] = [cx, cy]
+    obj["bbox"] = [x0, y0, x0 + side, y0 + side]  # x0, y0, x1, y1 (exclusive), pixels
+
+
+def sample_record(split: str, rng: random.Random, image_size: int = 32, two_object_prob: float = 0.5,
+                  center_prob: float = 0.3, jitter: int | None = None) -> dict:
+    """Draw one scene (without caption) for ``split`` from ``rng``; a plain, collate-friendly dict."""
+    if jitter is None:
+        jitter = max(0, image_size // 16)
+    heldout = split == "heldout"
+    pool = TRAIN_PAIRS if not heldout else tuple(HELDOUT_PAIRS)
+    n_objects = 2 if rng.random() < two_object_prob else 1
+    first = rng.choice(sorted(pool))
+    pairs = [first]
+    if n_objects == 2:
+        # In heldout the other object may be anything; in train/test only allowed pairs.
+        others = [p for p in (ALL_PAIRS if heldout else TRAIN_PAIRS) if p[0] != first[0]]
+        pairs.append(rng.choice(others))
+        rng.shuffle(pairs)
+    objects = [
+        {"colour": c, "shape": s, "size": rng.choice(SIZES), "position": "center", "position_stated": True}
+        for c, s in pairs
+    ]
+    if n_objects == 1:
+        obj = objects[0]
+        if rng.random() < center_prob:
+            obj["position"] = "center"
+            obj["position_stated"] = rng.random() < 0.5  # "a large red circle" means centred
+        else:
+            obj["position"] = rng.choice([p for p in POSITIONS if p != "center"])
+        _place(obj, *POSITIONS[obj["position"]], image_size, rng, jitter)
+        relation = None
+    else:
+        relation = rng.choice(RELATIONS)
+        # objects[0] <relation> objects[1]: the pair sits on the centre line of the canvas.
+        slots = {"above": ("top", "bottom"), "below": ("bottom", "top"),
+                 "left of": ("left", "right"), "right of": ("right", "left")}[relation]
+        for obj, pos in zip(objects, slots):
+            obj["position"] = pos
+            _place(obj, *POSITIONS[pos], image_size, rng, jitter)
+    return {"objects": objects, "relation": relation, "image_size": image_size}
+
+
+def render(record: dict, image_size: int | None = None) -> torch.Tensor:
+    """Draw a record: FloatTensor[3, H, W] in [0, 1], black background, exact palette colours."""
+    size = image_size or record["image_size"]
+    canvas = np.zeros((size, size, 3), dtype=np.uint8)
+    for obj in record["objects"]:
+        x0, y0, x1, y1 = obj["bbox"]
+        mask = shape_mask(obj["shape"], x1 - x0)
+        # clip to the canvas (only matters for hand-made records)
+        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, size), min(y1, size)
+        if cx1 <= cx0 or cy1 <= cy0:
+            continue
+        sub = mask[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
+        canvas[cy0:cy1, cx0:cx1][sub] = PALETTE[obj["colour"]]
+    return torch.from_numpy(canvas).permute(2, 0, 1).float().div_(255.0)
+
+
+class ShapesDataset(Dataset):
+    """Procedural captioned scenes; item i of (split, seed) is always the same picture and caption.
+
+    ``test`` is the train distribution drawn from different random streams; ``heldout``
+    uses the held-out colour–shape pairs. Items: {"image", "caption", "label": -1, "record"}.
+    """
+
+    def __init__(self, split: str = "train", image_size: int = 32, size: int | None = None, seed: int = 0,
+                 two_object_prob: float = 0.5, center_prob: float = 0.3, jitter: int | None = None,
+                 channels: int = 3):
+        if split not in SPLITS:
+            raise UserError(f"shapes has no split {split!r}; known: {', '.join(SPLITS)}")
+        if image_size < 16:
+            raise UserError(f"shapes needs image_size >= 16, got {image_size}")
+        if channels not in (1, 3):
+            raise UserError(f"channels must be 1 or 3, got {channels}")
+        self.split, self.image_size, self.seed = split, image_size, seed
+        self.size = DEFAULT_SIZES[split] if size is None or size <= 0 else int(size)
+        self.two_object_prob, self.center_prob, self.jitter = two_object_prob, center_prob, jitter
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _rng(self, index: int) -> random.Random:
+        # A string seed goes through SHA-512 in CPython: stable across runs and PYTHONHASHSEED.
+        return random.Random(f"shapes/{self.seed}/{self.split}/{index}")
+
+    def record(self, index: int) -> dict:
+        return self.item(index)["record"]
+
+    def item(self, index: int) -> dict:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        rng = self._rng(index)
+        rec = sample_record(self.split, rng, self.image_size, self.two_object_prob, self.center_prob, self.jitter)
+        caption = caption_for(rec, rng)
+        rec["caption"] = caption
+        return {"caption": caption, "label": -1, "record": rec}
+
+    def __getitem__(self, index: int) -> dict:
+        out = self.item(index)
+        image = render(out["record"], self.image_size)
+        if self.channels == 1:
+            image = image.mean(0, keepdim=True)
+        return {"image": image, **out}
+
+    def captions(self, n: int | None = None) -> list[str]:
+        """Captions of the first ``n`` items (no rendering): for tokenizer training and evaluation."""
+        return [self.item(i)["caption"] for i in range(min(n or self.size, self.size))]

@@ -1,0 +1,150 @@
+"""shapes: determinism, held-out compositions, collate, and the fidelity checker's validation."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cvformers.config import ConfigError
+from cvformers.data import DataConfig, build_dataset, build_from_config, collate
+from cvformers.data.shapes import HELDOUT_PAIRS, PALETTE, ShapesDataset, render
+from cvformers.errors import UserError
+from cvformers.eval.fidelity import check_image, fidelity, fidelity_report
+
+
+def _batch(split="train", n=200, image_size=32, seed=0):
+    ds = build_dataset("shapes", split, image_size=image_size, size=n, seed=seed)
+    return collate([ds[i] for i in range(n)])
+
+
+def _blur(x, sigma):
+    r = 2
+    t = torch.arange(-r, r + 1).float()
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.pad(x, (r, r, r, r), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def test_items_are_deterministic_and_splits_differ():
+    a, b = ShapesDataset("train", size=10, seed=3), ShapesDataset("train", size=10, seed=3)
+    for i in (0, 7):
+        assert a[i]["caption"] == b[i]["caption"]
+        assert torch.equal(a[i]["image"], b[i]["image"])
+    test = ShapesDataset("test", size=10, seed=3)
+    assert [a[i]["caption"] for i in range(10)] != [test[i]["caption"] for i in range(10)]
+    assert len(ShapesDataset("train")) == 50_000 and len(ShapesDataset("heldout")) == 2_000
+
+
+def test_item_format_and_palette():
+    item = ShapesDataset("train", size=5, image_size=64)[0]
+    assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
+    assert item["label"] == -1 and isinstance(item["caption"], str) and item["caption"]
+    # every pixel is black or an exact palette colour
+    colours = {tuple(int(v) for v in (item["image"][:, y, x] * 255).round()) for y in range(64) for x in range(64)}
+    assert colours <= set(PALETTE.values()) | {(0, 0, 0)}
+    assert ShapesDataset("train", size=2, channels=1)[0]["image"].shape == (1, 32, 32)
+
+
+def test_heldout_pairs_only_in_heldout_split():
+    for split in ("train", "test"):
+        ds = ShapesDataset(split, size=400)
+        for i in range(len(ds)):
+            for o in ds.record(i)["objects"]:
+                assert (o["colour"], o["shape"]) not in HELDOUT_PAIRS
+    ds = ShapesDataset("heldout", size=200)
+    for i in range(len(ds)):
+        assert any((o["colour"], o["shape"]) in HELDOUT_PAIRS for o in ds.record(i)["objects"])
+
+
+def test_objects_inside_canvas_and_disjoint():
+    for size in (32, 64):
+        ds = ShapesDataset("train", size=300, image_size=size)
+        for i in range(len(ds)):
+            objs = ds.record(i)["objects"]
+            for o in objs:
+                x0, y0, x1, y1 = o["bbox"]
+                assert 0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size
+            if len(objs) == 2:
+                (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = objs[0]["bbox"], objs[1]["bbox"]
+                assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0
+                assert objs[0]["colour"] != objs[1]["colour"]
+
+
+def test_collate_and_build_dataset():
+    b = _batch(n=4)
+    assert b["image"].shape == (4, 3, 32, 32) and b["label"].tolist() == [-1] * 4
+    assert len(b["caption"]) == 4 and isinstance(b["record"][0], dict)
+    with pytest.raises(ConfigError, match="known: shapes"):
+        build_dataset("imagenet")
+    with pytest.raises(UserError):
+        build_dataset("shapes", split="validation")
+    ds = build_from_config(DataConfig(size=7, eval_size=5), "heldout")
+    assert len(ds) == 5 and ds.split == "heldout"
+
+
+@pytest.mark.parametrize("split,size", [("train", 32), ("heldout", 32), ("train", 64)])
+def test_checker_on_ground_truth(split, size):
+    b = _batch(split, n=150, image_size=size)
+    assert fidelity(b["image"], b["record"]) >= 0.99
+
+
+def test_checker_on_blurred_noisy_renders():
+    g = torch.Generator().manual_seed(0)
+    b = _batch("train", n=200)
+    x = _blur(b["image"], 0.7) + 0.04 * torch.randn(b["image"].shape, generator=g)
+    # colour drift: each image's channels scaled by up to ±8%
+    x = (x * (1 + 0.08 * (2 * torch.rand(len(x), 3, 1, 1, generator=g) - 1))).clamp(0, 1)
+    assert fidelity(x, b["record"]) >= 0.95
+
+
+def test_checker_rejects_noise_and_wrong_captions():
+    g = torch.Generator().manual_seed(1)
+    b = _batch("train", n=200)
+    assert fidelity(torch.rand(b["image"].shape, generator=g), b["record"]) <= 0.02
+    assert fidelity(torch.zeros_like(b["image"]), b["record"]) == 0.0
+    # another scene's caption: skip pairs that happen to describe the same objects
+    key = lambda r: sorted((o["colour"], o["shape"]) for o in r["objects"])  # noqa: E731
+    pairs = [(b["image"][i], b["record"][(i + 1) % 200]) for i in range(200)
+             if key(b["record"][i]) != key(b["record"][(i + 1) % 200])]
+    rep = fidelity_report(torch.stack([p[0] for p in pairs]), [p[1] for p in pairs])
+    assert rep["fidelity"] <= 0.02
+
+
+def _one_object_record():
+    ds = ShapesDataset("train", size=200)
+    for i in range(200):
+        rec = ds.record(i)
+        if rec["relation"] is None and rec["objects"][0]["position"] == "left":
+            return rec
+    raise AssertionError("no single left object in 200 scenes")
+
+
+def test_checker_marks_swapped_attributes_wrong():
+    rec = _one_object_record()
+    img = render(rec)
+    assert check_image(img, rec)["all_correct"]
+    obj = rec["objects"][0]
+    for key, value in [("colour", "orange" if obj["colour"] != "orange" else "red"),
+                       ("shape", "plus" if obj["shape"] != "plus" else "circle"),
+                       ("position", "right")]:
+        wrong = copy.deepcopy(rec)
+        wrong["objects"][0][key] = value
+        res = check_image(img, wrong)
+        assert not res["all_correct"], key
+        assert not res["objects"][0][f"{key}_ok"], key
+    # a two-object scene with its relation reversed
+    ds = ShapesDataset("train", size=50)
+    rec2 = next(ds.record(i) for i in range(50) if ds.record(i)["relation"] == "above")
+    img2 = render(rec2)
+    assert check_image(img2, rec2)["all_correct"]
+    assert not check_image(img2, {**rec2, "relation": "below"})["all_correct"]
+    # an extra object not in the caption
+    both = render(rec2)
+    single = {**rec2, "objects": rec2["objects"][:1], "relation": None}
+    single["objects"][0]["position_stated"] = False
+    res = check_image(both, single)
+    assert res["extra_objects"] == 1 and not res["all_correct"]
