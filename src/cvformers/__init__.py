@@ -6,3 +6,12 @@ and the diffusion path of DALL-E 2.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy exports: `import cvformers` stays cheap; torch and the models load on first use.
+    if name == "create_model":
+        from cvformers.models.vision import create_model
+
+        return create_model
+    raise AttributeError(f"module 'cvformers' has no attribute {name!r}")

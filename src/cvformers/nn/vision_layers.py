@@ -1,0 +1,174 @@
+"""Layers shared by the vision backbones, with timm's state-dict keys.
+
+``PatchEmbed`` (``proj``), ``Attention`` (``qkv``, ``proj``) and ``Block`` (``norm1``, ``attn``,
+``norm2``, ``mlp.fc1``, ``mlp.fc2``) carry the same parameter names and shapes as timm's
+layers, so a timm ViT checkpoint loads with ``strict=True``.
+
+Attention has two paths that compute the same function:
+- the default one calls ``F.scaled_dot_product_attention`` (fused kernel, never materialises
+  the N×N matrix when it can avoid it);
+- ``return_weights=True`` computes softmax(QKᵀ/√d + bias) explicitly and also returns it, for
+  attention maps and rollout (``cvformers.pipelines.attention``). Tests hold the two equal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from cvformers.nn.layers import Mlp
+
+
+def layer_norm(dim: int) -> nn.LayerNorm:
+    """LayerNorm with eps 1e-6, as in the ViT / Mixer reference code (and timm)."""
+    return nn.LayerNorm(dim, eps=1e-6)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample (Huang et al. 2016).
+
+    Used by Swin (§4.1, drop-path 0.2 for Swin-T) and available to every block; identity when
+    the rate is 0 or in eval mode.
+    """
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+def drop_path_rates(final_rate: float, n: int) -> list[float]:
+    """Stochastic-depth rates rising linearly from 0 at the first block to ``final_rate``."""
+    return [final_rate * i / max(n - 1, 1) for i in range(n)]
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into non-overlapping P×P patches and project each to ``dim`` (ViT §3.1).
+
+    A stride-P convolution with a P×P kernel is exactly "flatten each patch, multiply by E".
+    Returns tokens [B, N, dim] with N = (H/P)·(W/P), row-major over the patch grid.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        _, _, h, w = images.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+        return rearrange(self.proj(images), "b d gh gw -> b (gh gw) d")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+              dropout: float = 0.0, return_weights: bool = False):
+    """softmax(q kᵀ / √d + bias) v over [B, heads, N, d] tensors.
+
+    ``bias`` is an additive float mask broadcastable to [B, heads, N, N] (Swin's relative
+    position bias plus its -100 shifted-window mask). Returns ``(out, weights or None)``.
+    """
+    if not return_weights:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        return out, None
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    if bias is not None:
+        scores = scores + bias
+    weights = scores.softmax(dim=-1)
+    dropped = F.dropout(weights, dropout) if dropout > 0 else weights
+    return dropped @ v, weights
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (Vaswani et al. §3.2.2; ViT eq. 2) with one fused qkv Linear."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_dropout: float = 0.0,
+                 proj_dropout: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_dropout = attn_dropout
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_dropout)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, return_weights: bool = False):
+        """x [B, N, dim] -> [B, N, dim]; with ``return_weights`` -> (out, weights [B, heads, N, N])."""
+        # timm's layout of the fused projection: output features ordered (qkv, head, head_dim).
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        dropout = self.attn_dropout if self.training else 0.0
+        out, weights = attention(q, k, v, bias, dropout, return_weights)
+        out = self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+        return (out, weights) if return_weights else out
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (ViT eq. 2-3): x + MSA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 dropout: float = 0.0, attn_dropout: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = layer_norm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_dropout, dropout)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = layer_norm(dim)
+        # exact (erf) GELU, as in the ViT reference and timm — not the tanh approximation
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout=dropout)
+
+    def forward(self, x: torch.Tensor, return_weights: bool = False):
+        if return_weights:
+            attn_out, weights = self.attn(self.norm1(x), return_weights=True)
+        else:
+            attn_out, weights = self.attn(self.norm1(x)), None
+        x = x + self.drop_path(attn_out)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return (x, weights) if return_weights else x
+
+
+class MixerBlock(nn.Module):
+    """One Mixer layer (Tolstikhin et al. §2, eq. 1): token-mixing MLP, then channel-mixing MLP.
+
+    The token-mixing MLP acts on each channel's column of length N = number of patches, shared
+    across channels; the channel-mixing MLP acts on each token's row. Both pre-norm, residual.
+    Keys match timm's ``MixerBlock``: norm1, mlp_tokens, norm2, mlp_channels.
+    """
+
+    def __init__(self, num_tokens: int, dim: int, tokens_hidden: int, channels_hidden: int,
+                 dropout: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = layer_norm(dim)
+        self.mlp_tokens = Mlp(num_tokens, tokens_hidden, dropout=dropout)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = layer_norm(dim)
+        self.mlp_channels = Mlp(dim, channels_hidden, dropout=dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixed = self.mlp_tokens(rearrange(self.norm1(x), "b n d -> b d n"))
+        x = x + self.drop_path(rearrange(mixed, "b d n -> b n d"))
+        return x + self.drop_path(self.mlp_channels(self.norm2(x)))
+
+
+def init_vit_weights(module: nn.Module) -> None:
+    """Truncated-normal(0.02) Linear weights, zero biases, unit LayerNorms (the ViT/timm init)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
