@@ -1,0 +1,177 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cvformers.config import ConfigError, from_dict, to_dict
+from cvformers.eval.reconstruction import psnr
+from cvformers.registry import build_model
+from cvformers.vae.dvae import (
+    DiscreteVAE,
+    DVAEConfig,
+    kl_to_uniform,
+    logit_laplace_log_prob,
+    map_pixels,
+    unmap_pixels,
+)
+
+TINY = dict(image_size=16, channels=3, vocab_size=32, n_hid=16, n_blk_per_group=1, group_count=3, n_init=16)
+
+
+def tiny(**kw) -> DiscreteVAE:
+    torch.manual_seed(0)
+    return DiscreteVAE(DVAEConfig(**{**TINY, **kw}))
+
+
+def squares(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    """Coloured squares on black: a small stand-in for the shapes data."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, 3, size, size)
+    for i in range(n):
+        s = int(torch.randint(4, size // 2 + 1, (1,), generator=g))
+        y0, x0 = (int(v) for v in torch.randint(0, size - s + 1, (2,), generator=g))
+        x[i, :, y0 : y0 + s, x0 : x0 + s] = torch.rand(3, 1, 1, generator=g)
+    return x
+
+
+def test_encode_decode_shapes_and_face():
+    m = tiny().eval()
+    assert (m.num_tokens, m.grid_size, m.image_size, m.channels) == (32, 4, 16, 3)
+    ids = m.encode(torch.rand(5, 3, 16, 16))
+    assert ids.shape == (5, 4, 4) and ids.dtype == torch.long
+    assert int(ids.min()) >= 0 and int(ids.max()) < 32
+    out = m.decode(ids)
+    assert out.shape == (5, 3, 16, 16) and float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+def test_decode_lookup_equals_one_hot_conv():
+    m = tiny().eval()
+    ids = torch.randint(0, 32, (3, 4, 4))
+    one_hot = F.one_hot(ids, 32).permute(0, 3, 1, 2).float()
+    torch.testing.assert_close(m.decoder(ids=ids), m.decoder(one_hot), atol=1e-6, rtol=0)
+
+
+def test_grid_follows_group_count():
+    assert DVAEConfig(image_size=32, group_count=3).grid_size == 8
+    assert DVAEConfig().grid_size == 32  # the release: 256 px -> 32×32
+    with pytest.raises(ConfigError, match="image_size"):
+        DVAEConfig(image_size=30, group_count=3)
+    with pytest.raises(ConfigError, match="n_hid"):
+        DVAEConfig(n_hid=30)
+
+
+def test_pixel_map_round_trip():
+    x = torch.rand(2, 3, 4, 4)
+    m = map_pixels(x, 0.1)
+    assert float(m.min()) >= 0.1 and float(m.max()) <= 0.9
+    torch.testing.assert_close(unmap_pixels(m, 0.1), x)
+
+
+def test_logit_laplace_matches_direct_formula_and_is_a_density():
+    x = torch.tensor([0.1, 0.25, 0.5, 0.77, 0.9], dtype=torch.float64)
+    mu = torch.tensor([-1.0, 0.3, 0.0, 2.0, -0.5], dtype=torch.float64)
+    log_b = torch.tensor([0.0, -1.0, 0.5, -2.0, 1.0], dtype=torch.float64)
+    got = logit_laplace_log_prob(x, mu, log_b)
+    for i in range(5):
+        xi, mi, bi = float(x[i]), float(mu[i]), math.exp(float(log_b[i]))
+        density = 1 / (2 * bi * xi * (1 - xi)) * math.exp(-abs(math.log(xi / (1 - xi)) - mi) / bi)
+        assert float(got[i]) == pytest.approx(math.log(density), rel=1e-12, abs=1e-12)
+    # it integrates to one over (0, 1)
+    grid = torch.linspace(1e-9, 1 - 1e-9, 2_000_001, dtype=torch.float64)
+    pdf = logit_laplace_log_prob(grid, torch.tensor(0.7, dtype=torch.float64), torch.tensor(-0.5, dtype=torch.float64)).exp()
+    assert float(torch.trapezoid(pdf, grid)) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_kl_to_uniform():
+    assert float(kl_to_uniform(torch.zeros(2, 10, 3, 3)).abs().max()) < 1e-6
+    assert float(kl_to_uniform(torch.full((1, 10, 1, 1), 3.0)).abs().max()) < 1e-6
+    peaked = torch.zeros(1, 10, 1, 1)
+    peaked[0, 4] = 100.0  # almost one-hot: KL -> log K
+    assert float(kl_to_uniform(peaked)) == pytest.approx(math.log(10), abs=1e-4)
+    assert float(kl_to_uniform(torch.randn(4, 10, 2, 2)).min()) > 0
+
+
+def test_schedules_are_pure_functions_of_step():
+    m = tiny()
+    # the paper's counts on a run as long as the paper's
+    total = 3_000_000
+    assert m.tau_at(0, total) == 1.0 and m.beta_at(0, total) == 0.0
+    assert m.tau_at(75_000, total) == pytest.approx((1 + 1 / 16) / 2)  # cosine midpoint
+    assert m.tau_at(150_000, total) == pytest.approx(1 / 16) and m.tau_at(10**6, total) == pytest.approx(1 / 16)
+    assert m.beta_at(2_500, total) == pytest.approx(3.3) and m.beta_at(5_000, total) == pytest.approx(6.6)
+    # a 10,000-step run: counts scaled by 10,000 / 3,000,000 -> τ over 500 steps, β over 17
+    assert m.tau_at(250, 10_000) == pytest.approx((1 + 1 / 16) / 2)
+    assert m.tau_at(500, 10_000) == pytest.approx(1 / 16)
+    assert m.beta_at(17, 10_000) == pytest.approx(6.6) and 0 < m.beta_at(8, 10_000) < 6.6
+    # the schedule depends on (step, total) only
+    m.on_train_step(123, 10_000)
+    a = (m.tau, m.beta)
+    m.on_train_step(9_999, 10_000)
+    m.on_train_step(123, 10_000)
+    assert (m.tau, m.beta) == a
+    unscaled = tiny(schedule_total_steps=0)
+    assert unscaled.tau_at(75_000, 1_000) == pytest.approx((1 + 1 / 16) / 2)
+
+
+def test_loss_metrics_and_gradients():
+    m = tiny()
+    m.on_train_step(0, 100)
+    loss, metrics = m.loss({"image": squares(4)})
+    assert set(metrics) == {"recon_nll", "kl", "psnr", "perplexity", "tau", "beta"}
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    m.eval()
+    _, hard = m.loss({"image": squares(4)})  # eval uses the argmax codes: PSNR of decode(encode(x))
+    x = squares(4)
+    assert hard["psnr"] == pytest.approx(float(psnr(m.decode(m.encode(x)), x)), abs=1e-4)
+
+
+@pytest.fixture
+def one_thread():
+    # the machine is shared: two threads on a loaded box are several times slower than one
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_tiny_dvae_overfits_one_batch(one_thread):
+    m = tiny(vocab_size=64)
+    x = squares(8)
+    m.eval()
+    start = float(psnr(m.decode(m.encode(x)), x))
+    m.train()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    steps = 150
+    for step in range(steps):
+        m.on_train_step(step, steps)
+        loss, _ = m.loss({"image": x})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    end = float(psnr(m.decode(m.encode(x)), x))
+    assert end > start + 6, (start, end)  # measured: 6.5 -> 15.4 dB
+
+
+def test_safetensors_round_trip_is_bit_exact(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    m = tiny().eval()
+    save_file(m.state_dict(), tmp_path / "model.safetensors")
+    again = build_model("dvae", to_dict(m.cfg))
+    again.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    again.eval()
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.equal(m.logits(x), again.logits(x))
+    assert torch.equal(m.decode(m.encode(x)), again.decode(again.encode(x)))
+
+
+def test_config_is_strict():
+    with pytest.raises(ConfigError, match="vocab"):
+        from_dict(DVAEConfig, {"vocab": 10})
+    with pytest.raises(ConfigError, match="n_hid"):
+        from_dict(DVAEConfig, {"n_hid": "64"})
