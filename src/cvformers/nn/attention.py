@@ -1,0 +1,338 @@
+"""Causal self-attention over [text | image] with DALL-E's sparse patterns (appendix B.1, Fig. 11).
+
+The sequence is ``T`` text tokens followed by an ``H×W`` grid of image tokens in raster order.
+Every pattern is causal, text attends to earlier text, and every image token attends to *all*
+text tokens plus (after Child et al. 2019, "Generating long sequences with sparse transformers"):
+
+- ``row``:    the previous ``W`` image tokens in raster order and itself (the "local" pattern);
+- ``column``: the image tokens of its own column in earlier rows, and itself;
+- ``conv``:   the earlier image tokens inside the ``k×k`` neighbourhood centred on it;
+- ``full``:   every earlier token (the dense baseline).
+
+One ``AttentionPattern`` object does three jobs (DESIGN.md):
+
+1. ``dense_mask()`` builds the boolean ``[S, S]`` mask — the reference the tests hold the rest to;
+2. ``attend(q, k, v)`` is the training fast path, whose cost grows with text + window, not with
+   ``S``: row and conv cut the image queries into grid rows that see the text plus the few grid
+   rows they can reach; column transposes the grid so each column is a short causal sequence;
+   full is plain causal SDPA;
+3. ``decode_index(pos)`` gives the fixed-size list of cache slots (and validity) that the query at
+   ``pos`` reads during KV-cache sampling, derived once from the dense mask.
+
+All index tensors and small masks are built once per device and cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+PATTERNS = ("full", "row", "column", "conv")
+
+
+def paper_schedule(depth: int) -> list[str]:
+    """DALL-E appendix B.1: layer i (1-based) is column when (i - 2) % 4 == 0, else row; last is conv."""
+    names = ["column" if (i - 2) % 4 == 0 else "row" for i in range(1, depth + 1)]
+    names[-1] = "conv"
+    return names
+
+
+# --- patterns ---------------------------------------------------------------------------
+
+
+class AttentionPattern:
+    """Which earlier tokens each token of [text (T) | image (H×W raster)] may attend to."""
+
+    name = "base"
+
+    def __init__(self, text_len: int, grid_h: int, grid_w: int):
+        if text_len < 1:
+            raise ValueError("attention patterns need at least one text token (image rows attend to it)")
+        self.text_len, self.grid_h, self.grid_w = text_len, grid_h, grid_w
+        self.seq_len = text_len + grid_h * grid_w
+        self._cache: dict = {}
+
+    # The one place a pattern is defined: may image query (qr, qc) see earlier image key (kr, kc)?
+    # Arguments are broadcastable integer tensors; qi/ki are raster indices. Causality is applied
+    # by the caller, so this only says what the pattern adds to "earlier".
+    def image_allowed(self, qr, qc, kr, kc, qi, ki) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _cached(self, key, device, build):
+        k = (key, str(device))
+        if k not in self._cache:
+            self._cache[k] = build()
+        return self._cache[k]
+
+    def _additive(self, key, bool_mask: torch.Tensor, dtype) -> torch.Tensor:
+        """The cached 0 / -inf float version of a boolean mask (SDPA converts bool masks on every call)."""
+        return self._cached((key, "additive", dtype), bool_mask.device, lambda: torch.zeros(
+            bool_mask.shape, dtype=dtype, device=bool_mask.device).masked_fill(~bool_mask, float("-inf")))
+
+    # (a) the reference ---------------------------------------------------------------------
+    def dense_mask(self, device=None) -> torch.Tensor:
+        """Boolean [S, S]; True where query (row) may attend to key (column)."""
+
+        def build():
+            T, W = self.text_len, self.grid_w
+            i = torch.arange(self.seq_len, device=device)[:, None]
+            j = torch.arange(self.seq_len, device=device)[None, :]
+            causal = j <= i
+            key_text = j < T
+            qi, ki = (i - T).clamp(min=0), (j - T).clamp(min=0)
+            image_image = self.image_allowed(qi // W, qi % W, ki // W, ki % W, qi, ki)
+            # text queries: causal over text; image queries: all text + the pattern over the image
+            return causal & (key_text | ((i >= T) & image_image))
+
+        return self._cached("dense", device, build)
+
+    # (b) the fast training path ------------------------------------------------------------
+    def attend(self, q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
+        """q, k, v: [B, heads, S, d] for the whole sequence -> [B, heads, S, d]."""
+        T = self.text_len
+        text = F.scaled_dot_product_attention(q[:, :, :T], k[:, :, :T], v[:, :, :T],
+                                              dropout_p=dropout_p, is_causal=True)
+        image = self._attend_image(q[:, :, T:], k, v, dropout_p)
+        return torch.cat([text, image], dim=2)
+
+    def _attend_image(self, q_img, k, v, dropout_p):
+        raise NotImplementedError
+
+    # (c) the KV-cache decode step ----------------------------------------------------------
+    def decode_index(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots [S, L], valid [S, L]): the cache slots query ``pos`` reads, padded to L = max count."""
+
+        def build():
+            mask = self.dense_mask(device)
+            counts = mask.sum(1)
+            width = int(counts.max())
+            # stable sort puts allowed slots first, in increasing order
+            order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
+            valid = torch.arange(width, device=device)[None, :] < counts[:, None]
+            return order.contiguous(), valid.contiguous()
+
+        return self._cached("decode", device, build)
+
+    def decode_attend(self, q, k_cache, v_cache, pos: int) -> torch.Tensor:
+        """One query at ``pos`` (q: [B, heads, 1, d]) against a cache filled up to ``pos``."""
+        slots, valid = self.decode_index(q.device)
+        bias = self._additive("decode", valid, q.dtype)
+        k = k_cache.index_select(2, slots[pos])
+        v = v_cache.index_select(2, slots[pos])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[pos, None])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(text={self.text_len}, grid={self.grid_h}x{self.grid_w})"
+
+
+class FullPattern(AttentionPattern):
+    name = "full"
+
+    def image_allowed(self, qr, qc, kr, kc, qi, ki):
+        return torch.ones_like(qi * ki, dtype=torch.bool)
+
+    def attend(self, q, k, v, dropout_p: float = 0.0):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+    def decode_attend(self, q, k_cache, v_cache, pos: int):
+        # every earlier slot: a contiguous slice, no gather and no mask
+        return F.scaled_dot_product_attention(q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])
+
+
+class _RowBlockedPattern(AttentionPattern):
+    """Patterns whose image reach is the query's own grid row and the ``reach`` rows above.
+
+    Fast path: the image queries of grid row r form one block; its keys are the T text keys plus
+    the image keys of rows r-reach .. r, with one small static mask [H, W, T + (reach+1)·W].
+    Cost per query: T + (reach+1)·W keys instead of up to S.
+    """
+
+    reach = 1
+
+    def _block_mask(self, device):
+        def build():
+            T, H, W, m = self.text_len, self.grid_h, self.grid_w, self.reach
+            qr = torch.arange(H, device=device)[:, None, None, None]
+            qc = torch.arange(W, device=device)[None, :, None, None]
+            kr = qr - m + torch.arange(m + 1, device=device)[None, None, :, None]  # rows r-m .. r
+            kc = torch.arange(W, device=device)[None, None, None, :]
+            qi, ki = qr * W + qc, kr * W + kc
+            image = (kr >= 0) & (ki <= qi) & self.image_allowed(qr, qc, kr, kc, qi, ki)
+            image = image.reshape(H, W, (m + 1) * W)
+            text = torch.ones(H, W, T, dtype=torch.bool, device=device)
+            return torch.cat([text, image], dim=-1)
+
+        return self._cached("block", device, build)
+
+    def _attend_image(self, q_img, k, v, dropout_p):
+        T, H, W, m = self.text_len, self.grid_h, self.grid_w, self.reach
+        B, nh, _, d = q_img.shape
+
+        # 4-D tensors and a 4-D mask keep SDPA on its fused CPU/GPU kernels (5-D falls back to math)
+        def blocks(t):  # [B, nh, S, d] -> [B·nh, H, T + (m+1)W, d]
+            img = rearrange(t[:, :, T:], "b n (h w) d -> (b n) h w d", h=H)
+            img = F.pad(img, (0, 0, 0, 0, m, 0))  # m empty rows above the grid
+            # repeat, not expand: torch.cat is many times slower on a stride-0 input
+            text = rearrange(t[:, :, None, :T], "b n one t d -> (b n) one t d").repeat(1, H, 1, 1)
+            # one copy: [text | rows r-m .. r] for every grid row r (the loop runs over kernel rows)
+            return torch.cat([text, *(img[:, r : r + H] for r in range(m + 1))], dim=2)
+
+        q = rearrange(q_img, "b n (h w) d -> (b n) h w d", h=H)
+        out = F.scaled_dot_product_attention(q, blocks(k), blocks(v), attn_mask=self._additive("block", self._block_mask(q.device)[None], q.dtype),
+                                             dropout_p=dropout_p)
+        return rearrange(out, "(b n) h w d -> b n (h w) d", b=B)
+
+
+class RowPattern(_RowBlockedPattern):
+    """The previous W image tokens in raster order and itself (appendix B.1, Fig. 11a)."""
+
+    name = "row"
+    reach = 1
+
+    def __init__(self, text_len, grid_h, grid_w):
+        super().__init__(text_len, grid_h, grid_w)
+        self.reach = min(1, grid_h - 1)
+
+    def image_allowed(self, qr, qc, kr, kc, qi, ki):
+        return qi - ki <= self.grid_w
+
+
+class ConvPattern(_RowBlockedPattern):
+    """Earlier image tokens inside the k×k neighbourhood centred on the query (Fig. 11d)."""
+
+    name = "conv"
+
+    def __init__(self, text_len, grid_h, grid_w, kernel: int = 11):
+        super().__init__(text_len, grid_h, grid_w)
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"conv attention kernel must be odd and >= 1, got {kernel}")
+        self.kernel = kernel
+        self.reach = min(kernel // 2, grid_h - 1)
+
+    def image_allowed(self, qr, qc, kr, kc, qi, ki):
+        half = self.kernel // 2
+        return ((qr - kr).abs() <= half) & ((qc - kc).abs() <= half)
+
+
+class ColumnPattern(AttentionPattern):
+    """Image tokens of its own column in earlier rows, and itself (Fig. 11b/c).
+
+    Fast path (the paper's Fig. 11c trick): transpose the grid so that every column is a
+    contiguous sequence of H tokens; each column is then plain causal attention + the text.
+    """
+
+    name = "column"
+
+    def image_allowed(self, qr, qc, kr, kc, qi, ki):
+        return qc == kc
+
+    def _column_mask(self, device):
+        def build():
+            T, H = self.text_len, self.grid_h
+            causal = torch.ones(H, H, dtype=torch.bool, device=device).tril()
+            return torch.cat([torch.ones(H, T, dtype=torch.bool, device=device), causal], dim=1)
+
+        return self._cached("column", device, build)
+
+    def _attend_image(self, q_img, k, v, dropout_p):
+        T, H, W = self.text_len, self.grid_h, self.grid_w
+        B, nh, _, d = q_img.shape
+
+        def columns(t):  # [B, nh, S, d] -> [B·nh, W, T + H, d]
+            img = rearrange(t[:, :, T:], "b n (h w) d -> (b n) w h d", h=H)
+            text = rearrange(t[:, :, None, :T], "b n one t d -> (b n) one t d").repeat(1, W, 1, 1)
+            return torch.cat([text, img], dim=2)
+
+        q = rearrange(q_img, "b n (h w) d -> (b n) w h d", h=H)
+        out = F.scaled_dot_product_attention(q, columns(k), columns(v), attn_mask=self._additive("column", self._column_mask(q.device)[None, None], q.dtype),
+                                             dropout_p=dropout_p)
+        return rearrange(out, "(b n) w h d -> b n (h w) d", b=B)
+
+
+def build_pattern(name: str, text_len: int, grid_h: int, grid_w: int | None = None,
+                  conv_kernel: int = 11) -> AttentionPattern:
+    grid_w = grid_h if grid_w is None else grid_w
+    if name == "full":
+        return FullPattern(text_len, grid_h, grid_w)
+    if name == "row":
+        return RowPattern(text_len, grid_h, grid_w)
+    if name == "column":
+        return ColumnPattern(text_len, grid_h, grid_w)
+    if name == "conv":
+        return ConvPattern(text_len, grid_h, grid_w, conv_kernel)
+    raise ValueError(f"unknown attention pattern {name!r}; known: {', '.join(PATTERNS)}")
+
+
+def dense_attention(q, k, v, mask: torch.Tensor) -> torch.Tensor:
+    """The reference: SDPA over the whole sequence with the dense boolean mask."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+# --- the layer --------------------------------------------------------------------------
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values for one layer: [B, heads, S, d]; filled by prefill, then one slot a step."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, seq_len: int, dim_head: int, device=None, dtype=None):
+        shape = (batch, heads, seq_len, dim_head)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head causal self-attention with a fused QKV projection and a sparse pattern.
+
+    ``forward(x)`` on the whole sequence uses the pattern's fast path. With a ``cache``:
+    ``x`` of length L > 1 starting at 0 is a prefill (fast path, padded to S, keys stored);
+    ``x`` of length 1 at ``pos`` is one decode step that reads only the pattern's slots.
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, pattern: AttentionPattern,
+                 dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        self.heads, self.dim_head, self.pattern = heads, dim_head, pattern
+        inner = heads * dim_head
+        self.qkv = nn.Linear(dim, 3 * inner, bias=bias)
+        self.proj = nn.Linear(inner, dim, bias=bias)
+        self.attn_dropout = dropout
+        self.proj_drop = nn.Dropout(dropout)
+
+    def _split(self, x):
+        q, k, v = rearrange(self.qkv(x), "b s (three n d) -> three b n s d", three=3, n=self.heads)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        q, k, v = self._split(x)
+        length, S = x.shape[1], self.pattern.seq_len
+        if cache is not None and length == 1:  # one decode step
+            cache.k[:, :, pos] = k[:, :, 0]
+            cache.v[:, :, pos] = v[:, :, 0]
+            out = self.pattern.decode_attend(q, cache.k, cache.v, pos)
+        else:
+            if cache is not None:  # prefill of a prefix
+                if pos != 0:
+                    raise ValueError("a multi-token forward with a cache must start at position 0")
+                cache.k[:, :, :length] = k
+                cache.v[:, :, :length] = v
+            if length < S:  # a causal prefix: pad to the full sequence, the padding is never seen
+                pad = (0, 0, 0, S - length)
+                q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
+            elif length > S:
+                raise ValueError(f"sequence of {length} tokens is longer than the pattern's {S}")
+            drop = self.attn_dropout if self.training else 0.0
+            out = self.pattern.attend(q, k, v, dropout_p=drop)[:, :, :length]
+        return self.proj_drop(self.proj(rearrange(out, "b n s d -> b s (n d)")))
+
+
+def attention_flops(pattern: AttentionPattern) -> int:
+    """Number of (query, key) pairs the pattern allows: the useful work of one head."""
+    return int(pattern.dense_mask().sum())
