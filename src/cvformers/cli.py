@@ -41,7 +41,43 @@ def _cmd_train(args) -> int:
     return 0
 
 
-_COMMANDS = [_add_train]
+def _add_tokenizer(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train or try the caption BPE tokenizer")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="learn a BPE vocabulary from a dataset's captions")
+    t.add_argument("--data", default="shapes", help="shapes | mnist | fashion-mnist | folder:PATH")
+    t.add_argument("--vocab-size", type=int, default=1024, help="at most this many BPE tokens")
+    t.add_argument("--text-len", type=int, default=32, help="fixed caption length in tokens")
+    t.add_argument("--samples", type=int, default=None, help="use only the first N captions")
+    t.add_argument("--out", required=True, help="tokenizer.json to write")
+    t.set_defaults(func=_cmd_tokenizer_train)
+    e = tsub.add_parser("encode", help="print the ids of a caption")
+    e.add_argument("text", help="caption")
+    e.add_argument("--tokenizer", required=True, help="tokenizer.json (or a folder holding one)")
+    e.set_defaults(func=_cmd_tokenizer_encode)
+
+
+def _cmd_tokenizer_train(args) -> int:
+    from cvformers.text import train_tokenizer
+
+    tok = train_tokenizer(args.data, args.out, vocab_size=args.vocab_size, text_len=args.text_len,
+                          samples=args.samples)
+    print(f"wrote {args.out}: vocab_size {tok.vocab_size}, text_len {tok.text_len}, "
+          f"num_text_tokens {tok.num_text_tokens}")
+    return 0
+
+
+def _cmd_tokenizer_encode(args) -> int:
+    from cvformers.text import BPETokenizer
+
+    tok = BPETokenizer.load(args.tokenizer)
+    ids = tok.encode(args.text)[0]
+    print(" ".join(str(int(i)) for i in ids))
+    print(repr(tok.decode(ids)))
+    return 0
+
+
+_COMMANDS = [_add_train, _add_tokenizer]
 
 
 def build_parser() -> argparse.ArgumentParser:
