@@ -6,11 +6,13 @@ trains the toy model into ``argv[1]``.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -21,20 +23,24 @@ from trainer_toys import toy_setup  # noqa: E402
 from cvformers.train import TrainConfig, Trainer  # noqa: E402
 
 
-def config(batch_size: int) -> TrainConfig:
+def config(batch_size: int, comm: str = "allreduce", steps: int = 6) -> TrainConfig:
     # dropout 0: both runs compute the same function; grad_accum 2 exercises no_sync
-    return TrainConfig(steps=6, batch_size=batch_size, grad_accum=2, lr=1e-2, warmup_steps=2,
-                       checkpoint_every=3, eval_every=3, log_every=3)
+    return TrainConfig(steps=steps, batch_size=batch_size, grad_accum=2, lr=1e-2, warmup_steps=2,
+                       checkpoint_every=3, eval_every=3, log_every=3, ddp_comm=comm, powersgd_start=2)
+
+
+def torchrun(out: Path, comm: str = "allreduce", steps: int = 6) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           __file__, str(out), comm, str(steps)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_two_processes_match_one(tmp_path):
     from safetensors.torch import load_file
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           __file__, str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(tmp_path / "ddp")
     assert (tmp_path / "ddp/model.safetensors").is_file()
     assert torch.load(tmp_path / "ddp/trainer_state.pt", weights_only=True)["step"] == 6
     lines = (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()
@@ -46,6 +52,15 @@ def test_two_processes_match_one(tmp_path):
         assert torch.allclose(two[k], one[k], atol=1e-6, rtol=0), k
 
 
+@pytest.mark.slow
+def test_powersgd_trains(tmp_path):
+    torchrun(tmp_path / "psgd", comm="powersgd", steps=30)
+    lines = [json.loads(ln) for ln in (tmp_path / "psgd/metrics.jsonl").read_text().splitlines()]
+    train = [ln["loss"] for ln in lines if ln["split"] == "train"]
+    assert train[-1] < 0.5 * train[0]
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    Trainer(toy_setup(config(batch_size=4)), sys.argv[1]).fit()
+    out, comm, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    Trainer(toy_setup(config(batch_size=4, comm=comm, steps=steps)), out).fit()

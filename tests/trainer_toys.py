@@ -80,3 +80,21 @@ def toy_setup(train_config, n=64, dropout=0.0, eval_data=True, seed=0, **extra):
         kind="toy-regressor", model=ToyRegressor(cfg), model_config=cfg, train_config=train_config,
         train_data=ToyData(n), eval_data=ToyData(16, seed=1) if eval_data else None, collate=toy_collate, **extra,
     )
+
+
+def _register_toy_task():
+    from cvformers.train.tasks import TaskSetup, register_task
+    from cvformers.train.trainer import TrainConfig, train_config_from
+
+    @register_task("toy")
+    def toy_task(args):
+        """A task in the shape the real ones have: defaults, then TOML, then CLI overrides."""
+        from cvformers.config import from_dict
+
+        cfg = from_dict(ToyConfig, args.config.get("model", {}), "model")
+        train = train_config_from(args, TrainConfig(steps=6, batch_size=8, warmup_steps=1, eval_every=0, log_every=2))
+        return TaskSetup(kind="toy-regressor", model=ToyRegressor(cfg), model_config=cfg, train_config=train,
+                         train_data=ToyData(32), collate=toy_collate, extra_config={"data": {"spec": str(args.data)}})
+
+
+_register_toy_task()

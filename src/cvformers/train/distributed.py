@@ -75,13 +75,35 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device, find_unused: bool = False):
+def wrap_ddp(
+    module: torch.nn.Module,
+    info: DistInfo,
+    device: torch.device,
+    find_unused: bool = False,
+    powersgd: tuple[int, int] | None = None,
+):
+    """DDP around ``module`` (the module itself in a single process).
+
+    ``powersgd=(rank, start_step)`` replaces the gradient all-reduce with PowerSGD low-rank
+    compression (Vogels et al. 2019) after ``start_step`` plain steps, with error feedback.
+    Its error-feedback memory is not checkpointed, so a resumed PowerSGD run is close to, not
+    bit-identical with, an uninterrupted one.
+    """
     if not info.enabled:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
+    ddp = DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
+    if powersgd is not None:
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+        rank, start = powersgd
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=max(2, start)
+        )
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    return ddp
 
 
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from cvformers.config import from_dict, save_toml, to_dict
 from cvformers.errors import UserError
@@ -55,9 +55,12 @@ class TrainConfig:
     seed: int = 0  # seeds data order and the training RNG (dropout, sampling)
     num_workers: int = 0  # DataLoader worker processes
     ddp_find_unused: bool = False  # DDP find_unused_parameters, for models that skip parameters in some steps
+    ddp_comm: Literal["allreduce", "powersgd"] = "allreduce"  # gradient exchange under torchrun; powersgd compresses it
+    powersgd_rank: int = 2  # PowerSGD low-rank approximation rank (higher: closer to allreduce, more traffic)
+    powersgd_start: int = 10  # steps of plain allreduce before PowerSGD starts (its paper's warm start)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "powersgd_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "eval_batches", "num_workers"):
@@ -277,6 +280,9 @@ class Trainer:
         cfg, setup, is_main = self.config, self.setup, self.dist.is_main
         if not hasattr(self.model, "loss"):
             raise TypeError(f"{type(self.model).__name__} has no loss(batch) method")
+        if isinstance(setup.train_data, IterableDataset) or not hasattr(setup.train_data, "__len__"):
+            raise UserError("the trainer needs a map-style training dataset (__len__ and __getitem__): "
+                            "its data order is a seeded permutation of indices, which is what makes resume exact")
         self._check_run_folder()
         model = self.model.to(self.device)
         model.train()
@@ -288,6 +294,11 @@ class Trainer:
             state = ckpt.load_checkpoint(self.out, model)
             optimizer.load_state_dict(state["optimizer"])
             start, elapsed_before = int(state["step"]), float(state.get("elapsed", 0.0))
+            saved_per_step = state.get("data", {}).get("items_per_step")
+            per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
+            if saved_per_step is not None and saved_per_step != per_step and self.dist.is_main:
+                print(f"warning: the checkpoint took {saved_per_step} items a step, this run takes {per_step}; "
+                      "the data order will differ from an uninterrupted run", file=sys.stderr)
             rngs = state["rng"]
             if len(rngs) == self.dist.world_size:
                 ckpt.restore_rng(rngs[self.dist.rank])
@@ -307,7 +318,10 @@ class Trainer:
         if start >= end:
             return {"step": float(start)}
 
-        forward = distributed.wrap_ddp(_LossForward(model), self.dist, self.device, cfg.ddp_find_unused)
+        forward = distributed.wrap_ddp(
+            _LossForward(model), self.dist, self.device, cfg.ddp_find_unused,
+            powersgd=(cfg.powersgd_rank, cfg.powersgd_start) if cfg.ddp_comm == "powersgd" else None,
+        )
         params = [p for g in optimizer.param_groups for p in g["params"]]
         batches = self._micro_batches(start)
         items_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
@@ -359,17 +373,26 @@ class Trainer:
                     self._log(result)
                 if bar is not None:
                     bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}", items_s=f"{speed:.1f}")
+                elif is_main:  # no terminal (a log file, a job scheduler): one line per log step
+                    print(f"step {done}/{cfg.steps} loss {result['loss']:.4f} lr {lr:.2e} items/s {speed:.1f}",
+                          file=sys.stderr, flush=True)
                 window, window_steps, window_start = {}, 0, time.perf_counter()
             if setup.eval_data is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                 if is_main:
                     ev = self.evaluate()
                     self._log({"step": done, "split": "eval", **ev})
+                    line = f"eval step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items())
+                    if bar is not None:
+                        bar.write(line)
+                    else:
+                        print(line, file=sys.stderr, flush=True)
                     result.update({f"eval_{k}": v for k, v in ev.items()})
                 distributed.barrier(self.dist)
             if done % cfg.checkpoint_every == 0 or done == end:
                 self._checkpoint(model, optimizer, done, elapsed_before + time.perf_counter() - t0)
         if bar is not None:
             bar.close()
+        result["step"] = end
         return {k: v for k, v in result.items() if k != "split"}
 
     def _seed(self, seed: int) -> None:

@@ -1,0 +1,40 @@
+"""``cvformers train TASK`` end to end with a toy task: new run, refusal, resume, overrides."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from cvformers import cli
+from cvformers.config import load_toml
+from cvformers.train import tasks
+
+
+def test_cli_train_refuse_resume(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(tasks.TASK_MODULES, "toy", "trainer_toys")
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text('[model]\nhidden = 12\n\n[train]\nlr = 0.005\n')
+    run = str(tmp_path / "run")
+
+    assert cli.main(["train", "toy", "--data", "toy", "--out", run, "--config", str(cfg), "--steps", "4"]) == 0
+    saved = load_toml(tmp_path / "run/config.toml")
+    assert saved["model"]["hidden"] == 12 and saved["train"]["lr"] == 0.005 and saved["train"]["steps"] == 4
+    assert saved["data"] == {"spec": "toy"}
+
+    assert cli.main(["train", "toy", "--out", run]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+    assert cli.main(["train", "toy", "--out", run, "--resume", "--steps", "8"]) == 0
+    assert torch.load(tmp_path / "run/trainer_state.pt", weights_only=True)["step"] == 8
+    assert [json.loads(ln)["step"] for ln in (tmp_path / "run/metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 8]
+    assert load_file(str(tmp_path / "run/model.safetensors"))["embed.weight"].shape == (12, 8)
+
+    assert cli.main(["train", "toy", "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[train]\nwarmup = 3\n')
+    assert cli.main(["train", "toy", "--out", str(tmp_path / "b"), "--config", str(bad)]) == 2
+    assert "train.warmup" in capsys.readouterr().err
