@@ -1,0 +1,167 @@
+"""Image–caption folders: ``foo.png|jpg|jpeg|webp`` beside ``foo.txt`` (one caption a line), recursive.
+
+Images are converted to RGB (transparent pixels composited onto white, as clip art expects),
+resized so the shorter side is ``image_size`` and centre-cropped to a square.
+
+Broken files never stop a run. At index time every image's header is parsed and PNG chunks
+are CRC-checked (``PIL.Image.verify``, no pixel decoding), and the failures are skipped and
+counted. Some breakage only shows while decoding (a truncated JPEG); then ``__getitem__``
+logs and counts it and returns the next good item instead, deterministically, so an epoch
+never crashes half way. ``dataset.skipped`` is the count (per process: DataLoader workers
+keep their own).
+
+A file with several captions gives one of them per epoch, chosen from (index, epoch): call
+``set_epoch`` (the trainer does) to move on to other captions.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cvformers.errors import UserError
+
+log = logging.getLogger("cvformers.data")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def read_captions(path: Path) -> list[str]:
+    """Non-empty, whitespace-normalised lines of a caption file ([] when unreadable)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    return [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+
+
+def load_rgb(path: str | Path, image_size: int | None = None):
+    """Open an image as RGB PIL (alpha composited onto white); optionally resize + centre-crop."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(background, im).convert("RGB")
+        else:
+            im = im.convert("RGB")
+    if image_size is not None:
+        im = resize_center_crop(im, image_size)
+    return im
+
+
+def resize_center_crop(im, size: int):
+    """Scale so the shorter side is ``size`` (antialiased), then cut the centred square."""
+    from PIL import Image
+
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def _header_ok(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()  # parses the header; for PNG walks every chunk and checks its CRC
+        return True
+    except Exception:  # PIL raises many types (SyntaxError, OSError, struct.error, ...)
+        return False
+
+
+class FolderDataset(Dataset):
+    """Captioned images under ``root``; items {"image", "caption", "label": -1, "record": {"path"}}."""
+
+    def __init__(self, root: str | Path, image_size: int = 32, channels: int = 3, seed: int = 0,
+                 verify: bool = True, cache: bool = False):
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise UserError(f"image folder {self.root} does not exist or is not a directory")
+        if channels not in (1, 3):
+            raise UserError(f"channels must be 1 or 3, got {channels}")
+        self.image_size, self.channels, self.seed = image_size, channels, seed
+        self.epoch = 0
+        self.skipped = 0  # unreadable images (index time + decode time)
+        self.uncaptioned = 0  # images without a non-empty .txt beside them
+        self._cache: dict[int, torch.Tensor] | None = {} if cache else None
+        self._bad: set[int] = set()
+
+        self.files: list[Path] = []
+        self.caption_lists: list[list[str]] = []
+        unreadable = []
+        for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+            captions = read_captions(path.with_suffix(".txt"))
+            if not captions:
+                self.uncaptioned += 1
+                continue
+            if verify and not _header_ok(path):
+                unreadable.append(path)
+                continue
+            self.files.append(path)
+            self.caption_lists.append(captions)
+        self.skipped = len(unreadable)
+        if unreadable:
+            log.warning("%s: skipped %d unreadable image(s), e.g. %s", self.root, len(unreadable), unreadable[0])
+        if self.uncaptioned:
+            log.info("%s: %d image(s) without a caption file were ignored", self.root, self.uncaptioned)
+        if not self.files:
+            raise UserError(f"no captioned images under {self.root}: expected foo.png|jpg|jpeg|webp beside foo.txt "
+                            f"({self.skipped} unreadable, {self.uncaptioned} without captions)")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def caption(self, index: int) -> str:
+        options = self.caption_lists[index]
+        if len(options) == 1:
+            return options[0]
+        return random.Random(f"folder/{self.seed}/{self.epoch}/{index}").choice(options)
+
+    def captions(self, limit: int | None = None) -> list[str]:
+        """Every caption line of the first ``limit`` items (for tokenizer training)."""
+        return [c for lines in self.caption_lists[:limit] for c in lines]
+
+    def _image(self, index: int) -> torch.Tensor:
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        im = load_rgb(self.files[index], self.image_size)
+        image = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+        if self._cache is not None:
+            self._cache[index] = image
+        return image
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self.files)
+        for step in range(n):
+            i = (index + step) % n  # on failure: the next file, so the substitute is deterministic
+            if i in self._bad:
+                continue
+            try:
+                image = self._image(i)
+            except Exception as e:  # truncated or corrupt data only found while decoding
+                self._bad.add(i)
+                self.skipped += 1
+                log.warning("skipping unreadable image %s (%s: %s); %d skipped so far",
+                            self.files[i], type(e).__name__, e, self.skipped)
+                continue
+            image = image.float().div_(255.0)
+            if self.channels == 1:
+                image = image.mean(0, keepdim=True)
+            return {"image": image, "caption": self.caption(i), "label": -1,
+                    "record": {"path": str(self.files[i].relative_to(self.root))}}
+        raise UserError(f"every image under {self.root} failed to decode")
