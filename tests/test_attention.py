@@ -6,6 +6,15 @@ import torch
 from cvformers.nn.attention import (PATTERNS, KVCache, SelfAttention, build_pattern, dense_attention,
                                     paper_schedule)
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: one thread is many times faster than two threads on a shared, loaded CPU
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # (text_len, grid_h, grid_w, conv kernel): square and non-square grids, 1-token text, 1-row grid,
 # kernels smaller and larger than the grid
 SHAPES = [(3, 4, 4, 3), (5, 3, 6, 3), (1, 5, 5, 5), (4, 1, 3, 3), (6, 8, 8, 11), (2, 7, 5, 5)]
