@@ -49,14 +49,14 @@ def test_logit_scale_init_and_clamp_at_100():
     assert model.logit_scale.grad.item() == 0.0  # clipped: no gradient pushes it further
 
 
-def test_eot_pooling_argmax_and_last_real():
+def test_eot_pooling_argmax_and_first_pad():
     model = tiny(text_pool="argmax")
     x = torch.arange(2 * 8, dtype=torch.float).view(2, 8, 1)
     text = torch.tensor([[5, 7, 49, 0, 0, 0, 0, 0], [5, 49, 0, 0, 0, 0, 0, 0]])  # 49 plays EOT
     assert model.pool_text(x, text).flatten().tolist() == [2.0, 9.0]
-    model = tiny(text_pool="last_real", real_vocab_size=40)
-    text = torch.tensor([[3, 4, 5, 41, 42, 43, 44, 45], [3, 4, 5, 6, 7, 8, 9, 10]])  # pads are 40 + i
-    assert model.pool_text(x, text).flatten().tolist() == [2.0, 15.0]
+    model = tiny(text_pool="first_pad", real_vocab_size=40)
+    text = torch.tensor([[3, 4, 5, 43, 44, 45, 46, 47], [3, 4, 5, 6, 7, 8, 9, 10]])  # pads are 40 + i
+    assert model.pool_text(x, text).flatten().tolist() == [3.0, 15.0]  # first pad; full: last
 
 
 def test_text_pooling_ignores_tokens_after_eot():

@@ -77,7 +77,100 @@ def _cmd_tokenizer_encode(args) -> int:
     return 0
 
 
-_COMMANDS = [_add_train, _add_tokenizer]
+def _add_zero_shot(sub) -> None:
+    p = sub.add_parser("zero-shot", help="classify images with a CLIP and label prompts")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--clip", required=True, help="CLIP run folder, or an OpenAI / open_clip weight file")
+    p.add_argument("--labels", required=True, help='comma-separated class names, e.g. "circle,square"')
+    p.add_argument("--template", action="append", default=None,
+                   help='prompt with {} for the label (repeat for an ensemble); default "a photo of a {}."')
+    p.add_argument("--vocab", default=None, help="CLIP BPE merges file (default: the installed open_clip's)")
+    p.add_argument("--no-quick-gelu", action="store_true", help="(weight files) the checkpoint used exact GELU")
+    p.set_defaults(func=_cmd_zero_shot)
+
+
+def _cmd_zero_shot(args) -> int:
+    from cvformers.pipelines.zero_shot import zero_shot_classify
+
+    labels, probs = zero_shot_classify(args.clip, args.labels, args.images, args.template,
+                                       vocab=args.vocab, quick_gelu=not args.no_quick_gelu)
+    for path, row in zip(args.images, probs.tolist()):
+        best = max(range(len(labels)), key=row.__getitem__)
+        ranked = ", ".join(f"{labels[i]} {row[i]:.3f}" for i in sorted(range(len(labels)), key=lambda i: -row[i]))
+        print(f"{path}\t{labels[best]}\t{ranked}")
+    return 0
+
+
+def _add_eval_retrieval(esub) -> None:
+    p = esub.add_parser("retrieval", help="CLIP image<->text Recall@1/5/10")
+    p.add_argument("--clip", required=True, help="CLIP run folder, or an OpenAI / open_clip weight file")
+    p.add_argument("--data", default=None, help="dataset spec (default: the run's own data)")
+    p.add_argument("--split", default="test", help="split to evaluate (shapes: test | heldout)")
+    p.add_argument("--limit", type=int, default=1000, help="number of (image, caption) pairs")
+    p.add_argument("--by-index", action="store_true", help="only the pair's own caption counts (not equal strings)")
+    p.add_argument("--vocab", default=None, help="CLIP BPE merges file (default: the installed open_clip's)")
+    p.set_defaults(func=_cmd_eval_retrieval)
+
+
+def _cmd_eval_retrieval(args) -> int:
+    import json
+
+    from cvformers.eval.retrieval import evaluate_retrieval
+
+    result = evaluate_retrieval(args.clip, args.data, split=args.split, limit=args.limit,
+                                match_equal_captions=not args.by_index, vocab=args.vocab)
+    print(json.dumps(result))
+    return 0
+
+
+# `cvformers eval WHAT`: each evaluation adds itself here
+_EVAL_COMMANDS = [_add_eval_retrieval]
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a trained model")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+    for add in _EVAL_COMMANDS:
+        add(esub)
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the vision model presets with parameter counts")
+    p.set_defaults(func=_cmd_models)
+
+
+def _cmd_models(args) -> int:
+    from cvformers.models.vision import format_models_table, list_models
+
+    print(format_models_table(list_models()))
+    return 0
+
+
+def _add_attention(sub) -> None:
+    p = sub.add_parser("attention", help="ViT attention maps + rollout, or Mixer token-mixing weights, as a PNG")
+    p.add_argument("image", nargs="?", default=None, help="image file (needed for a ViT)")
+    p.add_argument("--model", required=True, help="classifier run folder (or a preset name: random weights)")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--query", default=None, help="ROW,COL of the query patch (default: the centre patch)")
+    p.add_argument("--units", type=int, default=16, help="(mixer) hidden units shown per block")
+    p.set_defaults(func=_cmd_attention)
+
+
+def _cmd_attention(args) -> int:
+    from cvformers.pipelines.attention import attention_figure
+
+    query = None
+    if args.query:
+        try:
+            row, col = (int(v) for v in args.query.split(","))
+        except ValueError:
+            raise UserError(f"--query takes ROW,COL (two integers), got {args.query!r}") from None
+        query = (row, col)
+    print(attention_figure(args.model, args.image, args.out, query=query, units=args.units))
+    return 0
+
+
+_COMMANDS = [_add_train, _add_tokenizer, _add_zero_shot, _add_eval, _add_models, _add_attention]
 
 
 def build_parser() -> argparse.ArgumentParser:

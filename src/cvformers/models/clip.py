@@ -52,12 +52,12 @@ class CLIPConfig:
     # text tower
     tokenizer: Literal["clip", "bpe"] = "bpe"  # "clip": OpenAI's BPE (49408 ids); "bpe": cvformers.text
     vocab_size: int = 512  # rows of token_embedding (for "bpe": tokenizer vocab + context_length pad ids)
-    real_vocab_size: int = 0  # "bpe" only: ids >= this are per-position pads (0 = no pads)
+    real_vocab_size: int = 0  # "bpe" only: ids >= this are per-position pads (0: none, read the last token)
     context_length: int = 32  # text tokens per caption (OpenAI: 77)
     text_width: int = 64  # text transformer width
     text_layers: int = 2  # text transformer depth
     text_heads: int = 2  # text attention heads
-    text_pool: Literal["argmax", "last_real"] = "last_real"  # where the caption vector is read, see pool_text
+    text_pool: Literal["argmax", "first_pad"] = "first_pad"  # where the caption vector is read, see pool_text
     # both
     mlp_ratio: float = 4.0  # MLP hidden width / width
     quick_gelu: bool = False  # x*sigmoid(1.702x) as OpenAI trained; open_clip's default is exact GELU
@@ -140,16 +140,16 @@ class CLIP(nn.Module):
         """Read each caption's vector at its end-of-text token (CLIP §2.4).
 
         "argmax": OpenAI's trick — the EOT id (49407) is the largest id, so argmax finds it.
-        "last_real": for cvformers' BPE, whose pads are per-position ids >= real_vocab_size
-        after the caption, the last non-pad token; with causal attention it has seen the
-        whole caption.
+        "first_pad": cvformers' BPE has no EOT id; its captions are followed by per-position
+        pad ids (>= real_vocab_size, DALL-E §2.2). The first pad plays CLIP's EOT: a token of
+        its own right after the caption that, through causal attention, has seen all of it.
+        A caption that fills the context is read at its last token.
         """
         if self.cfg.text_pool == "argmax":
             pos = text.argmax(dim=-1)
         else:
-            positions = torch.arange(text.shape[1], device=text.device).expand_as(text)
             real = text < self.cfg.real_vocab_size if self.cfg.real_vocab_size else torch.ones_like(text, dtype=torch.bool)
-            pos = torch.where(real, positions, 0).amax(dim=-1)
+            pos = real.sum(dim=-1).clamp(max=text.shape[1] - 1)  # real tokens are a prefix
         return x[torch.arange(len(x), device=x.device), pos]
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:

@@ -1,0 +1,178 @@
+"""``cvformers train clip``: CLIP on (image, caption) pairs, and reading a CLIP back.
+
+The run folder holds, besides the trainer's files, the text tokenizer the model was trained
+with (``tokenizer.json``, cvformers' own BPE) — or, for ``tokenizer = "clip"``, nothing: CLIP's
+BPE vocabulary comes from an installed open_clip (see clip_tokenizer.py).
+
+``load_clip(source)`` returns ``(model, tokenizer)`` from either a run folder or an OpenAI /
+open_clip checkpoint file (``.pt``, ``.bin``, ``.pth``, ``.safetensors``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cvformers.config import ConfigError, from_dict, to_dict
+from cvformers.errors import UserError
+from cvformers.models.clip import CLIP, CLIPConfig, PRESETS, load_openai_state_dict
+from cvformers.train.tasks import TaskArgs, TaskSetup, register_task
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class ClipTextConfig:
+    """The ``[text]`` table of a CLIP run: how the caption tokenizer is made."""
+
+    bpe_vocab_size: int = 1000  # target vocabulary of cvformers' BPE trained on the train captions
+    bpe_train_captions: int = 20000  # at most this many train captions are used to learn the merges
+
+
+# --- tokenizers -------------------------------------------------------------------------
+def train_bpe(captions: list[str], vocab_size: int, context_length: int):
+    """cvformers' own BPE (cvformers.text), learnt on the training captions."""
+    from cvformers.text import BPETokenizer
+
+    return BPETokenizer.train(captions, vocab_size=vocab_size, text_len=context_length)
+
+
+def load_text_tokenizer(cfg: CLIPConfig, run_dir: str | Path | None = None,
+                        vocab: str | Path | None = None) -> Callable[[list[str]], torch.Tensor]:
+    """The tokenizer the model config names: ``texts -> LongTensor[B, context_length]``."""
+    if cfg.tokenizer == "clip":
+        from cvformers.clip_tokenizer import ClipTokenizer
+
+        return ClipTokenizer.load(vocab, context_length=cfg.context_length)
+    from cvformers.text import BPETokenizer
+
+    path = Path(vocab) if vocab is not None else Path(run_dir or ".") / TOKENIZER_FILE
+    if not path.is_file():
+        raise UserError(f"text tokenizer not found: {path}")
+    return BPETokenizer.load(path)
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    """Both tokenizers, one call: ``ClipTokenizer`` is callable, ``BPETokenizer`` has ``encode``."""
+    return tokenizer.encode(list(texts))
+
+
+# --- reading a CLIP back ------------------------------------------------------------------
+def load_clip(source: str | Path, vocab: str | Path | None = None, quick_gelu: bool = True,
+              device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer) from a run folder or an OpenAI / open_clip weight file.
+
+    For a weight file, ``quick_gelu`` says whether it was trained with QuickGELU (OpenAI's: yes;
+    open_clip's LAION ViT-B-32: no) and ``vocab`` where CLIP's BPE merges are (default: the
+    installed open_clip's).
+    """
+    source = Path(source)
+    if source.is_dir():
+        from cvformers.train.checkpoint import load_run
+
+        model, run_cfg = load_run(source, device=device)
+        if run_cfg.get("kind") != "clip":
+            raise UserError(f"{source} holds a {run_cfg.get('kind')!r} model, not a CLIP")
+        return model, load_text_tokenizer(model.cfg, source, vocab)
+    if not source.is_file():
+        raise UserError(f"CLIP run folder or checkpoint not found: {source}")
+    model = load_openai_state_dict(read_state_dict(source), quick_gelu=quick_gelu).to(device)
+    return model, load_text_tokenizer(model.cfg, None, vocab)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A plain state dict from safetensors, a torch.save'd dict, or OpenAI's TorchScript archive."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        try:  # OpenAI's released .pt files are TorchScript archives
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except Exception as e:
+            raise UserError(f"cannot read CLIP weights from {path}: {e}") from e
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]  # open_clip training checkpoints
+    if not isinstance(sd, dict):
+        raise UserError(f"{path} does not hold a state dict")
+    return sd
+
+
+# --- the training task --------------------------------------------------------------------
+def model_config_from(args: TaskArgs) -> CLIPConfig:
+    """Preset (--model, default "tiny"), then the TOML [model] table on top (strictly checked)."""
+    table = dict(args.config.get("model", {}))
+    preset = args.model or table.pop("preset", None) or "tiny"
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown CLIP preset {preset!r}; known: {', '.join(PRESETS)}")
+    return from_dict(CLIPConfig, {**to_dict(replace(CLIPConfig(), **PRESETS[preset])), **table}, "model")
+
+
+def default_train_config():
+    from cvformers.train.trainer import TrainConfig
+
+    # CLIP §2.5 / table 19: AdamW, decoupled weight decay 0.2, beta2 0.98, eps 1e-6 for ViTs,
+    # warmup then cosine decay. Batch and steps are sized for a CPU run on `shapes`.
+    return TrainConfig(steps=2000, batch_size=128, lr=5e-4, weight_decay=0.2, betas=(0.9, 0.98),
+                       eps=1e-6, warmup_steps=100, checkpoint_every=500, eval_every=500, eval_batches=4)
+
+
+@register_task("clip")
+def clip_task(args: TaskArgs) -> TaskSetup:
+    from cvformers.data import DataConfig, build_from_config, collate
+    from cvformers.train.trainer import train_config_from
+
+    cfg = model_config_from(args)
+    data_table = dict(args.config.get("data", {}))
+    if args.data:
+        data_table["name"] = args.data
+    data_table.setdefault("image_size", cfg.image_size)
+    data_cfg = from_dict(DataConfig, data_table, "data")
+    if data_cfg.image_size != cfg.image_size:
+        raise ConfigError(f"data.image_size {data_cfg.image_size} != model.image_size {cfg.image_size}")
+    text_cfg = from_dict(ClipTextConfig, dict(args.config.get("text", {})), "text")
+    train_data = build_from_config(data_cfg, "train")
+    try:
+        eval_data = build_from_config(data_cfg, data_cfg.eval_split)
+    except (UserError, ConfigError, FileNotFoundError):
+        eval_data = None  # e.g. a folder without a second split
+
+    extra_files: dict[str, bytes] = {}
+    if cfg.tokenizer == "clip":
+        tokenizer = load_text_tokenizer(cfg)
+        cfg = replace(cfg, vocab_size=tokenizer.vocab_size, real_vocab_size=0, text_pool="argmax")
+    else:
+        saved = Path(args.out) / TOKENIZER_FILE
+        if args.resume and saved.is_file():
+            tokenizer = load_text_tokenizer(cfg, args.out)
+        else:
+            tokenizer = train_bpe(_captions(train_data, text_cfg.bpe_train_captions),
+                                  text_cfg.bpe_vocab_size, cfg.context_length)
+        # per-position pad ids vocab_size + i live in the same embedding table (DALL-E §2.2)
+        cfg = replace(cfg, vocab_size=tokenizer.vocab_size + cfg.context_length,
+                      real_vocab_size=tokenizer.vocab_size, text_pool="first_pad")
+        extra_files[TOKENIZER_FILE] = tokenizer.to_bytes()
+
+    def clip_collate(items: list[dict]) -> dict:
+        batch = collate(items)
+        batch["text"] = tokenize(tokenizer, batch["caption"])
+        return batch
+
+    defaults = default_train_config()
+    return TaskSetup(
+        kind="clip", model=CLIP(cfg), model_config=cfg, train_config=train_config_from(args, defaults),
+        train_data=train_data, eval_data=eval_data, collate=clip_collate,
+        extra_config={"data": to_dict(data_cfg), "text": to_dict(text_cfg)}, extra_files=extra_files,
+    )
+
+
+def _captions(dataset, limit: int) -> list[str]:
+    if hasattr(dataset, "captions"):
+        return list(dataset.captions(limit))
+    return [dataset[i]["caption"] for i in range(min(limit, len(dataset)))]
+
