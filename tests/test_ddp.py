@@ -29,10 +29,10 @@ def config(batch_size: int, comm: str = "allreduce", steps: int = 6) -> TrainCon
                        checkpoint_every=3, eval_every=3, log_every=3, ddp_comm=comm, powersgd_start=2)
 
 
-def torchrun(out: Path, comm: str = "allreduce", steps: int = 6) -> None:
+def torchrun(out: Path, comm: str = "allreduce", steps: int = 6, *extra: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           __file__, str(out), comm, str(steps)]
+           __file__, str(out), comm, str(steps), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -60,7 +60,24 @@ def test_powersgd_trains(tmp_path):
     assert train[-1] < 0.5 * train[0]
 
 
+@pytest.mark.slow
+def test_resume_under_ddp_is_bit_exact(tmp_path):
+    from safetensors.torch import load_file
+
+    torchrun(tmp_path / "straight", "allreduce", 8, "--dropout")
+    torchrun(tmp_path / "split", "allreduce", 8, "--dropout", "--until", "5")
+    state = torch.load(tmp_path / "split/trainer_state.pt", weights_only=True)
+    assert state["step"] == 5 and len(state["rng"]) == 2  # one RNG state per process
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    torchrun(tmp_path / "split", "allreduce", 8, "--dropout", "--resume")
+    a, b = load_file(str(tmp_path / "straight/model.safetensors")), load_file(str(tmp_path / "split/model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    out, comm, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    Trainer(toy_setup(config(batch_size=4, comm=comm, steps=steps)), out).fit()
+    out, comm, steps, flags = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+    until = int(flags[flags.index("--until") + 1]) if "--until" in flags else None
+    setup = toy_setup(config(batch_size=4, comm=comm, steps=steps), dropout=0.3 if "--dropout" in flags else 0.0)
+    Trainer(setup, out, resume="--resume" in flags).fit(until=until)

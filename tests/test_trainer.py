@@ -171,3 +171,25 @@ def test_dataset_smaller_than_a_step_is_a_clear_error(tmp_path):
 def test_bf16_autocast_runs(tmp_path):
     metrics = Trainer(toy_setup(small(steps=3, amp="bf16")), tmp_path / "run").fit()
     assert math.isfinite(metrics["loss"])
+
+
+class NoisyData(ToyData):
+    """Draws augmentation noise from the global RNG in __getitem__ (inside the loader workers)."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        return {**item, "x": item["x"] + 0.1 * torch.randn(item["x"].shape)}
+
+
+def test_loader_workers_are_seeded_deterministically(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        setup = toy_setup(small(steps=10, num_workers=2))  # 8 steps an epoch: workers restart once
+        setup.train_data = NoisyData(64)
+        Trainer(setup, tmp_path / name).fit()
+        runs.append(weights(tmp_path / name))
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k
+    clean = toy_setup(small(steps=10, num_workers=2))
+    Trainer(clean, tmp_path / "clean").fit()
+    assert not torch.equal(weights(tmp_path / "clean")["head.weight"], runs[0]["head.weight"])
