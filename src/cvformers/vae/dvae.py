@@ -167,9 +167,9 @@ class Group(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Mapped pixels [B,C,H,W] -> code logits [B,K,h,w]."""
+    """Mapped pixels [B,C,H,W] -> code logits [B,K,h,w] (or ``n_out`` features, for the VQ-VAE)."""
 
-    def __init__(self, cfg: DVAEConfig):
+    def __init__(self, cfg: DVAEConfig, n_out: int | None = None):
         super().__init__()
         widths = [2**i * cfg.n_hid for i in range(cfg.group_count)]
         self.stem = conv(cfg.channels, cfg.n_hid, 7)
@@ -177,7 +177,7 @@ class Encoder(nn.Module):
             Group(widths[i - 1] if i else cfg.n_hid, widths[i], cfg, kernels=(3, 3, 3, 1))
             for i in range(cfg.group_count)
         )
-        self.head = conv(widths[-1], cfg.vocab_size, 1)
+        self.head = conv(widths[-1], n_out or cfg.vocab_size, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -189,17 +189,20 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Codes (one-hot or relaxed) [B,K,h,w] -> logit-Laplace statistics [B,2C,H,W] (μ then log b)."""
+    """Codes (one-hot or relaxed) [B,K,h,w] -> logit-Laplace statistics [B,2C,H,W] (μ then log b).
 
-    def __init__(self, cfg: DVAEConfig):
+    ``n_in`` / ``n_out`` override the code and output widths (the VQ-VAE feeds code vectors).
+    """
+
+    def __init__(self, cfg: DVAEConfig, n_in: int | None = None, n_out: int | None = None):
         super().__init__()
         widths = [2 ** (cfg.group_count - 1 - i) * cfg.n_hid for i in range(cfg.group_count)]
-        self.stem = conv(cfg.vocab_size, cfg.n_init, 1)
+        self.stem = conv(n_in or cfg.vocab_size, cfg.n_init, 1)
         self.groups = nn.ModuleList(
             Group(widths[i - 1] if i else cfg.n_init, widths[i], cfg, kernels=(1, 3, 3, 3))
             for i in range(cfg.group_count)
         )
-        self.head = conv(widths[-1], 2 * cfg.channels, 1)
+        self.head = conv(widths[-1], n_out or 2 * cfg.channels, 1)
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """The stem applied to one-hot codes, as a lookup: column k of the 1×1 conv is code k's vector."""
