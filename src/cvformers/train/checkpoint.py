@@ -26,9 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from cvformers.config import load_toml
+from cvformers.config import load_toml, save_toml
 from cvformers.errors import UserError
-from cvformers.utils import atomic_save
+from cvformers.utils import atomic_save, atomic_write_bytes
 
 CONFIG = "config.toml"
 WEIGHTS = "model.safetensors"
@@ -160,6 +160,38 @@ def restore_rng(state: dict[str, Any]) -> None:
     )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- the run folder -------------------------------------------------------------------
+
+def check_run_folder(run_dir: str | Path, resume: bool) -> None:
+    """A new run never overwrites a checkpoint; a resume needs one."""
+    if resume and not has_checkpoint(run_dir):
+        raise UserError(f"--resume: no checkpoint in {run_dir} ({STATE} is missing)")
+    if not resume and has_checkpoint(run_dir):
+        raise UserError(f"{run_dir} already holds a checkpoint; pass --resume to continue that run or choose another --out")
+
+
+def write_run_files(run_dir: str | Path, run_config: dict[str, Any], extra_files: dict[str, bytes]) -> None:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_toml(run_config, run_dir / CONFIG)
+    for name, data in extra_files.items():
+        atomic_write_bytes(run_dir / name, data)
+
+
+def append_metrics(run_dir: str | Path, record: dict[str, Any]) -> None:
+    with open(Path(run_dir) / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_metrics(run_dir: str | Path, step: int) -> None:
+    """On resume, drop the lines logged after the checkpoint's step: those steps run again."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return
+    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    atomic_write_bytes(path, "".join(ln + "\n" for ln in kept).encode())
 
 
 # --- trainer state ----------------------------------------------------------------------

@@ -11,7 +11,6 @@ of 2N steps and a run of N steps resumed for N more end with bit-identical weigh
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import sys
@@ -25,12 +24,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from cvformers.config import from_dict, save_toml, to_dict
+from cvformers.config import from_dict, to_dict
 from cvformers.errors import UserError
 from cvformers.train import checkpoint as ckpt
 from cvformers.train import distributed
 from cvformers.train.schedule import EpochBatchSampler, lr_at, steps_per_epoch
-from cvformers.utils import atomic_write_bytes
 
 
 @dataclass
@@ -161,41 +159,15 @@ class Trainer:
         setup.train_config = from_dict(TrainConfig, {**to_dict(base), **overrides}, "train")
         return cls(setup, task_args.out, resume=task_args.resume, device=task_args.device)
 
-    # --- the run folder -------------------------------------------------------------------
-
-    def _check_run_folder(self) -> None:
-        if self.resume and not ckpt.has_checkpoint(self.out):
-            raise UserError(f"--resume: no checkpoint in {self.out} ({ckpt.STATE} is missing)")
-        if not self.resume and ckpt.has_checkpoint(self.out):
-            raise UserError(
-                f"{self.out} already holds a checkpoint; pass --resume to continue that run "
-                "or choose another --out"
-            )
-
-    def _write_run_files(self) -> None:
-        setup = self.setup
-        model_cfg = setup.model_config
-        run_config = {
-            "kind": setup.kind,
-            "model": to_dict(model_cfg) if not isinstance(model_cfg, dict) else dict(model_cfg),
+    def _run_config(self) -> dict[str, Any]:
+        """What config.toml records: enough to rebuild the model (kind, [model]) and the run."""
+        model_cfg = self.setup.model_config
+        return {
+            "kind": self.setup.kind,
+            "model": dict(model_cfg) if isinstance(model_cfg, dict) else to_dict(model_cfg),
             "train": to_dict(self.config),
-            **setup.extra_config,
+            **self.setup.extra_config,
         }
-        save_toml(run_config, self.out / ckpt.CONFIG)
-        for name, data in setup.extra_files.items():
-            atomic_write_bytes(self.out / name, data)
-
-    def _trim_metrics(self, step: int) -> None:
-        """On resume, drop the lines logged after the checkpoint: those steps run again."""
-        path = self.out / ckpt.METRICS
-        if not path.is_file():
-            return
-        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        atomic_write_bytes(path, "".join(ln + "\n" for ln in kept).encode())
-
-    def _log(self, record: dict[str, Any]) -> None:
-        with open(self.out / ckpt.METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
     # --- data -----------------------------------------------------------------------------
 
@@ -283,7 +255,7 @@ class Trainer:
         if isinstance(setup.train_data, IterableDataset) or not hasattr(setup.train_data, "__len__"):
             raise UserError("the trainer needs a map-style training dataset (__len__ and __getitem__): "
                             "its data order is a seeded permutation of indices, which is what makes resume exact")
-        self._check_run_folder()
+        ckpt.check_run_folder(self.out, self.resume)
         model = self.model.to(self.device)
         model.train()
         optimizer = torch.optim.AdamW(
@@ -309,11 +281,13 @@ class Trainer:
         else:
             self._seed(cfg.seed)
         if is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self._write_run_files()
+            ckpt.write_run_files(self.out, self._run_config(), setup.extra_files)
             if self.resume:
-                self._trim_metrics(start)
+                ckpt.trim_metrics(self.out, start)
         distributed.barrier(self.dist)
+        if is_main and cfg.warmup_steps >= cfg.steps:
+            print(f"warning: warmup_steps ({cfg.warmup_steps}) >= steps ({cfg.steps}): the learning rate "
+                  f"never reaches train.lr; lower train.warmup_steps", file=sys.stderr)
         end = cfg.steps if until is None else min(until, cfg.steps)
         if start >= end:
             return {"step": float(start)}
@@ -370,7 +344,7 @@ class Trainer:
                 result = {"step": done, "split": "train", **{k: v / window_steps for k, v in window.items()},
                           "lr": lr, "items_per_s": speed, "elapsed": elapsed_before + now - t0}
                 if is_main:
-                    self._log(result)
+                    ckpt.append_metrics(self.out, result)
                 if bar is not None:
                     bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}", items_s=f"{speed:.1f}")
                 elif is_main:  # no terminal (a log file, a job scheduler): one line per log step
@@ -380,7 +354,7 @@ class Trainer:
             if setup.eval_data is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                 if is_main:
                     ev = self.evaluate()
-                    self._log({"step": done, "split": "eval", **ev})
+                    ckpt.append_metrics(self.out, {"step": done, "split": "eval", **ev})
                     line = f"eval step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items())
                     if bar is not None:
                         bar.write(line)
