@@ -123,8 +123,31 @@ def _cmd_eval_retrieval(args) -> int:
     return 0
 
 
+def _add_eval_classifier(esub) -> None:
+    p = esub.add_parser("classifier", help="test accuracy of a trained image classifier run")
+    p.add_argument("run", help="classifier run folder")
+    p.add_argument("--data", default=None, help="dataset spec (default: the run's own data)")
+    p.add_argument("--split", default=None, help="split to evaluate (default: the run's eval split, test)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.set_defaults(func=_cmd_eval_classifier)
+
+
+def _cmd_eval_classifier(args) -> int:
+    import json
+
+    from cvformers.eval.classification import evaluate_classifier
+
+    r = evaluate_classifier(args.run, args.data, split=args.split, limit=args.limit)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['data']} {r['split']}: accuracy {100 * r['accuracy']:.2f}% ({r['n']} images), loss {r['loss']:.4f}")
+    return 0
+
+
 # `cvformers eval WHAT`: each evaluation adds itself here
-_EVAL_COMMANDS = [_add_eval_retrieval]
+_EVAL_COMMANDS = [_add_eval_retrieval, _add_eval_classifier]
 
 
 def _add_eval(sub) -> None:
@@ -170,7 +193,64 @@ def _cmd_attention(args) -> int:
     return 0
 
 
-_COMMANDS = [_add_train, _add_tokenizer, _add_zero_shot, _add_eval, _add_models, _add_attention]
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="build datasets from files installed on this machine")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    o = dsub.add_parser("openclipart", help="image-caption folder from OpenClipart (apt openclipart-png "
+                        "openclipart-svg) and Noto colour emoji (apt fonts-noto-color-emoji)")
+    o.add_argument("--out", required=True, help="folder to write NAME.png + NAME.txt pairs into")
+    o.add_argument("--image-size", type=int, default=64, help="side of the square images written")
+    o.add_argument("--no-emoji", action="store_true", help="leave the emoji out")
+    o.add_argument("--limit", type=int, default=None, help="stop after this many pictures (quick tries)")
+    o.set_defaults(func=_cmd_data_openclipart)
+
+
+def _cmd_data_openclipart(args) -> int:
+    from cvformers.data.openclipart import EMOJI_FONT, build_openclipart
+
+    stats = build_openclipart(args.out, image_size=args.image_size, limit=args.limit,
+                              emoji_font=None if args.no_emoji else EMOJI_FONT)
+    print(f"wrote {stats.written} image-caption pairs to {stats.out} ({stats.clipart} clip art, "
+          f"{stats.emoji} emoji); dropped {stats.duplicate_image} duplicate images, "
+          f"{stats.duplicate_caption} duplicate captions, {stats.no_caption} without a title, "
+          f"{stats.unreadable} unreadable")
+    for note in stats.notes:
+        print(note)
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="text to images with a DALL-E run (or the shipped default) as a PNG grid")
+    p.add_argument("prompt", help="the caption to draw")
+    p.add_argument("--model", default="default", help="dalle run folder, or 'default' (the shipped model)")
+    p.add_argument("--num", type=int, default=8, help="images in the grid")
+    p.add_argument("--out", default="grid.png", help="PNG to write (the prompt goes into its metadata)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
+    p.add_argument("--temperature", type=float, default=None, help="softmax temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely ids")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--candidates", type=int, default=None, help="sample this many and keep the --num best (needs --clip)")
+    p.add_argument("--clip", default=None, help="CLIP run folder or weight file used to rerank the candidates")
+    p.add_argument("--image-prompt", default=None, help="image whose top rows the samples keep (DALL-E §3.3)")
+    p.add_argument("--prompt-rows", type=int, default=None, help="rows of image ids kept from --image-prompt")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args) -> int:
+    from cvformers.pipelines.text_to_image import generate_grid
+
+    result = generate_grid(
+        args.prompt, args.out, model=args.model, num_images=args.num, clip=args.clip, device=args.device,
+        seed=args.seed, candidates=args.candidates, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, guidance=args.guidance, image_prompt=args.image_prompt, prompt_rows=args.prompt_rows,
+    )
+    print(f"wrote {args.out} ({len(result.images)} images)")
+    return 0
+
+
+_COMMANDS = [_add_train, _add_tokenizer, _add_zero_shot, _add_eval, _add_models, _add_attention, _add_data, _add_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -228,6 +228,8 @@ class ImageClassifier(nn.Module):
         self.image_size: int = bcfg.image_size
         self.in_chans: int = bcfg.in_chans
         self.num_classes: int = bcfg.num_classes
+        # a ViT takes any multiple of its patch size (interpolated position embeddings)
+        self.any_size_multiple_of: int = bcfg.patch_size if cfg.family == "vit" else 0
         for name, values in (("mean", cfg.mean), ("std", cfg.std)):
             if len(values) not in (1, self.in_chans):
                 raise ConfigError(f"model.{name}: give 1 or {self.in_chans} values, got {len(values)}")
@@ -260,8 +262,8 @@ class ImageClassifier(nn.Module):
         h, w = images.shape[-2:]
         size = self.image_size
         if (h, w) != (size, size):
-            p = getattr(self.backbone.cfg, "patch_size", 0)
-            if self.cfg.family == "vit" and h % p == 0 and w % p == 0:
+            p = self.any_size_multiple_of
+            if p and h % p == 0 and w % p == 0:
                 return images
             self._notice(f"resized {h}x{w} input to the model's {size}x{size}")
             images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)

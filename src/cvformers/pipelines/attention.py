@@ -1,0 +1,288 @@
+"""Seeing inside the vision models: attention maps, attention rollout, token-mixing weights.
+
+For a ViT and one image:
+- per layer and per head, where the class token and a chosen query patch look, as heat maps
+  over the image;
+- the whole N×N patch-to-patch attention matrix of every layer as an image (the lecture's
+  144×144 picture for 12×12 patches);
+- attention rollout (Abnar & Zuidema 2020, "Quantifying Attention Flow in Transformers", §3):
+  each layer's head-averaged attention A gets the residual connection added, Ã = ½A + ½I,
+  rows renormalised, and the layers multiplied, R = Ã_L ⋯ Ã_1; row 0 of R (class token) says
+  how much each patch flowed into the prediction.
+For an MLP-Mixer: the first-layer weights of chosen hidden units of the token-mixing MLPs,
+each one an image over the patch grid (Tolstikhin et al., "Visualization").
+
+The maps come from the model's explicit attention path (``return_attention=True``), so they
+are available while the normal forward pass uses fused SDPA.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cvformers.errors import UserError
+from cvformers.utils import atomic_write_bytes
+
+PANEL = 96  # pixel side of one panel in the figures
+
+
+# --- the numbers ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def vit_attention(vit, image: torch.Tensor) -> list[torch.Tensor]:
+    """Per-layer attention [heads, 1 + N, 1 + N] of a ``VisionTransformer`` for one image
+    [C, H, W] (already normalised the way the model expects)."""
+    was_training = vit.training
+    vit.eval()
+    try:
+        maps = vit.attention_maps(image[None])
+    finally:
+        vit.train(was_training)
+    return [m[0] for m in maps]
+
+
+def attention_rollout(maps: list[torch.Tensor], residual: bool = True) -> torch.Tensor:
+    """Attention rollout over layers (Abnar & Zuidema §3): [T, T], every row sums to 1.
+
+    ``maps``: per layer [heads, T, T] (row = query, softmax over keys). Heads are averaged;
+    ``residual`` adds the identity for the skip connection before renormalising rows.
+    """
+    if not maps:
+        raise ValueError("attention_rollout needs at least one layer")
+    t = maps[0].shape[-1]
+    eye = torch.eye(t, dtype=maps[0].dtype, device=maps[0].device)
+    rollout = eye
+    for layer in maps:
+        a = layer.mean(dim=0)
+        if residual:
+            a = 0.5 * a + 0.5 * eye
+        a = a / a.sum(dim=-1, keepdim=True)
+        rollout = a @ rollout
+    return rollout
+
+
+def patch_attention(maps: list[torch.Tensor], query: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Where token ``query`` (0 = class token, 1 + r·gw + c = patch (r, c)) looks, among the
+    patches: [layers, heads, gh, gw]."""
+    stacked = torch.stack([m[:, query, 1:] for m in maps])
+    return stacked.reshape(stacked.shape[0], stacked.shape[1], *grid)
+
+
+# --- drawing ----------------------------------------------------------------------------
+
+# anchor colours of a perceptually ordered dark-to-bright map (black, purple, red, orange, yellow)
+_HEAT = torch.tensor([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]]) / 255.0
+# a diverging map for signed weights: blue, white, red
+_SIGNED = torch.tensor([[33, 102, 172], [247, 247, 247], [178, 24, 43]]) / 255.0
+
+
+def colormap(values: torch.Tensor, anchors: torch.Tensor = _HEAT) -> torch.Tensor:
+    """[H, W] in [0, 1] -> [3, H, W] by piecewise-linear interpolation between anchor colours."""
+    x = values.clamp(0, 1) * (len(anchors) - 1)
+    lo = x.floor().long().clamp(max=len(anchors) - 2)
+    frac = (x - lo).unsqueeze(-1)
+    rgb = anchors[lo] * (1 - frac) + anchors[lo + 1] * frac
+    return rgb.permute(2, 0, 1)
+
+
+def normalise(heat: torch.Tensor) -> torch.Tensor:
+    lo, hi = heat.min(), heat.max()
+    return (heat - lo) / (hi - lo) if hi > lo else torch.zeros_like(heat)
+
+
+def overlay(image: torch.Tensor, heat: torch.Tensor, alpha: float = 0.6) -> torch.Tensor:
+    """Heat map [gh, gw] (any scale) upsampled over image [C, H, W] in [0, 1] -> [3, H, W]."""
+    rgb = image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
+    h, w = rgb.shape[-2:]
+    up = F.interpolate(heat[None, None].float(), size=(h, w), mode="nearest")[0, 0]
+    return (1 - alpha) * rgb.mean(0, keepdim=True).expand(3, -1, -1) + alpha * colormap(normalise(up))
+
+
+def _panel(image: torch.Tensor) -> "object":
+    """[C, h, w] in [0, 1] -> PIL image scaled (nearest) so that its longer side is ~PANEL."""
+    from cvformers.utils import to_pil
+
+    img = to_pil(image.expand(3, -1, -1) if image.shape[0] == 1 else image)
+    scale = max(1, round(PANEL / max(img.size)))
+    return img.resize((img.size[0] * scale, img.size[1] * scale), resample=0)
+
+
+class Figure:
+    """Titled sections of labelled panels on a white canvas, written as one PNG."""
+
+    def __init__(self):
+        self.sections: list[tuple[str, list[list[tuple[str, torch.Tensor]]]]] = []
+
+    def add(self, title: str, rows: list[list[tuple[str, torch.Tensor]]]) -> None:
+        self.sections.append((title, rows))
+
+    def render(self):
+        from PIL import Image, ImageDraw
+
+        gap, label_h, title_h = 6, 14, 20
+        blocks = []
+        for title, rows in self.sections:
+            panels = [[(label, _panel(img)) for label, img in row] for row in rows]
+            pw = max(p.size[0] for row in panels for _, p in row)
+            ph = max(p.size[1] for row in panels for _, p in row)
+            ncol = max(len(row) for row in panels)
+            width = ncol * (pw + gap) + gap
+            height = title_h + len(panels) * (ph + label_h + gap) + gap
+            block = Image.new("RGB", (max(width, 8 * len(title) + 2 * gap), height), "white")
+            draw = ImageDraw.Draw(block)
+            draw.text((gap, 4), title, fill="black")
+            for r, row in enumerate(panels):
+                for c, (label, p) in enumerate(row):
+                    x, y = gap + c * (pw + gap), title_h + r * (ph + label_h + gap)
+                    draw.text((x, y), label, fill="black")
+                    block.paste(p, (x, y + label_h))
+            blocks.append(block)
+        width = sum(b.size[0] for b in blocks)
+        canvas = Image.new("RGB", (width, max(b.size[1] for b in blocks)), "white")
+        x = 0
+        for b in blocks:
+            canvas.paste(b, (x, 0))
+            x += b.size[0]
+        return canvas
+
+    def save(self, path: str | Path) -> Path:
+        from io import BytesIO
+
+        buf = BytesIO()
+        self.render().save(buf, format="PNG")
+        atomic_write_bytes(Path(path), buf.getvalue())
+        return Path(path)
+
+
+def _mark_patch(image: torch.Tensor, row: int, col: int, patch: int) -> torch.Tensor:
+    """Draw a red frame around patch (row, col) of image [C, H, W] -> [3, H, W]."""
+    rgb = (image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]).clone()
+    y0, x0 = row * patch, col * patch
+    red = torch.tensor([1.0, 0.0, 0.0])[:, None]
+    for y in (y0, y0 + patch - 1):
+        rgb[:, y, x0 : x0 + patch] = red
+    for x in (x0, x0 + patch - 1):
+        rgb[:, y0 : y0 + patch, x] = red
+    return rgb
+
+
+# --- the figures ------------------------------------------------------------------------
+
+
+def vit_attention_figure(classifier, image: torch.Tensor, query: tuple[int, int] | None = None) -> Figure:
+    """All the ViT pictures for one image [C, H, W] in [0, 1] at the model's size.
+
+    ``classifier``: an ``ImageClassifier`` of family vit (or anything with ``backbone``,
+    ``mean``, ``std``). ``query``: (row, col) of the patch whose attention is shown
+    (default: the centre patch).
+    """
+    vit = classifier.backbone
+    grid = (image.shape[-2] // vit.cfg.patch_size, image.shape[-1] // vit.cfg.patch_size)
+    row, col = query if query is not None else (grid[0] // 2, grid[1] // 2)
+    if not (0 <= row < grid[0] and 0 <= col < grid[1]):
+        raise UserError(f"query patch ({row}, {col}) is outside the {grid[0]}x{grid[1]} patch grid")
+    maps = vit_attention(vit, (image - classifier.mean[0]) / classifier.std[0])  # as forward() normalises
+    heads = maps[0].shape[0]
+    rollout = attention_rollout(maps)
+    logits = classifier(image[None])[0]
+    probs = logits.softmax(-1)
+    top = int(probs.argmax())
+
+    fig = Figure()
+    rollout_cls = rollout[0, 1:].reshape(grid)
+    fig.add(f"input (pred {top}, p={probs[top]:.2f}) / rollout", [[
+        ("image", image), ("rollout cls", overlay(image, rollout_cls)),
+        (f"query {row},{col}", _mark_patch(image, row, col, vit.cfg.patch_size)),
+        ("rollout NxN", colormap(normalise(rollout[1:, 1:]))),
+    ]])
+    for title, token in (("class token", 0), (f"query patch {row},{col}", 1 + row * grid[1] + col)):
+        per = patch_attention(maps, token, grid)  # [layers, heads, gh, gw]
+        rows = [[(f"L{layer} h{h}", overlay(image, per[layer, h])) for h in range(heads)]
+                + [(f"L{layer} mean", overlay(image, per[layer].mean(0)))] for layer in range(len(maps))]
+        fig.add(title, rows)
+    fig.add("patch x patch (head mean)", [[(f"L{layer}", colormap(normalise(m.mean(0)[1:, 1:])))]
+                                          for layer, m in enumerate(maps)])
+    return fig
+
+
+def mixer_token_mixing_figure(mixer, blocks: list[int] | None = None, units: int = 16) -> Figure:
+    """Token-mixing weights of the first ``units`` hidden units of ``blocks`` (default: the
+    first three) as images over the patch grid, blue = negative, red = positive."""
+    depth = len(mixer.blocks)
+    blocks = blocks if blocks is not None else list(range(min(3, depth)))
+    fig = Figure()
+    for b in blocks:
+        if not 0 <= b < depth:
+            raise UserError(f"block {b} does not exist; the model has blocks 0..{depth - 1}")
+        weights = mixer.token_mixing_weights(b)[:units]
+        panels = []
+        for i, w in enumerate(weights):
+            scale = w.abs().max().clamp_min(1e-12)
+            panels.append((f"unit {i}", colormap(0.5 + 0.5 * w / scale, _SIGNED)))
+        ncol = int(math.ceil(math.sqrt(len(panels))))
+        fig.add(f"block {b} token-mixing units", [panels[i : i + ncol] for i in range(0, len(panels), ncol)])
+    return fig
+
+
+# --- from files -------------------------------------------------------------------------
+
+
+def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
+    """An image file -> [C, size, size] in [0, 1]; a different size is resized with a notice."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image not found: {path}")
+    try:
+        img = Image.open(path)
+        img = img.convert("L" if channels == 1 else "RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from e
+    if img.size != (size, size):
+        print(f"notice: resizing {path.name} from {img.size[0]}x{img.size[1]} to the model's {size}x{size}",
+              file=sys.stderr)
+        img = img.resize((size, size), resample=Image.BICUBIC)
+    t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).float().div(255)
+    return t.reshape(size, size, channels).permute(2, 0, 1).contiguous()
+
+
+def load_classifier(model: str | Path):
+    """A trained ``ImageClassifier`` from a run folder, or an untrained one from a preset name."""
+    from cvformers.models.vision import PRESETS, ImageClassifier, classifier_config
+
+    if Path(model).is_dir():
+        from cvformers.train.checkpoint import load_run
+
+        classifier, cfg = load_run(model)
+        if cfg.get("kind") != "classifier":
+            raise UserError(f"{model} is a {cfg.get('kind')!r} run, not a classifier")
+        return classifier
+    if str(model) in PRESETS:
+        print(f"notice: {model} is a preset name, not a run folder: its weights are random", file=sys.stderr)
+        return ImageClassifier(classifier_config(str(model))).eval()
+    raise UserError(f"{model}: neither a run folder nor a model preset (see `cvformers models`)")
+
+
+def attention_figure(model: str | Path, image: str | Path | None, out: str | Path,
+                     query: tuple[int, int] | None = None, units: int = 16) -> Path:
+    """``cvformers attention``: the figure for a ViT run (needs ``image``) or a Mixer run."""
+    classifier = load_classifier(model)
+    family = classifier.cfg.family
+    if family == "vit":
+        if image is None:
+            raise UserError("a ViT's attention maps need an image: give IMAGE")
+        pixels = load_image(image, classifier.image_size, classifier.in_chans)
+        with torch.no_grad():
+            fig = vit_attention_figure(classifier, pixels, query)
+    elif family == "mixer":
+        fig = mixer_token_mixing_figure(classifier.backbone, units=units)
+    else:
+        raise UserError(f"attention pictures exist for vit and mixer models; this one is a {family}")
+    return fig.save(out)
