@@ -1,0 +1,167 @@
+"""Sampling with the KV cache, CFG, image prompts, reranking, loading a run folder, the CLI."""
+
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from cvformers.cli import main
+from cvformers.config import save_toml, to_dict
+from cvformers.errors import UserError
+from cvformers.models.dalle import DALLE, DalleConfig
+from cvformers.pipelines.text_to_image import (TextToImage, filter_logits, guided_logits, sample_codes,
+                                               sample_from_logits)
+from cvformers.text import BPETokenizer
+from cvformers.train.checkpoint import save_weights
+from cvformers.vae.dvae import DiscreteVAE, DVAEConfig
+
+CAPTIONS = ["a red circle", "a blue square", "a small green triangle", "a large red square above a circle"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is much faster on a shared CPU
+    yield
+    torch.set_num_threads(n)
+
+
+def write_run(path, kind, model):
+    path.mkdir(parents=True, exist_ok=True)
+    save_toml({"kind": kind, "model": to_dict(model.cfg)}, path / "config.toml")
+    save_weights(model, path / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A complete (untrained) dalle run folder with the layout TextToImage.load reads."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("dalle_run")
+    vae = DiscreteVAE(DVAEConfig(image_size=8, channels=3, vocab_size=16, n_hid=8, n_blk_per_group=1,
+                                 group_count=2, n_init=8))
+    tok = BPETokenizer.train(CAPTIONS * 4, vocab_size=270, text_len=12)
+    cfg = DalleConfig(num_text_tokens=tok.num_text_tokens, text_len=12, num_image_tokens=16, grid_size=4,
+                      dim=32, depth=2, heads=2, dim_head=16, conv_kernel=3, attention=["column", "conv"])
+    write_run(root, "dalle", DALLE(cfg))
+    write_run(root / "vae", "dvae", vae)
+    tok.save(root / "tokenizer.json")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipe(run):
+    return TextToImage.load(run)
+
+
+def test_generate_returns_images(pipe):
+    images = pipe("a red circle", num_images=3, seed=0)
+    assert len(images) == 3 and all(isinstance(im, Image.Image) and im.size == (8, 8) for im in images)
+
+
+def test_seed_reproducible(pipe):
+    a = pipe.generate("a blue square", num_images=4, seed=1).codes
+    b = pipe.generate("a blue square", num_images=4, seed=1).codes
+    c = pipe.generate("a blue square", num_images=4, seed=2).codes
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_kv_cache_sampling_equals_recomputing_the_prefix(pipe):
+    """Greedy decoding with and without the cache picks the same ids: the cached step sees
+    exactly the tokens its attention pattern allows."""
+    a = pipe.generate("a small green triangle", num_images=2, temperature=0, use_cache=True).codes
+    b = pipe.generate("a small green triangle", num_images=2, temperature=0, use_cache=False).codes
+    assert torch.equal(a, b)
+
+
+def test_guidance_scale_one_is_plain_conditional(pipe):
+    a = pipe.generate("a red circle", num_images=3, seed=5, guidance=1.0).codes
+    b = pipe.generate("a red circle", num_images=3, seed=5).codes
+    assert torch.equal(a, b)
+    cond, uncond = torch.randn(2, 4, 16).unbind(0)
+    assert torch.equal(guided_logits(cond, uncond, 1.0), cond)
+    # the batched forward: conditional rows of the [cond | uncond] batch equal a cond-only batch
+    model = pipe.model
+    text = pipe.encode_prompt("a red circle").expand(2, -1)
+    both = torch.cat([text, model.unconditional_text(2)])
+    got = model.prefill(both, model.new_caches(4))[:2]
+    want = model.prefill(text, model.new_caches(2))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_guided_sampling_runs_and_differs(pipe):
+    a = pipe.generate("a red circle", num_images=2, seed=3, guidance=3.0).codes
+    b = pipe.generate("a red circle", num_images=2, seed=3).codes
+    assert a.shape == b.shape == (2, 4, 4)
+
+
+def test_filters():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert filter_logits(logits, top_k=2).isinf().tolist() == [[True, False, False, True]]
+    assert filter_logits(logits, top_p=0.01).isinf().tolist() == [[True, False, True, True]]
+    g = torch.Generator().manual_seed(0)
+    assert all(sample_from_logits(logits, 1.0, top_k=1, generator=g).item() == 1 for _ in range(5))
+    assert sample_from_logits(logits, 0.0).item() == 1
+
+
+def test_image_prompt_keeps_the_top_rows(pipe):
+    image = torch.rand(3, 8, 8)
+    prompt_ids = pipe.vae.encode(image[None])
+    out = pipe.generate("a red circle", num_images=2, image_prompt=image, prompt_rows=2)
+    assert torch.equal(out.codes[:, :2], prompt_ids[:, :2].expand(2, -1, -1))
+    full = sample_codes(pipe.model, pipe.encode_prompt("x").expand(1, -1), prompt_codes=prompt_ids.flatten(1))
+    assert torch.equal(full, prompt_ids)  # every row given: nothing to sample
+
+
+class BrightnessReranker:
+    def score(self, images, texts):
+        return images.mean(dim=(1, 2, 3))
+
+
+def test_reranker_keeps_the_best(run):
+    pipe = TextToImage.load(run, reranker=BrightnessReranker())
+    out = pipe.generate("a red circle", num_images=2, candidates=6, seed=0)
+    assert len(out.images) == 2 and out.scores.shape == (2,)
+    assert out.scores[0] >= out.scores[1]
+    all6 = pipe.generate("a red circle", num_images=6, seed=0)
+    assert torch.allclose(out.scores, all6.scores[:2])
+    images, scores = pipe("a red circle", num_images=2, candidates=4, return_scores=True)
+    assert len(images) == 2 and len(scores) == 2
+
+
+def test_bad_input(pipe, run, tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="empty"):
+        pipe("   ")
+    with pytest.raises(UserError, match="at least 1"):
+        pipe("a red circle", num_images=0)
+    with pytest.raises(UserError, match="reranker"):
+        pipe("a red circle", num_images=2, candidates=4)
+    with pytest.raises(UserError, match="unknown model"):
+        TextToImage.load("no-such-model")
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    (broken / "vae" / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="vae/model.safetensors is missing"):
+        TextToImage.load(broken)
+    pads = torch.arange(pipe.tokenizer.vocab_size, pipe.tokenizer.num_text_tokens)[None]
+    monkeypatch.setattr(pipe.tokenizer, "encode", lambda text: pads)
+    with pytest.raises(UserError, match="padding"):
+        pipe("\u200b")
+
+
+def test_grid_png_has_the_prompt(pipe, tmp_path):
+    out = pipe.generate("a blue square", num_images=4, seed=0)
+    path = out.save_grid(tmp_path / "grid.png")
+    assert Image.open(path).text["prompt"] == "a blue square"
+
+
+def test_cli_generate(run, tmp_path, capsys):
+    out = tmp_path / "g.png"
+    assert main(["generate", "a red circle", "--model", str(run), "--num", "2", "--out", str(out),
+                 "--top-k", "4", "--guidance", "2"]) == 0
+    assert Image.open(out).text["prompt"] == "a red circle"
+    assert main(["generate", "", "--model", str(run), "--out", str(out)]) == 2
+    assert main(["generate", "a red circle", "--model", str(run), "--num", "0", "--out", str(out)]) == 2
+    assert main(["generate", "a red circle", "--model", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("cvformers: error:") == 3
