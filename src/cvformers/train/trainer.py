@@ -261,24 +261,8 @@ class Trainer:
         optimizer = torch.optim.AdamW(
             param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
-        start, elapsed_before = 0, 0.0
-        if self.resume:
-            state = ckpt.load_checkpoint(self.out, model)
-            optimizer.load_state_dict(state["optimizer"])
-            start, elapsed_before = int(state["step"]), float(state.get("elapsed", 0.0))
-            saved_per_step = state.get("data", {}).get("items_per_step")
-            per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
-            if saved_per_step is not None and saved_per_step != per_step and self.dist.is_main:
-                print(f"warning: the checkpoint took {saved_per_step} items a step, this run takes {per_step}; "
-                      "the data order will differ from an uninterrupted run", file=sys.stderr)
-            rngs = state["rng"]
-            if len(rngs) == self.dist.world_size:
-                ckpt.restore_rng(rngs[self.dist.rank])
-            else:  # a different number of processes cannot replay the same RNG streams
-                print(f"warning: checkpoint has RNG for {len(rngs)} processes, running {self.dist.world_size}; "
-                      "reseeding", file=sys.stderr)
-                self._seed(cfg.seed + start)
-        else:
+        start, elapsed_before = self._restore(model, optimizer) if self.resume else (0, 0.0)
+        if not self.resume:
             self._seed(cfg.seed)
         if is_main:
             ckpt.write_run_files(self.out, self._run_config(), setup.extra_files)
@@ -311,28 +295,8 @@ class Trainer:
             lr = lr_at(step, lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_metrics: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
-                batch = next(batches)
-                last = micro == cfg.grad_accum - 1
-                sync = contextlib.nullcontext() if last or not self.dist.enabled else forward.no_sync()
-                with sync:
-                    with self._autocast():
-                        loss, metrics = forward(batch)
-                    # mean over micro-batches: with a mean-reduced loss, accumulating k batches
-                    # of b equals one batch of k*b
-                    (loss / cfg.grad_accum).backward()
-                for k, v in {"loss": loss, **metrics}.items():
-                    step_metrics[k] = step_metrics.get(k, 0.0) + _float(v) / cfg.grad_accum
-            if not math.isfinite(step_metrics["loss"]):
-                raise FloatingPointError(f"loss is {step_metrics['loss']} at step {step}; lower the lr or check the data")
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_metrics = self._train_step(forward, optimizer, params, batches, step)
             done = step + 1
-
-            step_metrics["grad_norm"] = _float(grad_norm)
             for k, v in step_metrics.items():
                 window[k] = window.get(k, 0.0) + v
             window_steps += 1
@@ -368,6 +332,50 @@ class Trainer:
             bar.close()
         result["step"] = end
         return {k: v for k, v in result.items() if k != "split"}
+
+    def _train_step(self, forward, optimizer, params, batches, step: int) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns their mean metrics."""
+        cfg = self.config
+        step_metrics: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            last = micro == cfg.grad_accum - 1
+            # DDP all-reduces gradients in backward; skip that until the last micro-batch
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else forward.no_sync()
+            with sync:
+                with self._autocast():
+                    loss, metrics = forward(batch)
+                # mean over micro-batches: with a mean-reduced loss, k batches of b == one of k*b
+                (loss / cfg.grad_accum).backward()
+            for k, v in {"loss": loss, **metrics}.items():
+                step_metrics[k] = step_metrics.get(k, 0.0) + _float(v) / cfg.grad_accum
+        if not math.isfinite(step_metrics["loss"]):
+            raise FloatingPointError(f"loss is {step_metrics['loss']} at step {step}; lower the lr or check the data")
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure the norm, scale by 1
+        step_metrics["grad_norm"] = _float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return step_metrics
+
+    def _restore(self, model: nn.Module, optimizer) -> tuple[int, float]:
+        """Load the checkpoint in the run folder: weights, optimizer, this process's RNG."""
+        cfg = self.config
+        state = ckpt.load_checkpoint(self.out, model)
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        saved_per_step = state.get("data", {}).get("items_per_step")
+        per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
+        if saved_per_step is not None and saved_per_step != per_step and self.dist.is_main:
+            print(f"warning: the checkpoint took {saved_per_step} items a step, this run takes {per_step}; "
+                  "the data order will differ from an uninterrupted run", file=sys.stderr)
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world_size:
+            ckpt.restore_rng(rngs[self.dist.rank])
+        else:  # a different number of processes cannot replay the same RNG streams
+            print(f"warning: checkpoint has RNG for {len(rngs)} processes, running {self.dist.world_size}; "
+                  "reseeding", file=sys.stderr)
+            self._seed(cfg.seed + start)
+        return start, float(state.get("elapsed", 0.0))
 
     def _seed(self, seed: int) -> None:
         # each process its own stream (different dropout masks per shard), reproducible
