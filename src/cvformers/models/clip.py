@@ -26,9 +26,11 @@ from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from cvformers.config import ConfigError
 from cvformers.models.clip_visual import Transformer, TrunkTower, VisionTransformer
 from cvformers.registry import register_kind
 
@@ -64,6 +66,7 @@ class CLIPConfig:
     init_logit_scale: float = math.log(1 / 0.07)  # temperature init (CLIP §2.5)
     max_logit_scale: float = 100.0  # the scale exp(logit_scale) is clipped at (CLIP §2.5)
     micro_batch: int = 0  # >0: gradient-cached loss over micro-batches of this size (module docstring)
+    gather_distributed: bool = True  # under DDP, every process's pairs are negatives for all (global batch)
 
 
 # Named presets; ``clip_config(name, **overrides)`` builds one.
@@ -98,6 +101,52 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     loss_i = F.cross_entropy(logits_per_image, labels)  # each image picks its caption
     loss_t = F.cross_entropy(logits_per_image.t(), labels)  # each caption picks its image
     return (loss_i + loss_t) / 2, logits_per_image
+
+
+def world() -> tuple[int, int]:
+    """(rank, processes) of the running torch.distributed group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                          logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss over the global batch of every process (CLIP trained on 32k pairs over many GPUs).
+
+    Each process gathers all processes' features (with gradient, ``GatherWithGrad``) and
+    scores its own n rows against all R*n columns. Averaged over processes — what DDP does to gradients —
+    this is exactly the gradient of ``clip_loss`` on the concatenated batch. Needs equal
+    per-process batches. Returns (loss, local logits_per_image [n, R*n], labels [n]).
+    """
+    rank, _ = world()
+    all_images = GatherWithGrad.apply(image_features)
+    all_texts = GatherWithGrad.apply(text_features)
+    n = len(image_features)
+    labels = torch.arange(n, device=image_features.device) + rank * n
+    logits_per_image = logit_scale * image_features @ all_texts.t()
+    logits_per_text = logit_scale * text_features @ all_images.t()
+    loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    return loss, logits_per_image, labels
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """[n, D] on each of R processes -> [R*n, D] on every one; the backward sends each slice's
+    gradient, summed over the processes whose losses used it, back to the slice's owner."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rank, processes = world()
+        parts = [torch.empty_like(x) for _ in range(processes)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.n = rank, len(x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # sum of every process's d loss_r / d gathered
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
 
 
 @register_kind("clip", CLIPConfig)
@@ -175,22 +224,31 @@ class CLIP(nn.Module):
     # --- training -------------------------------------------------------------------------
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         images, text = batch["image"], batch["text"]
+        _, processes = world()
         if 0 < self.cfg.micro_batch < len(images):
+            if processes > 1:
+                raise ConfigError("model.micro_batch (gradient caching) does not run under DDP: its "
+                                  "inner backward passes would fire DDP's gradient hooks once per "
+                                  "micro-batch; set micro_batch = 0 (the batch is gathered across processes)")
             image_features, text_features = GradCachedEmbed.apply(
                 self.logit_scale, self, images, text, self.cfg.micro_batch)
         else:
             image_features = self.encode_image(images, normalize=True)
             text_features = self.encode_text(text, normalize=True)
         scale = self.scale()
-        loss, logits = clip_loss(image_features, text_features, scale)
-        with torch.no_grad():
+        if processes > 1 and self.cfg.gather_distributed and self.training:
+            loss, logits, labels = distributed_clip_loss(image_features, text_features, scale)
+        else:
+            loss, logits = clip_loss(image_features, text_features, scale)
             labels = torch.arange(len(logits), device=logits.device)
+        with torch.no_grad():
             metrics = {
                 "loss": loss.item(),
                 "acc_i2t": (logits.argmax(1) == labels).float().mean().item(),
-                "acc_t2i": (logits.argmax(0) == labels).float().mean().item(),
                 "logit_scale": scale.item(),
             }
+            if logits.shape[0] == logits.shape[1]:
+                metrics["acc_t2i"] = (logits.argmax(0) == labels).float().mean().item()
         return loss, metrics
 
 
