@@ -214,6 +214,10 @@ class TextToImage:
         self.model, self.vae, self.tokenizer = model.eval(), vae.eval(), tokenizer
         self.reranker = reranker
         self.defaults = {"temperature": 1.0, "top_k": None, "top_p": None, "guidance": 1.0, **(defaults or {})}
+        # a run's [sampling] table writes "off" as top_k = 0 and top_p = 1 (TOML has no null)
+        self.defaults["top_k"] = self.defaults["top_k"] or None
+        if self.defaults["top_p"] is not None and self.defaults["top_p"] >= 1:
+            self.defaults["top_p"] = None
         self.batch_size = batch_size
 
     @classmethod

@@ -1,0 +1,277 @@
+"""``cvformers train dalle --vae RUN``: the transformer on (caption, frozen dVAE ids), DALL-E §2.2.
+
+Stage two of DALL-E: the image tokenizer (``--vae``, a dvae or vqvae run) is frozen, so every
+image's ids are computed once and cached in the run folder (``codes_<split>.safetensors``,
+keyed by a hash of the tokenizer's weights and the data config) — epochs never re-encode.
+Captions are BPE-encoded by a tokenizer trained on the training captions (or the one named
+by ``[text] tokenizer``); the dataset yields ``{"text": [T], "codes": [h, w]}``.
+
+The run folder is self-contained for ``TextToImage.load``: besides the trainer's files it holds
+``tokenizer.json`` and ``vae/`` (a copy of the tokenizer run's config.toml + model.safetensors),
+and every checkpoint writes ``samples.png``: a few fixed captions, four samples each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from cvformers.config import ConfigError, from_dict, to_dict
+from cvformers.errors import UserError
+from cvformers.models.dalle import DALLE, PRESETS, DalleConfig
+from cvformers.train.tasks import TaskArgs, TaskSetup, register_task
+
+TOKENIZER_FILE = "tokenizer.json"
+VAE_DIR = "vae"
+SAMPLES_FILE = "samples.png"
+
+
+@dataclass
+class DalleTextConfig:
+    """The ``[text]`` table of a dalle run: how captions become ids."""
+
+    text_len: int = 32  # caption length in BPE tokens, per-position pads included (paper: 256)
+    bpe_vocab_size: int = 1024  # BPE vocabulary learnt on the train captions (paper: 16384); may end smaller
+    bpe_train_captions: int = 50_000  # at most this many train captions are used to learn the merges
+    tokenizer: str = ""  # path of an existing tokenizer.json to use instead of training one
+
+
+@dataclass
+class DalleSamplingConfig:
+    """The ``[sampling]`` table: defaults TextToImage uses for this model (the CLI can override)."""
+
+    temperature: float = 1.0  # softmax temperature
+    top_k: int = 0  # sample among the k most likely ids (0: all)
+    top_p: float = 1.0  # nucleus mass (1: all)
+    guidance: float = 1.0  # classifier-free guidance scale (1: off; needs model.caption_drop_prob > 0)
+
+
+def default_train_config():
+    from cvformers.train.trainer import TrainConfig
+
+    # Appendix B.2 uses Adam β=(0.9, 0.96) and weight decay 4.5e-2 (lr 4.5e-4 at batch 1024); a short
+    # CPU run at batch 64 needs a larger step (1e-3), cosine-decayed to a tenth.
+    return TrainConfig(steps=3000, batch_size=64, lr=1e-3, weight_decay=4.5e-2, betas=(0.9, 0.96),
+                       warmup_steps=100, checkpoint_every=500, eval_every=500, eval_batches=8)
+
+
+# --- the frozen image tokenizer and its cached ids ----------------------------------------
+
+
+def load_vae(path: str | Path, device: str | torch.device = "cpu"):
+    from cvformers.train.checkpoint import load_run
+
+    vae, cfg = load_run(path, device)
+    for attr in ("encode", "decode", "num_tokens", "grid_size"):
+        if not hasattr(vae, attr):
+            raise UserError(f"{path} holds a {cfg.get('kind')!r} model, not an image tokenizer (no {attr})")
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    return vae.eval()
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def encode_dataset(vae, dataset, batch_size: int = 256, desc: str = "") -> torch.Tensor:
+    """All images of ``dataset`` -> ids [N, h, w] (int16 when the codebook fits)."""
+    from torch.utils.data import DataLoader
+
+    from cvformers.data import collate
+
+    device = next(vae.parameters()).device
+    out = []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    for i, batch in enumerate(loader):
+        out.append(vae.encode(batch["image"].to(device)).cpu())
+        if desc and (i % 20 == 0 or (i + 1) * batch_size >= len(dataset)):
+            print(f"{desc}: {min((i + 1) * batch_size, len(dataset))}/{len(dataset)} images", file=sys.stderr)
+    codes = torch.cat(out)
+    return codes.to(torch.int16) if vae.num_tokens <= 2**15 else codes.to(torch.int32)
+
+
+def cached_codes(vae, dataset, path: Path, key: str, desc: str = "") -> torch.Tensor:
+    """The ids of ``dataset`` from ``path`` when its key matches, else encode once and save."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from cvformers.utils import atomic_write_bytes
+
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                codes = f.get_tensor("codes")
+                if len(codes) == len(dataset):
+                    return codes
+    codes = encode_dataset(vae, dataset, desc=desc)
+    atomic_write_bytes(path, save({"codes": codes.contiguous()}, metadata={"key": key}))
+    return codes
+
+
+class CaptionCodesDataset(Dataset):
+    """(caption, cached image ids) items -> {"caption", "codes"}; the collate tokenizes captions.
+
+    A source with ``caption(i)`` and ``set_epoch`` (folders with several captions per image) is
+    asked each time, so each epoch can see other captions; otherwise captions are read once.
+    """
+
+    def __init__(self, source, codes: torch.Tensor):
+        self.source, self.codes = source, codes
+        if hasattr(source, "caption") and hasattr(source, "set_epoch"):
+            self._captions = None
+        elif hasattr(source, "captions"):
+            self._captions = list(source.captions())
+        else:
+            self._captions = [source[i]["caption"] for i in range(len(source))]
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.source, "set_epoch"):
+            self.source.set_epoch(epoch)
+
+    def caption(self, index: int) -> str:
+        return self.source.caption(index) if self._captions is None else self._captions[index]
+
+    def captions(self, limit: int | None = None) -> list[str]:
+        return [self.caption(i) for i in range(min(limit or len(self), len(self)))]
+
+    def __getitem__(self, index: int) -> dict:
+        return {"caption": self.caption(index), "codes": self.codes[index].long()}
+
+
+def text_collate(tokenizer):
+    from cvformers.text import CaptionTruncatedWarning
+
+    def collate(items: list[dict]) -> dict:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CaptionTruncatedWarning)  # the tail of a long caption is dropped
+            text = tokenizer.encode([it["caption"] for it in items])
+        return {"text": text, "codes": torch.stack([it["codes"] for it in items])}
+
+    return collate
+
+
+# --- samples at every checkpoint ------------------------------------------------------------
+
+
+def sample_writer(vae, tokenizer, prompts: list[str], per_prompt: int = 4, seed: int = 0):
+    """An ``on_checkpoint`` hook: ``samples.png``, one row of ``per_prompt`` samples per prompt."""
+
+    def write(model, run_dir: Path, step: int) -> None:
+        from cvformers.pipelines.text_to_image import sample_codes
+        from cvformers.utils import image_grid, save_png
+
+        model.eval()
+        device = next(model.parameters()).device
+        text = text_collate(tokenizer)([{"caption": p, "codes": torch.zeros(1)} for p in prompts])["text"]
+        text = text.to(device).repeat_interleave(per_prompt, 0)
+        g = torch.Generator(device).manual_seed(seed)
+        codes = sample_codes(model, text, generator=g)
+        images = vae.to(device).decode(codes).clamp(0, 1).cpu()
+        meta = {"step": str(step), "prompts": json.dumps(prompts)}
+        save_png(image_grid(images, nrow=per_prompt), Path(run_dir) / SAMPLES_FILE, metadata=meta)
+
+    return write
+
+
+# --- the task -------------------------------------------------------------------------------
+
+
+def model_config_from(args: TaskArgs, text_len: int, num_text_tokens: int, vae) -> DalleConfig:
+    """Preset (--model, default "small"), the TOML [model] table, then the sizes the tokenizers fix."""
+    table = dict(args.config.get("model", {}))
+    preset = args.model or table.pop("preset", None) or "small"
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown dalle preset {preset!r}; known: {', '.join(PRESETS)}")
+    fixed = dict(text_len=text_len, num_text_tokens=num_text_tokens, num_image_tokens=vae.num_tokens,
+                 grid_size=vae.grid_size)
+    for k, v in fixed.items():
+        if k in table and table[k] != v:
+            raise ConfigError(f"model.{k} = {table[k]} but the tokenizers fix it to {v}; remove it from [model]")
+    base = to_dict(DalleConfig(**{**PRESETS[preset], **fixed}))
+    return from_dict(DalleConfig, {**base, **table, **fixed}, "model")
+
+
+@register_task("dalle")
+def dalle_task(args: TaskArgs) -> TaskSetup:
+    from cvformers.data import DataConfig, build_from_config
+    from cvformers.text import BPETokenizer
+    from cvformers.train.trainer import train_config_from
+
+    out = Path(args.out)
+    saved_vae = out / VAE_DIR
+    vae_path = Path(args.vae) if args.vae else (saved_vae if args.resume and saved_vae.is_dir() else None)
+    if vae_path is None:
+        raise UserError("training dalle needs --vae RUN: the run folder of a trained dvae or vqvae")
+    device = args.device or "cpu"
+    vae = load_vae(vae_path, device)
+
+    data_table = dict(args.config.get("data", {}))
+    if args.data:
+        data_table["name"] = args.data
+    data_table.setdefault("image_size", vae.image_size)
+    data_table.setdefault("channels", vae.channels)
+    data_cfg = from_dict(DataConfig, data_table, "data")
+    if (data_cfg.image_size, data_cfg.channels) != (vae.image_size, vae.channels):
+        raise ConfigError(f"data is {data_cfg.channels}x{data_cfg.image_size}px but the image tokenizer takes "
+                          f"{vae.channels}x{vae.image_size}px")
+    text_cfg = from_dict(DalleTextConfig, dict(args.config.get("text", {})), "text")
+    sampling_cfg = from_dict(DalleSamplingConfig, dict(args.config.get("sampling", {})), "sampling")
+
+    # the frozen tokenizer's ids, computed once per (weights, data, split)
+    vae_hash = file_hash(vae_path / "model.safetensors")
+
+    def split_data(split: str):
+        source = build_from_config(data_cfg, split)
+        key = hashlib.sha256(json.dumps([vae_hash, to_dict(data_cfg), split], sort_keys=True).encode()).hexdigest()
+        codes = cached_codes(vae, source, out / f"codes_{split}.safetensors", key, desc=f"encoding {split}")
+        return CaptionCodesDataset(source, codes)
+
+    train_data = split_data("train")
+    try:
+        eval_data = split_data(data_cfg.eval_split)
+    except (UserError, ConfigError, FileNotFoundError):
+        eval_data = None  # a folder has a single split
+
+    # the caption tokenizer: the run's own on resume, a given file, or trained on the train captions
+    if args.resume and (out / TOKENIZER_FILE).is_file():
+        tokenizer = BPETokenizer.load(out / TOKENIZER_FILE)
+    elif text_cfg.tokenizer:
+        tokenizer = BPETokenizer.load(text_cfg.tokenizer)
+    else:
+        tokenizer = BPETokenizer.train(train_data.captions(text_cfg.bpe_train_captions),
+                                       vocab_size=text_cfg.bpe_vocab_size, text_len=text_cfg.text_len)
+    if tokenizer.text_len != text_cfg.text_len:
+        text_cfg = replace(text_cfg, text_len=tokenizer.text_len)
+
+    cfg = model_config_from(args, tokenizer.text_len, tokenizer.num_text_tokens, vae)
+    extra_files = {
+        TOKENIZER_FILE: tokenizer.to_bytes(),
+        f"{VAE_DIR}/config.toml": (vae_path / "config.toml").read_bytes(),
+        f"{VAE_DIR}/model.safetensors": (vae_path / "model.safetensors").read_bytes(),
+    }
+    shown = eval_data if eval_data is not None else train_data
+    prompts = shown.captions(4)
+    return TaskSetup(
+        kind="dalle", model=DALLE(cfg), model_config=cfg, train_config=train_config_from(args, default_train_config()),
+        train_data=train_data, eval_data=eval_data, collate=text_collate(tokenizer),
+        extra_config={"data": to_dict(data_cfg), "text": to_dict(text_cfg), "sampling": to_dict(sampling_cfg),
+                      "dalle": {"vae_source": str(vae_path), "vae_sha256": vae_hash}},
+        extra_files=extra_files,
+        on_checkpoint=sample_writer(vae, tokenizer, prompts),
+    )

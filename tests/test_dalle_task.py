@@ -1,0 +1,86 @@
+"""`cvformers train dalle`: cached dVAE ids, tokenizer, self-contained run folder, samples."""
+
+import pytest
+import torch
+from PIL import Image
+
+from cvformers.cli import main
+from cvformers.config import save_toml, to_dict
+from cvformers.models import dalle_task
+from cvformers.pipelines.text_to_image import TextToImage
+from cvformers.train.checkpoint import save_weights
+from cvformers.train.tasks import TaskArgs, get_task
+from cvformers.vae.dvae import DiscreteVAE, DVAEConfig
+
+CONFIG = {
+    "data": {"size": 48, "eval_size": 16},
+    "model": {"dim": 32, "depth": 2, "heads": 2, "dim_head": 16, "conv_kernel": 3},
+    "text": {"bpe_vocab_size": 300, "text_len": 12},
+    "train": {"warmup_steps": 0, "checkpoint_every": 3, "eval_every": 3, "eval_batches": 1, "log_every": 1},
+    "sampling": {"guidance": 1.5},
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is much faster on a shared CPU
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vae")
+    vae = DiscreteVAE(DVAEConfig(image_size=16, channels=3, vocab_size=32, n_hid=8, n_blk_per_group=1,
+                                 group_count=3, n_init=8))  # 16px -> 4x4 ids
+    save_toml({"kind": "dvae", "model": to_dict(vae.cfg)}, path / "config.toml")
+    save_weights(vae, path / "model.safetensors")
+    return path
+
+
+def test_train_dalle_end_to_end(vae_run, tmp_path, monkeypatch):
+    cfg = tmp_path / "dalle.toml"
+    save_toml(CONFIG, cfg)
+    out = tmp_path / "run"
+    assert main(["train", "dalle", "--data", "shapes", "--vae", str(vae_run), "--out", str(out),
+                 "--config", str(cfg), "--steps", "3", "--batch-size", "8"]) == 0
+    for name in ("config.toml", "model.safetensors", "tokenizer.json", "vae/config.toml", "vae/model.safetensors",
+                 "codes_train.safetensors", "codes_test.safetensors", "samples.png"):
+        assert (out / name).is_file(), name
+    assert Image.open(out / "samples.png").size[0] > 16
+
+    pipe = TextToImage.load(out)
+    assert pipe.defaults["guidance"] == 1.5 and pipe.defaults["top_k"] is None
+    images = pipe("a red circle", num_images=2, seed=0)
+    assert len(images) == 2 and images[0].size == (16, 16)
+
+    # a second setup reads the cached ids instead of encoding again
+    def no_encoding(*a, **k):
+        raise AssertionError("encoded again")
+
+    monkeypatch.setattr(dalle_task, "encode_dataset", no_encoding)
+    setup = get_task("dalle")(TaskArgs(out=out, data="shapes", config=CONFIG, vae=str(vae_run), resume=True))
+    item = setup.train_data[0]
+    assert item["codes"].shape == (4, 4) and isinstance(item["caption"], str)
+    batch = setup.collate([setup.train_data[i] for i in range(3)])
+    assert batch["text"].shape == (3, 12) and batch["codes"].shape == (3, 4, 4)
+    loss, metrics = setup.model.loss(batch)
+    assert torch.isfinite(loss) and "image_bits_per_token" in metrics
+
+
+def test_cached_ids_equal_encoding(vae_run, tmp_path):
+    vae = dalle_task.load_vae(vae_run)
+    from cvformers.data import build_dataset
+
+    data = build_dataset("shapes", "test", 16, size=8)
+    codes = dalle_task.cached_codes(vae, data, tmp_path / "c.safetensors", key="k1")
+    images = torch.stack([data[i]["image"] for i in range(8)])
+    assert torch.equal(codes.long(), vae.encode(images))
+    again = dalle_task.cached_codes(vae, data, tmp_path / "c.safetensors", key="k1")
+    assert torch.equal(again, codes)
+
+
+def test_needs_a_vae(tmp_path):
+    assert main(["train", "dalle", "--data", "shapes", "--out", str(tmp_path / "r")]) == 2
