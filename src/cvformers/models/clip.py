@@ -16,7 +16,8 @@ contrastive learning batch size under memory limited setup"): embed every micro-
 without a graph, compute the full-batch loss on the embeddings, then during backward
 re-embed each micro-batch with a graph and push the cached embedding gradients through it.
 Memory is that of one micro-batch plus the N×D embeddings; the result equals the plain
-full-batch gradient.
+full-batch gradient. Across processes (torchrun / DDP) the features of every process are
+gathered, so the negatives are the global batch (``gather_distributed``).
 """
 
 from __future__ import annotations
@@ -87,66 +88,6 @@ def clip_config(name: str = "tiny", **overrides) -> CLIPConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown CLIP preset {name!r}; known: {', '.join(PRESETS)}")
     return replace(CLIPConfig(), **{**PRESETS[name], **overrides})
-
-
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-              logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric InfoNCE of CLIP figure 3: (CE over rows + CE over columns) / 2.
-
-    Features must be L2-normalised; ``logit_scale`` is the (clipped) multiplier exp(t).
-    Returns (loss, logits_per_image [N, N]).
-    """
-    logits_per_image = logit_scale * image_features @ text_features.t()
-    labels = torch.arange(len(logits_per_image), device=logits_per_image.device)
-    loss_i = F.cross_entropy(logits_per_image, labels)  # each image picks its caption
-    loss_t = F.cross_entropy(logits_per_image.t(), labels)  # each caption picks its image
-    return (loss_i + loss_t) / 2, logits_per_image
-
-
-def world() -> tuple[int, int]:
-    """(rank, processes) of the running torch.distributed group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-                          logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The loss over the global batch of every process (CLIP trained on 32k pairs over many GPUs).
-
-    Each process gathers all processes' features (with gradient, ``GatherWithGrad``) and
-    scores its own n rows against all R*n columns. Averaged over processes — what DDP does to gradients —
-    this is exactly the gradient of ``clip_loss`` on the concatenated batch. Needs equal
-    per-process batches. Returns (loss, local logits_per_image [n, R*n], labels [n]).
-    """
-    rank, _ = world()
-    all_images = GatherWithGrad.apply(image_features)
-    all_texts = GatherWithGrad.apply(text_features)
-    n = len(image_features)
-    labels = torch.arange(n, device=image_features.device) + rank * n
-    logits_per_image = logit_scale * image_features @ all_texts.t()
-    logits_per_text = logit_scale * text_features @ all_images.t()
-    loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
-    return loss, logits_per_image, labels
-
-
-class GatherWithGrad(torch.autograd.Function):
-    """[n, D] on each of R processes -> [R*n, D] on every one; the backward sends each slice's
-    gradient, summed over the processes whose losses used it, back to the slice's owner."""
-
-    @staticmethod
-    def forward(ctx, x):
-        rank, processes = world()
-        parts = [torch.empty_like(x) for _ in range(processes)]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.n = rank, len(x)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)  # sum of every process's d loss_r / d gathered
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
 
 
 @register_kind("clip", CLIPConfig)
@@ -250,6 +191,67 @@ class CLIP(nn.Module):
             if logits.shape[0] == logits.shape[1]:
                 metrics["acc_t2i"] = (logits.argmax(0) == labels).float().mean().item()
         return loss, metrics
+
+
+# --- the contrastive loss, over one batch, across processes, over micro-batches ------------
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+              logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE of CLIP figure 3: (CE over rows + CE over columns) / 2.
+
+    Features must be L2-normalised; ``logit_scale`` is the (clipped) multiplier exp(t).
+    Returns (loss, logits_per_image [N, N]).
+    """
+    logits_per_image = logit_scale * image_features @ text_features.t()
+    labels = torch.arange(len(logits_per_image), device=logits_per_image.device)
+    loss_i = F.cross_entropy(logits_per_image, labels)  # each image picks its caption
+    loss_t = F.cross_entropy(logits_per_image.t(), labels)  # each caption picks its image
+    return (loss_i + loss_t) / 2, logits_per_image
+
+
+def world() -> tuple[int, int]:
+    """(rank, processes) of the running torch.distributed group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                          logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss over the global batch of every process (CLIP trained on 32k pairs over many GPUs).
+
+    Each process gathers all processes' features (with gradient, ``GatherWithGrad``) and
+    scores its own n rows against all R*n columns. Averaged over processes — what DDP does
+    to gradients — this is exactly the gradient of ``clip_loss`` on the concatenated batch.
+    Needs equal per-process batches. Returns (loss, local logits_per_image [n, R*n], labels [n]).
+    """
+    rank, _ = world()
+    all_images = GatherWithGrad.apply(image_features)
+    all_texts = GatherWithGrad.apply(text_features)
+    n = len(image_features)
+    labels = torch.arange(n, device=image_features.device) + rank * n
+    logits_per_image = logit_scale * image_features @ all_texts.t()
+    logits_per_text = logit_scale * text_features @ all_images.t()
+    loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    return loss, logits_per_image, labels
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """[n, D] on each of R processes -> [R*n, D] on every one; the backward sends each slice's
+    gradient, summed over the processes whose losses used it, back to the slice's owner."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rank, processes = world()
+        parts = [torch.empty_like(x) for _ in range(processes)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.n = rank, len(x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # sum of every process's d loss_r / d gathered
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
 
 
 class GradCachedEmbed(torch.autograd.Function):
