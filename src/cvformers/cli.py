@@ -250,7 +250,29 @@ def _cmd_generate(args) -> int:
     return 0
 
 
-_COMMANDS = [_add_train, _add_tokenizer, _add_zero_shot, _add_eval, _add_models, _add_attention, _add_data, _add_generate]
+def _add_reconstruct(sub) -> None:
+    p = sub.add_parser("reconstruct", help="image tokenizer (dvae, vqvae): held-out PSNR, codebook perplexity, PNG grid")
+    p.add_argument("--vae", required=True, help="run folder of a trained dvae or vqvae")
+    p.add_argument("--data", default=None, help="dataset spec (default: the run's own data)")
+    p.add_argument("--split", default=None, help="split to measure (default: the run's eval split, e.g. test)")
+    p.add_argument("--out", default="recon.png", help="PNG to write: originals above reconstructions")
+    p.add_argument("--num", type=int, default=16, help="images in the PNG grid")
+    p.add_argument("--eval-images", type=int, default=1000, help="images the metrics average over (0: the whole split)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.set_defaults(func=_cmd_reconstruct)
+
+
+def _cmd_reconstruct(args) -> int:
+    from cvformers.eval.reconstruction import reconstruct_run
+
+    m = reconstruct_run(args.vae, args.out, data=args.data, split=args.split, num=args.num,
+                        eval_images=args.eval_images, device=args.device)
+    print(f"PSNR {m['psnr']:.2f} dB  perplexity {m['perplexity']:.1f}  codebook usage {100 * m['usage']:.1f}%  "
+          f"({int(m['images'])} images); wrote {args.out}")
+    return 0
+
+
+_COMMANDS = [_add_train, _add_tokenizer, _add_zero_shot, _add_eval, _add_models, _add_attention, _add_data, _add_generate, _add_reconstruct]
 
 
 def build_parser() -> argparse.ArgumentParser:
