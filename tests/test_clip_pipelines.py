@@ -57,3 +57,33 @@ def test_reranker_score_agrees_with_matrix_and_pil(reranker):
     assert idx.tolist() == one.topk(2).indices.tolist() and vals[0] >= vals[1]
     with pytest.raises(UserError):
         reranker.score(images, texts[:2])
+
+
+def test_reranker_loads_an_openai_layout_weight_file(tmp_path):
+    """A .pt / .safetensors state dict in OpenAI layout + CLIP's BPE merges -> a working scorer."""
+    import gzip
+
+    from safetensors.torch import save_file
+
+    vocab = tmp_path / "bpe_simple_vocab_16e6.txt.gz"
+    with gzip.open(vocab, "wt", encoding="utf-8") as f:
+        f.write("#version: 0.2\nr e\nre d</w>\nc i\n")
+    torch.manual_seed(0)
+    # heads are inferred as width // 64, as in every released CLIP
+    model = CLIP(clip_config("tiny", vision_width=64, vision_heads=1, text_width=64, text_heads=1,
+                             embed_dim=16, tokenizer="clip", vocab_size=256 * 2 + 3 + 2, context_length=8,
+                             text_pool="argmax", quick_gelu=True)).eval()
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        from cvformers.clip_tokenizer import ClipTokenizer
+
+        text = ClipTokenizer.load(vocab, context_length=8).encode(["a red circle"])
+        expected = (model.encode_image(images, normalize=True) @ model.encode_text(text, normalize=True).t())[:, 0]
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "w.pt")
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    for name in ("w.pt", "w.safetensors"):
+        reranker = ClipReranker.load(tmp_path / name, vocab=vocab)
+        assert reranker.model.cfg.context_length == 8 and reranker.model.cfg.quick_gelu
+        assert torch.allclose(reranker.score(images, "a red circle"), expected, atol=1e-5)
+    with pytest.raises(UserError, match="not found"):
+        ClipReranker.load(tmp_path / "missing.pt", vocab=vocab)
