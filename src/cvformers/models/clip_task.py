@@ -10,6 +10,7 @@ open_clip checkpoint file (``.pt``, ``.bin``, ``.pth``, ``.safetensors``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -56,8 +57,11 @@ def load_text_tokenizer(cfg: CLIPConfig, run_dir: str | Path | None = None,
 
 
 def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
-    """Both tokenizers, one call: ``ClipTokenizer`` is callable, ``BPETokenizer`` has ``encode``."""
-    return tokenizer.encode(list(texts))
+    """Captions -> ids with either tokenizer; long captions are cut silently, as CLIP does
+    (the text tower then reads the caption at its last position)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="caption truncated")
+        return tokenizer.encode(list(texts))
 
 
 # --- reading a CLIP back ------------------------------------------------------------------
