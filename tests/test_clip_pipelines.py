@@ -62,6 +62,7 @@ def test_reranker_score_agrees_with_matrix_and_pil(reranker):
 def test_reranker_loads_an_openai_layout_weight_file(tmp_path):
     """A .pt / .safetensors state dict in OpenAI layout + CLIP's BPE merges -> a working scorer."""
     import gzip
+    import warnings
 
     from safetensors.torch import save_file
 
@@ -81,7 +82,10 @@ def test_reranker_loads_an_openai_layout_weight_file(tmp_path):
         expected = (model.encode_image(images, normalize=True) @ model.encode_text(text, normalize=True).t())[:, 0]
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "w.pt")
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
-    for name in ("w.pt", "w.safetensors"):
+    with warnings.catch_warnings():  # a TorchScript archive, as OpenAI released their weights
+        warnings.simplefilter("ignore")
+        torch.jit.trace(model, (images[:1], text), check_trace=False).save(str(tmp_path / "jit.pt"))
+    for name in ("w.pt", "w.safetensors", "jit.pt"):
         reranker = ClipReranker.load(tmp_path / name, vocab=vocab)
         assert reranker.model.cfg.context_length == 8 and reranker.model.cfg.quick_gelu
         assert torch.allclose(reranker.score(images, "a red circle"), expected, atol=1e-5)
