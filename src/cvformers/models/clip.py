@@ -340,7 +340,8 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], quick_gelu: bool = True)
 
 
 # keys a released checkpoint carries that are not weights of this model
-_IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask", "visual.attn_mask")
+_IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask", "visual.attn_mask",
+                 "pixel_mean", "pixel_std")
 
 
 def load_openai_state_dict(sd: dict[str, torch.Tensor], quick_gelu: bool = True,
