@@ -1,0 +1,155 @@
+"""Fashion-MNIST test accuracy and training images/s of every vision family, at equal time budget.
+
+Each model is trained with the machinery of ``cvformers train classifier`` (the classifier task,
+its augmentation — random crop with 2 px padding, horizontal flips — label smoothing 0.1, AdamW,
+warmup + cosine, the one Trainer) for ``--minutes`` of wall-clock time: a short calibration
+measures the training speed, the step count is set so that the run fills the budget, and the
+learning-rate schedule spans exactly that run. Then the whole 10k test split is scored.
+
+Next to our families, lucidrains' ``vit-pytorch`` ViT at the parameter count of our ViT (±10%,
+checked), trained in the same run with the same data, augmentation, loss, optimizer and budget:
+its backbone replaces ours inside the same ``ImageClassifier``.
+
+    python benchmarks/classifiers_fmnist.py --minutes 20
+    python benchmarks/classifiers_fmnist.py --minutes 2 --models vit_nano_patch4_28,peer
+
+Needs Fashion-MNIST (``apt-get install dataset-fashion-mnist``) and, for the peer,
+``pip install --no-deps vit-pytorch`` (it needs only einops, already a dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cvformers.eval.classification import accuracy
+from cvformers.models.vision import count_parameters
+from cvformers.models.vision_task import classifier_task
+from cvformers.train.tasks import TaskArgs
+from cvformers.train.trainer import Trainer
+
+FAMILY_PRESETS = [
+    "vit_nano_patch4_28",
+    "mixer_nano_patch4_28",
+    "convmixer_256_8_28",
+    "swin_nano_patch2_window7_28",
+    "mixer_attention_nano_patch4_28",
+    "convmixer_mixer_256_8_28",
+    "peer",  # lucidrains vit-pytorch ViT at vit_nano_patch4_28's size
+]
+PEER_LIKE = "vit_nano_patch4_28"
+
+
+def load_peer_vit():
+    """vit-pytorch's ``ViT`` class without importing the package ``__init__`` (it pulls in
+    torchvision for its DINO module, which this environment does not need)."""
+    spec = importlib.util.find_spec("vit_pytorch")
+    if spec is None:
+        raise SystemExit("vit-pytorch is not installed: pip install --no-deps vit-pytorch")
+    path = Path(spec.submodule_search_locations[0]) / "vit.py"
+    module_spec = importlib.util.spec_from_file_location("vit_pytorch_vit", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.ViT
+
+
+def peer_backbone(ours_cfg: dict):
+    """vit-pytorch ViT with our ViT's patch size, width, depth, heads and MLP width."""
+    vit_cls = load_peer_vit()
+    d = ours_cfg["embed_dim"]
+    return vit_cls(image_size=ours_cfg["image_size"], patch_size=ours_cfg["patch_size"],
+                   num_classes=ours_cfg["num_classes"], dim=d, depth=ours_cfg["depth"],
+                   heads=ours_cfg["num_heads"], mlp_dim=int(d * ours_cfg["mlp_ratio"]),
+                   channels=ours_cfg["in_chans"], dim_head=d // ours_cfg["num_heads"], pool="cls")
+
+
+def images_per_second(model, batch: dict, steps: int = 3, warmup: int = 2) -> float:
+    """Training speed (forward + backward + AdamW) of a copy of ``model`` on one batch."""
+    model = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        loss, _ = model.loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps * len(batch["label"]) / (time.perf_counter() - start)
+
+
+def run_one(name: str, args, out_root: Path) -> dict:
+    preset = PEER_LIKE if name == "peer" else name
+    out = out_root / name
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    task_args = TaskArgs(out=out, data=args.data, model=preset, batch_size=args.batch_size, lr=args.lr,
+                         config={"train": {"eval_every": 0, "checkpoint_every": 10**9, "log_every": 50,
+                                           "seed": args.seed}})
+    setup = classifier_task(task_args)
+    ours_params = count_parameters(setup.model)
+    if name == "peer":
+        setup.model.backbone = peer_backbone(setup.model_config.backbone)
+        peer_params = count_parameters(setup.model)
+        if abs(peer_params - ours_params) > 0.1 * ours_params:
+            raise SystemExit(f"peer has {peer_params} parameters, ours {ours_params}: not within 10%")
+    from cvformers.data import collate
+
+    calib = collate([setup.train_data[i] for i in range(args.batch_size)])
+    speed = images_per_second(setup.model, calib)
+    steps = max(10, int(args.minutes * 60 * speed / args.batch_size))
+    cfg = setup.train_config
+    cfg.steps, cfg.warmup_steps = steps, max(1, steps // 20)
+    print(f"[{name}] {count_parameters(setup.model) / 1e6:.2f}M params, calibrated {speed:.0f} img/s "
+          f"-> {steps} steps of {args.batch_size}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    Trainer(setup, out).fit()
+    train_seconds = time.perf_counter() - start
+    result = accuracy(setup.model, setup.eval_data, batch_size=256, limit=args.eval_limit)
+    return {
+        "model": name, "family": "vit-pytorch" if name == "peer" else setup.model_config.family,
+        "params": count_parameters(setup.model), "steps": steps, "train_images": steps * args.batch_size,
+        "train_minutes": train_seconds / 60, "train_images_per_s": steps * args.batch_size / train_seconds,
+        "test_accuracy": result["accuracy"], "test_images": result["n"],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=20.0, help="training wall-clock budget per model")
+    p.add_argument("--models", default=",".join(FAMILY_PRESETS), help="comma-separated presets; 'peer' = vit-pytorch")
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--eval-limit", type=int, default=None, help="score only the first N test images")
+    p.add_argument("--out", default="runs/bench_classifiers_fmnist")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_root = Path(args.out)
+    rows = []
+    for name in args.models.split(","):
+        rows.append(run_one(name.strip(), args, out_root))
+        print(json.dumps(rows[-1]), flush=True)
+    (out_root / "results.json").write_text(json.dumps(rows, indent=1))
+    print(f"\n{args.data}, {args.minutes:g} min training budget per model, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'model':32s} {'family':16s} {'params':>8s} {'steps':>6s} {'min':>5s} {'img/s':>7s} {'test acc':>8s}")
+    for r in rows:
+        print(f"{r['model']:32s} {r['family']:16s} {r['params'] / 1e6:7.2f}M {r['steps']:6d} {r['train_minutes']:5.1f} "
+              f"{r['train_images_per_s']:7.1f} {100 * r['test_accuracy']:7.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
