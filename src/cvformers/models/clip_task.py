@@ -94,17 +94,28 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        try:  # OpenAI's released .pt files are TorchScript archives
-            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
-        except Exception as e:
-            raise UserError(f"cannot read CLIP weights from {path}: {e}") from e
+        if _is_torchscript(path):  # OpenAI's released .pt files are TorchScript archives
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read CLIP weights from {path}: {type(e).__name__}: {e}") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]  # open_clip training checkpoints
     if not isinstance(sd, dict):
         raise UserError(f"{path} does not hold a state dict")
     return sd
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.split("/")[1:2] == ["code"] for name in z.namelist())
 
 
 # --- the training task --------------------------------------------------------------------
