@@ -8,6 +8,7 @@ import torch
 
 from cvformers.cli import main
 from cvformers.config import ConfigError
+from cvformers.errors import UserError
 from cvformers.models.vision import ImageClassifier, classifier_config
 from cvformers.models.vision_task import classifier_task
 from cvformers.train.tasks import TaskArgs
@@ -63,3 +64,23 @@ def test_mixup_loss_is_finite_and_eval_has_no_augmentation():
     assert torch.isfinite(loss) and set(metrics) == {"loss", "acc"}
     model.eval()
     assert model.loss(batch)[0].item() == model.loss(batch)[0].item()  # deterministic in eval mode
+
+
+def test_folder_classes_come_from_sub_folders(tmp_path):
+    from cvformers.data import DataConfig
+    from cvformers.models.vision_task import classification_dataset, count_classes
+    from cvformers.utils import save_png
+
+    for cls in ("boot", "shirt"):
+        for i in range(10):
+            save_png(torch.full((3, 8, 8), 0.1 if cls == "boot" else 0.9), tmp_path / "d" / cls / f"{i}.png")
+            (tmp_path / "d" / cls / f"{i}.txt").write_text(f"a {cls}\n")
+    data = DataConfig(name=f"folder:{tmp_path / 'd'}", image_size=16, channels=1)
+    train, held = classification_dataset(data, "train"), classification_dataset(data, "test")
+    assert (len(train), len(held)) == (18, 2) and count_classes(data.name, train) == 2
+    assert {train[i]["label"] for i in range(18)} == {0, 1}
+    assert train[0]["image"].shape == (1, 16, 16)
+    save_png(torch.rand(3, 8, 8), tmp_path / "d" / "loose.png")
+    (tmp_path / "d" / "loose.txt").write_text("loose\n")
+    with pytest.raises(UserError, match="one sub-folder per class"):
+        classification_dataset(data, "train")

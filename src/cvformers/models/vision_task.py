@@ -6,16 +6,17 @@ The task picks the preset (``--model``, or ``[model] preset`` in the TOML), sets
 classes and channels from the data, turns flips off for digits, and records ``[model]`` (the
 family + its config table) and ``[data]`` so that the run reloads (``load_run``) and
 resumes. Labels come from the data: MNIST / Fashion-MNIST classes; for ``shapes`` the shape
-of a single-object scene (circle, square, triangle, plus); a folder needs one sub-folder per
-class. The eval split (``test``; every 10th image for a folder) is scored every
+of a single-object scene (circle, square, triangle, plus); for ``folder:PATH`` the top-level
+sub-folder of each (captioned) image names its class. The eval split (``test``; every 10th image for a folder) is scored every
 ``train.eval_every`` steps and its accuracy lands in ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from cvformers.config import ConfigError, from_dict, to_dict
 from cvformers.data import DataConfig, build_dataset
@@ -52,6 +53,28 @@ class ShapeLabels(Dataset):
         return {**item, "label": self.classes.index(item["record"]["objects"][0]["shape"])}
 
 
+class FolderClasses(Dataset):
+    """A ``folder:PATH`` dataset labelled by the top-level sub-folder each image sits in
+    (``PATH/sneaker/001.png`` -> class "sneaker"); ``indices`` selects the split."""
+
+    def __init__(self, images: Dataset, indices: list[int]):
+        parts = [Path(f).relative_to(images.root).parts for f in images.files]
+        if any(len(p) < 2 for p in parts):
+            loose = next(p for p in parts if len(p) < 2)
+            raise UserError(f"{images.root}: classification needs one sub-folder per class; "
+                            f"{loose[0]} lies directly in the folder")
+        self.classes = sorted({p[0] for p in parts})
+        self.labels = [self.classes.index(p[0]) for p in parts]
+        self.images, self.indices = images, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        i = self.indices[index]
+        return {**self.images[i], "label": self.labels[i]}
+
+
 def class_names(spec: str) -> list[str] | None:
     name = spec.partition(":")[0]
     if name == "shapes":
@@ -73,7 +96,7 @@ def classification_dataset(data: DataConfig, split: str) -> Dataset:
         images = build_dataset(data.name, split="train", image_size=data.image_size, channels=data.channels)
         # a folder has one set of files: every 10th image is held out for evaluation
         keep = [i for i in range(len(images)) if (i % 10 == 0) == (split != "train")]
-        return Subset(images, keep)
+        return FolderClasses(images, keep)
     return build_dataset(data.name, split=split, image_size=data.image_size, channels=data.channels)
 
 
@@ -83,11 +106,10 @@ def count_classes(spec: str, dataset: Dataset) -> int:
         return NUM_CLASSES[name]
     if name == "shapes":
         return len(class_names(spec))
-    base = dataset.dataset if isinstance(dataset, Subset) else dataset
-    classes = getattr(base, "classes", None)
+    classes = getattr(dataset, "classes", None)
     if classes:
         return len(classes)
-    raise UserError(f"{spec}: no class labels found; a folder for classification needs one sub-folder per class")
+    raise UserError(f"{spec}: no class labels found")
 
 
 def _merge_model_table(preset_cfg: ClassifierConfig, table: dict[str, Any]) -> ClassifierConfig:
