@@ -28,7 +28,8 @@ def test_fast_path_equals_dense_reference(name, shape):
     g = torch.Generator().manual_seed(hash((name, shape)) % 2**31)
     q, k, v = torch.randn(3, 2, 3, pattern.seq_len, 8, generator=g).unbind(0)
     ref = dense_attention(q, k, v, pattern.dense_mask())
-    torch.testing.assert_close(pattern.attend(q, k, v), ref, atol=1e-5, rtol=0)
+    for path in ("blocked", "dense", "auto"):
+        torch.testing.assert_close(pattern.attend(q, k, v, path=path), ref, atol=1e-5, rtol=0)
 
 
 def test_masks_match_the_paper_definitions():
@@ -70,6 +71,7 @@ def test_output_depends_exactly_on_the_pattern(name):
     torch.manual_seed(0)
     T, H, W = 3, 4, 5
     pattern = build_pattern(name, T, H, W, conv_kernel=3)
+    pattern.blocked_pays = lambda: True  # hold the blocked path itself to the pattern, on any grid
     attn = SelfAttention(16, 2, 8, pattern).eval()
     x = torch.randn(1, pattern.seq_len, 16)
     mask = pattern.dense_mask()
@@ -88,6 +90,7 @@ def test_kv_cache_decode_reproduces_full_forward(name, shape):
     T, H, W, kernel = shape
     torch.manual_seed(1)
     pattern = build_pattern(name, T, H, W, conv_kernel=kernel)
+    pattern.blocked_pays = lambda: True
     attn = SelfAttention(16, 2, 8, pattern).eval()
     x = torch.randn(2, pattern.seq_len, 16)
     with torch.no_grad():
@@ -116,7 +119,7 @@ def test_gradients_match_dense():
     torch.manual_seed(2)
     pattern = build_pattern("conv", 3, 5, 5, conv_kernel=3)
     q, k, v = (torch.randn(1, 2, pattern.seq_len, 8, requires_grad=True) for _ in range(3))
-    g_fast = torch.autograd.grad(pattern.attend(q, k, v).square().sum(), (q, k, v))
+    g_fast = torch.autograd.grad(pattern.attend(q, k, v, path="blocked").square().sum(), (q, k, v))
     g_ref = torch.autograd.grad(dense_attention(q, k, v, pattern.dense_mask()).square().sum(), (q, k, v))
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
@@ -127,3 +130,9 @@ def test_bad_pattern_names():
         build_pattern("diagonal", 2, 4)
     with pytest.raises(ValueError, match="odd"):
         build_pattern("conv", 2, 4, conv_kernel=4)
+
+
+def test_auto_path_takes_the_blocked_path_where_it_pays():
+    assert build_pattern("row", 64, 32, 32).blocked_pays()
+    assert build_pattern("column", 256, 32, 32).blocked_pays()
+    assert not build_pattern("conv", 64, 16, 16, conv_kernel=11).blocked_pays()  # the window is most of it

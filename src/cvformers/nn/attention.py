@@ -91,16 +91,60 @@ class AttentionPattern:
         return self._cached("dense", device, build)
 
     # (b) the fast training path ------------------------------------------------------------
-    def attend(self, q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
-        """q, k, v: [B, heads, S, d] for the whole sequence -> [B, heads, S, d]."""
-        T = self.text_len
-        text = F.scaled_dot_product_attention(q[:, :, :T], k[:, :, :T], v[:, :, :T],
-                                              dropout_p=dropout_p, is_causal=True)
-        image = self._attend_image(q[:, :, T:], k, v, dropout_p)
-        return torch.cat([text, image], dim=2)
+    def block_keys(self) -> int:
+        """Keys each image query block reads on the blocked path (text included)."""
+        raise NotImplementedError
+
+    def blocked_pays(self) -> bool:
+        """Blocked costs ~2·N·keys (gather + attention), masked dense ~S²: use it when clearly cheaper.
+
+        On small grids a wide window (e.g. an 11x11 conv on 16x16) reaches most of the sequence anyway.
+        """
+        return 4 * (self.seq_len - self.text_len) * self.block_keys() < self.seq_len**2
+
+    def attend(self, q, k, v, dropout_p: float = 0.0, path: str = "auto") -> torch.Tensor:
+        """q, k, v: [B, heads, S, d] for the whole sequence -> [B, heads, S, d].
+
+        ``path``: "blocked" (text + window per query block), "dense" (SDPA with the cached dense
+        mask), or "auto" = blocked when ``blocked_pays()``.
+        """
+        if path == "dense" or (path == "auto" and not self.blocked_pays()):
+            mask = self._additive("dense", self.dense_mask(q.device), q.dtype)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        # split, not slices: the backward of a split is one cat, a slice's is a zero-filled full buffer
+        sizes = [self.text_len, self.seq_len - self.text_len]
+        (q_text, q_img), (k_text, _), (v_text, _) = (t.split(sizes, dim=2) for t in (q, k, v))
+        text = F.scaled_dot_product_attention(q_text, k_text, v_text, dropout_p=dropout_p, is_causal=True)
+        return torch.cat([text, self._attend_image(q_img, k, v, dropout_p)], dim=2)
 
     def _attend_image(self, q_img, k, v, dropout_p):
+        """Image queries [B, heads, H·W, d] against the whole k, v [B, heads, S, d] -> [B, heads, H·W, d]."""
         raise NotImplementedError
+
+    def _blocked(self, q_blocks, k, v, index, mask, dropout_p, edge: int = 0):
+        """SDPA of query blocks [B, heads, nb, Lq, d] against keys gathered by ``index`` [nb, Lk].
+
+        One ``index_select`` builds every block's keys (text included) in one copy, and its backward
+        is one scatter-add. Slots a query may not see (e.g. rows above the grid) point anywhere and
+        are masked. Tensors are 4-D so SDPA stays on its fused kernels (5-D falls back to math).
+        ``mask`` is [1, nb, Lq, Lk]; blocks from ``edge`` on share the last block's mask, and SDPA
+        runs several times faster with one mask broadcast over blocks, so they get their own call.
+        """
+        B, nh, nb, Lq, d = q_blocks.shape
+        S, Lk = k.shape[2], index.shape[1]
+        # on a 3-D [B·heads, S, d] view index_select copies whole rows (several times faster than on 4-D)
+        k3, v3 = k.reshape(B * nh, S, d), v.reshape(B * nh, S, d)
+        q_blocks = q_blocks.reshape(B * nh, nb, Lq, d)
+        parts = [(0, edge, mask[:, :edge]), (edge, nb, mask[:, -1:])] if 0 < edge < nb else [(0, nb, mask)]
+        outs = []
+        for start, end, m in parts:  # at most two calls: edge blocks, then the rest
+            idx = index[start:end].flatten()
+            kb = k3.index_select(1, idx).view(B * nh, end - start, Lk, d)
+            vb = v3.index_select(1, idx).view(B * nh, end - start, Lk, d)
+            qb = q_blocks if len(parts) == 1 else q_blocks[:, start:end]
+            outs.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=m, dropout_p=dropout_p))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return out.view(B, nh, nb, Lq, d)
 
     # (c) the KV-cache decode step ----------------------------------------------------------
     def decode_index(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +179,7 @@ class FullPattern(AttentionPattern):
     def image_allowed(self, qr, qc, kr, kc, qi, ki):
         return torch.ones_like(qi * ki, dtype=torch.bool)
 
-    def attend(self, q, k, v, dropout_p: float = 0.0):
+    def attend(self, q, k, v, dropout_p: float = 0.0, path: str = "auto"):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
     def decode_attend(self, q, k_cache, v_cache, pos: int):
@@ -153,7 +197,12 @@ class _RowBlockedPattern(AttentionPattern):
 
     reach = 1
 
-    def _block_mask(self, device):
+    def block_keys(self) -> int:
+        return self.text_len + (self.reach + 1) * self.grid_w
+
+    def _block_keys(self, device):
+        """(index [H, T + (m+1)W] of the keys of grid row r's block, additive mask [1, H, W, T + (m+1)W])."""
+
         def build():
             T, H, W, m = self.text_len, self.grid_h, self.grid_w, self.reach
             qr = torch.arange(H, device=device)[:, None, None, None]
@@ -162,29 +211,20 @@ class _RowBlockedPattern(AttentionPattern):
             kc = torch.arange(W, device=device)[None, None, None, :]
             qi, ki = qr * W + qc, kr * W + kc
             image = (kr >= 0) & (ki <= qi) & self.image_allowed(qr, qc, kr, kc, qi, ki)
-            image = image.reshape(H, W, (m + 1) * W)
-            text = torch.ones(H, W, T, dtype=torch.bool, device=device)
-            return torch.cat([text, image], dim=-1)
+            mask = torch.cat([torch.ones(H, W, T, dtype=torch.bool, device=device),
+                              image.reshape(H, W, (m + 1) * W)], dim=-1)
+            text_slots = torch.arange(T, device=device).expand(H, T)
+            image_slots = (T + ki.clamp(min=0))[:, 0].reshape(H, (m + 1) * W)  # rows above the grid: masked
+            return torch.cat([text_slots, image_slots], dim=1), mask[None]
 
         return self._cached("block", device, build)
 
     def _attend_image(self, q_img, k, v, dropout_p):
-        T, H, W, m = self.text_len, self.grid_h, self.grid_w, self.reach
-        B, nh, _, d = q_img.shape
-
-        # 4-D tensors and a 4-D mask keep SDPA on its fused CPU/GPU kernels (5-D falls back to math)
-        def blocks(t):  # [B, nh, S, d] -> [B·nh, H, T + (m+1)W, d]
-            img = rearrange(t[:, :, T:], "b n (h w) d -> (b n) h w d", h=H)
-            img = F.pad(img, (0, 0, 0, 0, m, 0))  # m empty rows above the grid
-            # repeat, not expand: torch.cat is many times slower on a stride-0 input
-            text = rearrange(t[:, :, None, :T], "b n one t d -> (b n) one t d").repeat(1, H, 1, 1)
-            # one copy: [text | rows r-m .. r] for every grid row r (the loop runs over kernel rows)
-            return torch.cat([text, *(img[:, r : r + H] for r in range(m + 1))], dim=2)
-
-        q = rearrange(q_img, "b n (h w) d -> (b n) h w d", h=H)
-        out = F.scaled_dot_product_attention(q, blocks(k), blocks(v), attn_mask=self._additive("block", self._block_mask(q.device)[None], q.dtype),
-                                             dropout_p=dropout_p)
-        return rearrange(out, "(b n) h w d -> b n (h w) d", b=B)
+        index, mask = self._block_keys(q_img.device)
+        q = rearrange(q_img, "b n (h w) d -> b n h w d", h=self.grid_h)
+        # only the first `reach` grid rows miss rows above them: the rest share one mask
+        out = self._blocked(q, k, v, index, self._additive("block", mask, q.dtype), dropout_p, edge=self.reach)
+        return rearrange(out, "b n h w d -> b n (h w) d")
 
 
 class RowPattern(_RowBlockedPattern):
@@ -230,27 +270,27 @@ class ColumnPattern(AttentionPattern):
     def image_allowed(self, qr, qc, kr, kc, qi, ki):
         return qc == kc
 
-    def _column_mask(self, device):
+    def block_keys(self) -> int:
+        return self.text_len + self.grid_h
+
+    def _column_keys(self, device):
+        """(index [W, T + H]: text then column c top to bottom, additive causal mask [1, 1, H, T + H])."""
+
         def build():
-            T, H = self.text_len, self.grid_h
+            T, H, W = self.text_len, self.grid_h, self.grid_w
+            text_slots = torch.arange(T, device=device).expand(W, T)
+            column_slots = T + torch.arange(W, device=device)[:, None] + W * torch.arange(H, device=device)[None, :]
             causal = torch.ones(H, H, dtype=torch.bool, device=device).tril()
-            return torch.cat([torch.ones(H, T, dtype=torch.bool, device=device), causal], dim=1)
+            mask = torch.cat([torch.ones(H, T, dtype=torch.bool, device=device), causal], dim=1)
+            return torch.cat([text_slots, column_slots], dim=1), mask[None, None]
 
         return self._cached("column", device, build)
 
     def _attend_image(self, q_img, k, v, dropout_p):
-        T, H, W = self.text_len, self.grid_h, self.grid_w
-        B, nh, _, d = q_img.shape
-
-        def columns(t):  # [B, nh, S, d] -> [B·nh, W, T + H, d]
-            img = rearrange(t[:, :, T:], "b n (h w) d -> (b n) w h d", h=H)
-            text = rearrange(t[:, :, None, :T], "b n one t d -> (b n) one t d").repeat(1, W, 1, 1)
-            return torch.cat([text, img], dim=2)
-
-        q = rearrange(q_img, "b n (h w) d -> (b n) w h d", h=H)
-        out = F.scaled_dot_product_attention(q, columns(k), columns(v), attn_mask=self._additive("column", self._column_mask(q.device)[None, None], q.dtype),
-                                             dropout_p=dropout_p)
-        return rearrange(out, "(b n) w h d -> b n (h w) d", b=B)
+        index, mask = self._column_keys(q_img.device)
+        q = rearrange(q_img, "b n (h w) d -> b n w h d", h=self.grid_h)
+        out = self._blocked(q, k, v, index, self._additive("column", mask, q.dtype), dropout_p)
+        return rearrange(out, "b n w h d -> b n (h w) d")
 
 
 def build_pattern(name: str, text_len: int, grid_h: int, grid_w: int | None = None,

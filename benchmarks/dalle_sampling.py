@@ -1,0 +1,70 @@
+"""Sampling time of the DALL-E transformer: 8 images, with and without the KV cache.
+
+The model is issue 6's reference size (dim 256, depth 4, 8 heads of 32, 32 text tokens, 512 image
+ids) with random weights — the time of a sampling step does not depend on what the weights are.
+Only the transformer's sampling loop is timed (``sample_codes``), not the dVAE decode.
+
+    python benchmarks/dalle_sampling.py                      # 8x8 and 16x16 grids, full and paper schedule
+    python benchmarks/dalle_sampling.py --grid 16 --attention paper --threads 2 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import torch
+
+from cvformers.models.dalle import DALLE, DalleConfig
+from cvformers.pipelines.text_to_image import sample_codes
+
+
+def build(grid: int, attention: str) -> DALLE:
+    torch.manual_seed(0)
+    cfg = DalleConfig(num_text_tokens=1000, text_len=32, num_image_tokens=512, grid_size=grid, dim=256, depth=4,
+                      heads=8, dim_head=32, attention=attention)
+    return DALLE(cfg).eval()
+
+
+def time_sampling(model: DALLE, num: int, use_cache: bool, repeats: int, guidance: float = 1.0) -> float:
+    text = torch.randint(0, 1000 - 32, (num, 32))
+    times = []
+    for r in range(repeats + 1):  # the first run warms up allocators and caches, not counted
+        g = torch.Generator().manual_seed(r)
+        t = time.perf_counter()
+        sample_codes(model, text, generator=g, use_cache=use_cache, guidance=guidance)
+        if r:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--grid", type=int, nargs="+", default=[8, 16], help="image ids per side")
+    p.add_argument("--attention", nargs="+", default=["full", "paper"], help="full | paper | row | column | conv")
+    p.add_argument("--num", type=int, default=8, help="images sampled in one batch")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-baseline", action="store_true", help="skip the slow run without a cache")
+    p.add_argument("--guidance", type=float, default=1.0, help="also time classifier-free guidance at this scale")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.num} images, median of {args.repeats}")
+    print(f"{'grid':>6} {'attention':>9} {'KV cache (s)':>13} {'no cache (s)':>13} {'speed-up':>9} {'ms/step':>8}")
+    for grid in args.grid:
+        for attention in args.attention:
+            model = build(grid, attention)
+            cached = time_sampling(model, args.num, True, args.repeats, args.guidance)
+            plain = float("nan") if args.no_baseline else time_sampling(model, args.num, False, 1, args.guidance)
+            steps = grid * grid
+            print(f"{grid}x{grid:<4} {attention:>9} {cached:13.3f} {plain:13.3f} {plain / cached:8.1f}x "
+                  f"{1000 * cached / steps:8.2f}")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {rss:.0f} MB" + (f"; guidance {args.guidance} (2x batch)" if args.guidance != 1 else ""))
+
+
+if __name__ == "__main__":
+    main()
