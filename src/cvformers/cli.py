@@ -250,6 +250,20 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _add_model_info(sub) -> None:
+    p = sub.add_parser("model-info", help="parameters, FLOPs per token and activation memory of a DALL-E config")
+    p.add_argument("config", help="dalle preset (tiny, small, paper), TOML file with [model], or a run folder")
+    p.add_argument("--batch-size", type=int, default=1, help="also show activation memory for this batch")
+    p.set_defaults(func=_cmd_model_info)
+
+
+def _cmd_model_info(args) -> int:
+    from cvformers.models.model_info import describe
+
+    print(describe(args.config, batch_size=args.batch_size))
+    return 0
+
+
 def _add_reconstruct(sub) -> None:
     p = sub.add_parser("reconstruct", help="image tokenizer (dvae, vqvae): held-out PSNR, codebook perplexity, PNG grid")
     p.add_argument("--vae", required=True, help="run folder of a trained dvae or vqvae")
@@ -272,7 +286,7 @@ def _cmd_reconstruct(args) -> int:
     return 0
 
 
-_COMMANDS = [_add_train, _add_tokenizer, _add_zero_shot, _add_eval, _add_models, _add_attention, _add_data, _add_generate, _add_reconstruct]
+_COMMANDS = [_add_train, _add_tokenizer, _add_zero_shot, _add_eval, _add_models, _add_attention, _add_data, _add_generate, _add_reconstruct, _add_model_info]
 
 
 def build_parser() -> argparse.ArgumentParser:
