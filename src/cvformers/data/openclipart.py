@@ -1,0 +1,266 @@
+"""Build an image–caption folder from data a package manager installed: OpenClipart + emoji.
+
+    cvformers data openclipart --out data/openclipart [--image-size 64]
+
+Sources (Debian/Ubuntu: ``apt-get install openclipart-png openclipart-svg fonts-noto-color-emoji``):
+
+* ``/usr/share/openclipart/png/**.png`` — public-domain clip art; each picture's caption
+  comes from the SVG at the same relative path under ``/usr/share/openclipart/svg/``: the
+  work's ``<dc:title>`` and its keywords (``<dc:subject>`` … ``<rdf:li>``);
+* ``NotoColorEmoji.ttf`` — the colour bitmaps (CBDT table, read with ``fontTools``) of every
+  single-code-point emoji, captioned with its Unicode name ("grinning face").
+
+Every picture is composited onto white, trimmed to its content, padded to a square with
+white and resized to ``image_size``; the result is written as ``NAME.png`` + ``NAME.txt``
+(several caption lines; ``FolderDataset`` picks one per epoch). Duplicates are dropped twice:
+identical pixels after resizing (same art in several categories or sizes) and identical
+caption text (one picture per distinct description).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+import unicodedata
+import warnings
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cvformers.errors import UserError
+
+log = logging.getLogger("cvformers.data")
+
+PNG_ROOT = Path("/usr/share/openclipart/png")
+SVG_ROOT = Path("/usr/share/openclipart/svg")
+EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+_NS = {"dc": "http://purl.org/dc/elements/1.1/", "cc": "http://web.resource.org/cc/",
+       "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#"}
+MAX_PIXELS = 30_000_000  # skip larger PNGs (checked from the header, before decoding)
+COLLECTION_SIZE = 5  # a title shared by this many files names a collection, not a picture
+# keywords that say nothing about the picture
+_STOP_KEYWORDS = {"unsorted", "clip art", "clipart", "image", "media", "public domain", "png", "svg",
+                  "openclipart", "externalsource", "remix", "sketch", "drawing", "colour", "color",
+                  "coloring book", "line art", "icon", "icons", "cartoon", "hash", "magick", "theme",
+                  "lemon theme icon", "mapsym", "appicon", "special", "webpage", "action", "application"}
+
+
+@dataclass
+class BuildStats:
+    """What the builder did; printed by the CLI."""
+
+    written: int = 0
+    clipart: int = 0
+    emoji: int = 0
+    no_caption: int = 0  # SVG missing or without a usable title
+    unreadable: int = 0  # PNG that PIL could not decode, or blank
+    too_large: int = 0  # PNG above MAX_PIXELS
+    duplicate_image: int = 0
+    duplicate_caption: int = 0
+    out: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _clean(text: str) -> str:
+    text = text.replace("_", " ")
+    return " ".join(text.split()).strip(" .,;:-")
+
+
+def svg_caption(svg_path: Path) -> tuple[str, list[str]] | None:
+    """(title, keywords) of an OpenClipart SVG's metadata, or None when it has no title.
+
+    The metadata block comes first in these files, so parsing stops at ``</metadata>``.
+    Only the ``cc:Work``'s own ``dc:title`` counts (publisher/creator agents have titles too).
+    """
+    title, keywords, people = None, [], []
+    try:
+        for _, elem in ET.iterparse(svg_path, events=("end",)):
+            tag = elem.tag
+            if tag == f"{{{_NS['cc']}}}Work":
+                t = elem.find("dc:title", _NS)
+                title = t.text if t is not None else None
+                keywords = [li.text or "" for li in elem.iterfind("dc:subject/rdf:Bag/rdf:li", _NS)]
+                people = [a.text or "" for a in elem.iterfind("*/cc:Agent/dc:title", _NS)]
+                break
+            if tag.endswith("}metadata"):
+                break
+    except (ET.ParseError, OSError, UnicodeDecodeError):
+        # fall back to text search on a malformed file
+        try:
+            text = svg_path.read_text(encoding="utf-8", errors="replace")[:200_000]
+        except OSError:
+            return None
+        work = re.search(r"<cc:Work.*?(?:</cc:Work>|\Z)", text, re.S)  # a cut-off file has no end tag
+        if work is None:
+            return None
+        people = re.findall(r"<cc:Agent.*?<dc:title>(.*?)</dc:title>", work.group(0), re.S)
+        body = re.sub(r"<cc:Agent.*?</cc:Agent>", "", work.group(0), flags=re.S)
+        m = re.search(r"<dc:title>(.*?)</dc:title>", body, re.S)
+        title = m.group(1) if m else None
+        keywords = re.findall(r"<rdf:li>(.*?)</rdf:li>", body, re.S)
+    # authors' names are not descriptions: they turn up as titles and keywords
+    people = {_clean(p).lower() for p in people} | {"open clip art library"}
+    # "Clipart by Nicu Buculei - bee" -> "bee"
+    title = re.sub(r"^\s*clip\s*art\s+by\s+[^-]+-\s*", "", _clean(title or ""), flags=re.I)
+    if not title or not re.search(r"[A-Za-z]", title) or title.lower() in people:
+        return None
+    seen, kws = {title.lower()} | people, []
+    for k in keywords:
+        k = _clean(k).lower()
+        if k and k not in seen and k not in _STOP_KEYWORDS and len(k) < 40:
+            seen.add(k)
+            kws.append(k)
+    return title, kws
+
+
+def stem_title(stem: str) -> str:
+    """A title from a file name: "folder_binary" -> "folder binary", "home13" -> "home"."""
+    words = [re.sub(r"\d+$", "", w) for w in re.split(r"[_\-\s.]+", stem)]
+    words = [w for w in words if len(w) > 1 and not re.search(r"\d", w)]
+    return " ".join(words)
+
+
+def clipart_captions(title: str, keywords: list[str]) -> list[str]:
+    """Caption lines for one picture: the title alone, as clip art, and with its keywords."""
+    lines = [title, f"clip art of {title}"]
+    if keywords:
+        lines.append(f"{title}: {', '.join(keywords[:5])}")
+    return lines
+
+
+def emoji_captions(name: str) -> list[str]:
+    return [name, f"an emoji of {'an' if name[0] in 'aeiou' else 'a'} {name}", f"{name} emoji"]
+
+
+def square_on_white(im, image_size: int, margin: float = 0.04):
+    """RGB(A) PIL image -> white square ``image_size`` with the content trimmed and centred."""
+    from PIL import Image, ImageChops
+
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+    im = im.convert("RGB")
+    # bounding box of everything that is not (nearly) white
+    diff = ImageChops.difference(im, Image.new("RGB", im.size, (255, 255, 255))).convert("L")
+    box = diff.point(lambda v: 255 if v > 8 else 0).getbbox()
+    if box is None:
+        return None  # a blank picture
+    im = im.crop(box)
+    side = int(max(im.size) * (1 + 2 * margin)) + 1
+    canvas = Image.new("RGB", (side, side), (255, 255, 255))
+    canvas.paste(im, ((side - im.size[0]) // 2, (side - im.size[1]) // 2))
+    return canvas.resize((image_size, image_size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def iter_emoji(font_path: Path):
+    """(unicode name, PIL image) for every single-code-point colour emoji bitmap in the font."""
+    try:
+        from fontTools.ttLib import TTFont
+    except ImportError:
+        raise UserError("reading emoji needs fontTools: pip install fonttools (or pass --no-emoji)") from None
+    from PIL import Image
+
+    font = TTFont(str(font_path), lazy=True)
+    if "CBDT" not in font:
+        raise UserError(f"{font_path} has no colour bitmaps (CBDT table)")
+    strike = max(font["CBDT"].strikeData, key=len)
+    for codepoint, glyph_name in sorted(font.getBestCmap().items()):
+        glyph = strike.get(glyph_name)
+        name = unicodedata.name(chr(codepoint), "")
+        if glyph is None or not name or codepoint < 0x80:  # ASCII digits/#/* are keycap parts
+            continue
+        glyph.ensureDecompiled()
+        data = getattr(glyph, "imageData", None)
+        if not data:
+            continue
+        yield name.lower(), Image.open(io.BytesIO(data))
+
+
+def build_openclipart(out: str | Path, image_size: int = 64, png_root: str | Path | None = None,
+                      svg_root: str | Path | None = None, emoji_font: str | Path | None = EMOJI_FONT,
+                      limit: int | None = None) -> BuildStats:
+    """Write the caption folder to ``out``; see the module docstring. Roots default to the Debian
+    install locations; ``emoji_font=None`` skips emoji."""
+    from PIL import Image
+
+    png_root, svg_root, out = Path(png_root or PNG_ROOT), Path(svg_root or SVG_ROOT), Path(out)
+    if not png_root.is_dir():
+        raise UserError(f"no OpenClipart PNGs at {png_root}: sudo apt-get install openclipart-png openclipart-svg")
+    if not svg_root.is_dir():
+        raise UserError(f"no OpenClipart SVGs at {svg_root} (captions come from them): "
+                        "sudo apt-get install openclipart-svg")
+    out.mkdir(parents=True, exist_ok=True)
+    stats = BuildStats(out=str(out))
+    image_hashes, caption_keys = set(), set()
+
+    def emit(stem: str, image, captions: list[str]) -> bool:
+        key = captions[-1].lower()  # the most specific line (title + keywords)
+        if key in caption_keys:
+            stats.duplicate_caption += 1
+            return False
+        digest = hashlib.sha1(image.tobytes()).hexdigest()
+        if digest in image_hashes:
+            stats.duplicate_image += 1
+            return False
+        caption_keys.add(key)
+        image_hashes.add(digest)
+        image.save(out / f"{stem}.png", optimize=True)
+        (out / f"{stem}.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
+        stats.written += 1
+        return True
+
+    pngs = sorted(png_root.rglob("*.png"))
+    metas = {png: svg_caption(svg_root / png.relative_to(png_root).with_suffix(".svg")) for png in pngs}
+    # Icon sets and pattern collections give every file the set's name as its title
+    # ("Lemon SVG theme", "Gramastar"); there the file name says what the picture is.
+    title_counts = Counter(m[0].lower() for m in metas.values() if m is not None)
+    for png in pngs:
+        if limit is not None and stats.written >= limit:
+            break
+        rel = png.relative_to(png_root).with_suffix("")
+        meta = metas[png]
+        if meta is None:
+            stats.no_caption += 1
+            continue
+        if title_counts[meta[0].lower()] >= COLLECTION_SIZE and stem_title(png.stem):
+            meta = (stem_title(png.stem), [meta[0].lower()] + meta[1])
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+                im = Image.open(png)
+            with im:
+                if im.size[0] * im.size[1] > MAX_PIXELS:  # a few posters would take GBs to decode
+                    stats.too_large += 1
+                    continue
+                im.load()
+                square = square_on_white(im, image_size)
+        except Image.DecompressionBombError:
+            stats.too_large += 1
+            continue
+        except Exception:  # PIL raises many types for broken files
+            stats.unreadable += 1
+            continue
+        if square is None:
+            stats.unreadable += 1
+            continue
+        stem = "clipart_" + "_".join(rel.parts)
+        stats.clipart += emit(stem, square, clipart_captions(*meta))
+
+    if emoji_font is not None:
+        if not Path(emoji_font).is_file():
+            stats.notes.append(f"no emoji font at {emoji_font} (apt-get install fonts-noto-color-emoji); skipped")
+        else:
+            for name, im in iter_emoji(Path(emoji_font)):
+                if limit is not None and stats.written >= limit:
+                    break
+                square = square_on_white(im, image_size)
+                if square is not None:
+                    stats.emoji += emit("emoji_" + re.sub(r"[^a-z0-9]+", "_", name).strip("_"), square,
+                                        emoji_captions(name))
+    if stats.written == 0:
+        raise UserError(f"no captioned pictures found under {png_root}")
+    log.info("openclipart folder %s: %s", out, stats)
+    return stats

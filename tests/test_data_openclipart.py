@@ -1,0 +1,74 @@
+"""OpenClipart caption-folder builder on a synthetic mini tree (never the real packages)."""
+
+import numpy as np
+from PIL import Image
+
+from cvformers.cli import main
+from cvformers.data.folder import FolderDataset
+from cvformers.data.openclipart import build_openclipart, emoji_captions, svg_caption
+
+SVG = """<?xml version="1.0" encoding="UTF-8"?>
+<svg xmlns="http://www.w3.org/2000/svg" xmlns:cc="http://web.resource.org/cc/"
+ xmlns:dc="http://purl.org/dc/elements/1.1/" xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
+<metadata><rdf:RDF><cc:Work rdf:about=""><dc:title>{title}</dc:title>
+<dc:subject><rdf:Bag>{keywords}</rdf:Bag></dc:subject>
+<dc:creator><cc:Agent><dc:title>Jane Artist</dc:title></cc:Agent></dc:creator>
+</cc:Work></rdf:RDF></metadata><rect width="10" height="10"/></svg>
+"""
+
+
+def _art(root, rel, colour, title=None, keywords=(), size=(40, 30)):
+    png = root / "png" / f"{rel}.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.new("RGBA", size, (0, 0, 0, 0))  # transparent background
+    im.paste(Image.new("RGBA", (10, 10), colour + (255,)), (5, 5))
+    im.paste(Image.new("RGBA", (4, 4), colour + (255,)), (size[0] - 10, size[1] - 10))
+    im.save(png)
+    if title is not None:
+        svg = root / "svg" / f"{rel}.svg"
+        svg.parent.mkdir(parents=True, exist_ok=True)
+        kws = "".join(f"<rdf:li>{k}</rdf:li>" for k in keywords)
+        svg.write_text(SVG.format(title=title, keywords=kws))
+
+
+def test_svg_caption_skips_authors_and_stopwords(tmp_path):
+    _art(tmp_path, "animals/cat_01", (200, 0, 0), "Red_Cat", ["cat", "unsorted", "Jane Artist", "Animal"])
+    assert svg_caption(tmp_path / "svg/animals/cat_01.svg") == ("Red Cat", ["cat", "animal"])
+    _art(tmp_path, "x/by_author", (0, 0, 0), "Jane Artist")
+    assert svg_caption(tmp_path / "svg/x/by_author.svg") is None
+    (tmp_path / "broken.svg").write_text("<svg><metadata><cc:Work><dc:title>Half a boat</dc:title>")
+    assert svg_caption(tmp_path / "broken.svg") == ("Half a boat", [])
+
+
+def test_build_folder(tmp_path):
+    src = tmp_path / "src"
+    _art(src, "animals/cat_01", (200, 0, 0), "Red cat", ["cat", "animal"])
+    _art(src, "animals/dog_01", (0, 0, 200), "Blue dog", ["dog"], size=(30, 60))
+    _art(src, "other/cat_copy", (200, 0, 0), "Another title")  # same pixels as cat_01
+    _art(src, "other/dog_02", (0, 200, 0), "Blue dog", ["dog"])  # same caption as dog_01
+    _art(src, "other/untitled", (50, 50, 50))  # no SVG
+    out = tmp_path / "out"
+    stats = build_openclipart(out, image_size=16, png_root=src / "png", svg_root=src / "svg", emoji_font=None)
+    assert (stats.written, stats.duplicate_image, stats.duplicate_caption, stats.no_caption) == (2, 1, 1, 1)
+    cat = Image.open(out / "clipart_animals_cat_01.png")
+    assert cat.size == (16, 16) and cat.mode == "RGB"
+    assert min(cat.getpixel((0, 0)) + cat.getpixel((15, 0))) >= 250  # transparency -> white
+    px = np.asarray(cat).astype(int)
+    red = ((px[..., 0] > 150) & (px[..., 1] < 60) & (px[..., 2] < 60)).sum()
+    assert red >= 20  # trimmed to the content and scaled up (untrimmed: a 4x4 patch)
+    lines = (out / "clipart_animals_cat_01.txt").read_text().splitlines()
+    assert lines == ["Red cat", "clip art of Red cat", "Red cat: cat, animal"]
+    ds = FolderDataset(out, image_size=16)
+    assert len(ds) == 2 and ds.skipped == 0
+
+
+def test_cli_and_emoji_captions(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "src"
+    _art(src, "a/one", (10, 100, 10), "Green thing")
+    import cvformers.data.openclipart as oc
+
+    monkeypatch.setattr(oc, "PNG_ROOT", src / "png")  # the builder reads its defaults at call time
+    monkeypatch.setattr(oc, "SVG_ROOT", src / "svg")
+    assert main(["data", "openclipart", "--out", str(tmp_path / "o"), "--image-size", "8", "--no-emoji"]) == 0
+    assert "wrote 1 image-caption pairs" in capsys.readouterr().out
+    assert emoji_captions("apple") == ["apple", "an emoji of an apple", "apple emoji"]
