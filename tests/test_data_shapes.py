@@ -4,29 +4,17 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cvformers.config import ConfigError
 from cvformers.data import DataConfig, build_dataset, build_from_config, collate
 from cvformers.data.shapes import HELDOUT_PAIRS, PALETTE, ShapesDataset, render
 from cvformers.errors import UserError
-from cvformers.eval.fidelity import check_image, fidelity, fidelity_report
+from cvformers.eval.fidelity import check_image, fidelity, fidelity_report, gaussian_blur
 
 
 def _batch(split="train", n=200, image_size=32, seed=0):
     ds = build_dataset("shapes", split, image_size=image_size, size=n, seed=seed)
     return collate([ds[i] for i in range(n)])
-
-
-def _blur(x, sigma):
-    r = 2
-    t = torch.arange(-r, r + 1).float()
-    k = torch.exp(-(t**2) / (2 * sigma**2))
-    k = k / k.sum()
-    c = x.shape[1]
-    x = F.pad(x, (r, r, r, r), mode="replicate")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
 def test_items_are_deterministic_and_splits_differ():
@@ -95,7 +83,7 @@ def test_checker_on_ground_truth(split, size):
 def test_checker_on_blurred_noisy_renders():
     g = torch.Generator().manual_seed(0)
     b = _batch("train", n=200)
-    x = _blur(b["image"], 0.7) + 0.04 * torch.randn(b["image"].shape, generator=g)
+    x = gaussian_blur(b["image"], 0.7) + 0.04 * torch.randn(b["image"].shape, generator=g)
     # colour drift: each image's channels scaled by up to ±8%
     x = (x * (1 + 0.08 * (2 * torch.rand(len(x), 3, 1, 1, generator=g) - 1))).clamp(0, 1)
     assert fidelity(x, b["record"]) >= 0.95
