@@ -136,3 +136,22 @@ def test_checker_marks_swapped_attributes_wrong():
     single["objects"][0]["position_stated"] = False
     res = check_image(both, single)
     assert res["extra_objects"] == 1 and not res["all_correct"]
+
+
+def test_parse_caption_round_trip():
+    from cvformers.data.shapes import parse_caption
+
+    for split in ("train", "heldout"):
+        ds = ShapesDataset(split, size=300)
+        for i in range(300):
+            item = ds[i]
+            assert check_image(item["image"], parse_caption(item["caption"]))["all_correct"], item["caption"]
+    rec = parse_caption("A small red circle above a large blue square.")
+    assert [(o["colour"], o["shape"], o["size"]) for o in rec["objects"]] == [("red", "circle", "small"),
+                                                                              ("blue", "square", "large")]
+    assert rec["relation"] == "above"
+    assert parse_caption("a violet plus sign")["objects"][0]["position_stated"] is False
+    assert parse_caption("a tiny cyan box in the upper left")["objects"][0]["position"] == "top left"
+    for bad in ("a dog", "a red circle above a red square", ""):
+        with pytest.raises(UserError):
+            parse_caption(bad)

@@ -47,6 +47,7 @@ RELATIONS = ("above", "below", "left of", "right of")
 HELDOUT_PAIRS = frozenset({("red", "triangle"), ("green", "plus"), ("blue", "circle"), ("yellow", "square")})
 TRAIN_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELDOUT_PAIRS)
 ALL_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
+_HELDOUT_SORTED = tuple(sorted(HELDOUT_PAIRS))
 
 # Slot grid: names of the 3×3 positions -> (column, row) in {0, 1, 2}.
 POSITIONS: dict[str, tuple[int, int]] = {
@@ -179,9 +180,9 @@ def sample_record(split: str, rng: random.Random, image_size: int = 32, two_obje
     if jitter is None:
         jitter = max(0, image_size // 16)
     heldout = split == "heldout"
-    pool = TRAIN_PAIRS if not heldout else tuple(HELDOUT_PAIRS)
+    pool = sorted(TRAIN_PAIRS) if not heldout else _HELDOUT_SORTED
     n_objects = 2 if rng.random() < two_object_prob else 1
-    first = rng.choice(sorted(pool))
+    first = rng.choice(pool)
     pairs = [first]
     if n_objects == 2:
         # In heldout the other object may be anything; in train/test only allowed pairs.
@@ -278,3 +279,67 @@ class ShapesDataset(Dataset):
     def captions(self, n: int | None = None) -> list[str]:
         """Captions of the first ``n`` items (no rendering): for tokenizer training and evaluation."""
         return [self.item(i)["caption"] for i in range(min(n or self.size, self.size))]
+
+
+# --- captions back to records: score any prompt written in the shapes grammar ---------------
+def _alternation(words) -> str:
+    import re
+
+    return "|".join(re.escape(w) for w in sorted(set(words), key=len, reverse=True))
+
+
+def _word_maps():
+    size = {w: k for k, ws in _SIZE_WORDS.items() for w in ws}
+    colour = {w: k for k, ws in _COLOUR_WORDS.items() for w in ws}
+    shape = {w: k for k, ws in _SHAPE_WORDS.items() for w in ws}
+    position = {w: k for k, ws in _POSITION_PHRASES.items() for w in ws}
+    relation = {w: k for k, ws in _RELATION_PHRASES.items() for w in ws}
+    return size, colour, shape, position, relation
+
+
+def parse_caption(text: str, image_size: int = 32) -> dict:
+    """The record a caption in the shapes grammar describes (what ``check_image`` scores against).
+
+    "a small red circle above a large blue square" -> two objects and the relation "above";
+    unstated sizes are None (not checked), an unstated single-object position is not checked.
+    Raises UserError for text outside the grammar.
+    """
+    import re
+
+    size_w, colour_w, shape_w, pos_w, rel_w = _word_maps()
+    obj = (rf"(?:an? |the )?(?:({_alternation(size_w)}) )?({_alternation(colour_w)}) "
+           rf"({_alternation(shape_w)})")
+    t = " ".join(text.lower().split()).strip(" .")
+    t = re.sub(r"^(?:an image of|a picture of|a drawing of|a photo of) ", "", t)
+    t = re.sub(r" on a black background$", "", t)
+
+    def make(m, offset):
+        size, colour, shape = m.group(offset), m.group(offset + 1), m.group(offset + 2)
+        return {"colour": colour_w[colour], "shape": shape_w[shape], "size": size_w.get(size),
+                "position": "center", "position_stated": True}
+
+    m = re.fullmatch(rf"{obj} ({_alternation(rel_w)}) {obj}", t)
+    if m:
+        objects, relation = [make(m, 1), make(m, 5)], rel_w[m.group(4)]
+        if objects[0]["colour"] == objects[1]["colour"]:
+            raise UserError(f"the two objects of {text!r} have the same colour; shapes scenes never do")
+        slots = {"above": ("top", "bottom"), "below": ("bottom", "top"),
+                 "left of": ("left", "right"), "right of": ("right", "left")}[relation]
+        for o, pos in zip(objects, slots):
+            o["position"] = pos
+    else:
+        m = re.fullmatch(rf"{obj}(?: ({_alternation(pos_w)}))?", t)
+        if not m:
+            raise UserError(f"{text!r} is not a shapes caption (e.g. 'a small red circle on the left', "
+                            "'a blue square above a yellow plus')")
+        objects, relation = [make(m, 1)], None
+        if m.group(4):
+            objects[0]["position"] = pos_w[m.group(4)]
+        else:
+            objects[0]["position_stated"] = False
+    rng = random.Random(0)
+    for o in objects:
+        placed = dict(o, size=o["size"] or "small")
+        _place(placed, *POSITIONS[o["position"]], image_size, rng, jitter=0)
+        o["center"], o["bbox"] = placed["center"], placed["bbox"]
+    return {"objects": objects, "relation": relation, "image_size": image_size, "caption": text}
