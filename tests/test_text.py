@@ -24,6 +24,8 @@ def test_per_position_padding(tok):
     # DALL-E §2.2: the pad at position i has its own id vocab_size + i
     assert ids[0, n:].tolist() == [tok.vocab_size + i for i in range(n, 24)]
     assert (ids[0, :n] < tok.vocab_size).all() and int(ids.max()) < tok.num_text_tokens
+    assert tok.pad_sequence(3).tolist() == [[tok.pad_id(i) for i in range(24)]] * 3
+    assert tok.decode(tok.pad_sequence(1)) == [""]
 
 
 def test_round_trip_and_normalisation(tok):

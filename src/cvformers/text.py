@@ -60,6 +60,11 @@ class BPETokenizer:
     def pad_id(self, position: int) -> int:
         return self.vocab_size + position
 
+    def pad_sequence(self, batch_size: int = 1, text_len: int | None = None) -> torch.Tensor:
+        """All-padding rows [B, text_len]: the "no caption" input (e.g. classifier-free guidance)."""
+        n = text_len or self.text_len
+        return torch.arange(self.vocab_size, self.vocab_size + n).repeat(batch_size, 1)
+
     # --- training and files ----------------------------------------------------------------
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 1024, text_len: int = 32, min_frequency: int = 2):
@@ -126,7 +131,7 @@ class BPETokenizer:
         n = text_len or self.text_len
         if n > self.text_len:
             raise UserError(f"text_len {n} exceeds the tokenizer's {self.text_len} (pad ids would collide)")
-        out = torch.arange(self.vocab_size, self.vocab_size + n).repeat(len(texts), 1)
+        out = self.pad_sequence(len(texts), n)
         for row, text in enumerate(texts):
             ids = self.tokenize(text)
             if len(ids) > n:
