@@ -161,8 +161,17 @@ class AttentionPattern:
 
         return self._cached("decode", device, build)
 
+    def decode_slices(self, pos: int) -> list[slice] | None:
+        """The slots of ``pos`` as a few (strided) slices of the cache, when the pattern has them."""
+        return None
+
     def decode_attend(self, q, k_cache, v_cache, pos: int) -> torch.Tensor:
         """One query at ``pos`` (q: [B, heads, 1, d]) against a cache filled up to ``pos``."""
+        if pos < self.text_len:  # text: every earlier text slot
+            return F.scaled_dot_product_attention(q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])
+        slices = self.decode_slices(pos)
+        if slices is not None:
+            return attend_slices(q, k_cache, v_cache, slices)
         slots, valid = self.decode_index(q.device)
         bias = self._additive("decode", valid, q.dtype)
         k = k_cache.index_select(2, slots[pos])
@@ -171,6 +180,28 @@ class AttentionPattern:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(text={self.text_len}, grid={self.grid_h}x{self.grid_w})"
+
+
+def attend_slices(q, k_cache, v_cache, slices: list[slice], bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of q [B, heads, 1, d] over the cache slots named by a few slices, without copying them.
+
+    Reading views of the cache (scores per slice, one softmax, weighted sums per slice) moves
+    less memory per decode step than gathering the slots into a new tensor for SDPA. ``bias``
+    (additive, over all the slices' slots in order) masks slots inside a slice.
+    """
+    scale = q.shape[-1] ** -0.5
+    keys = [k_cache[:, :, sl] for sl in slices]
+    scores = torch.cat([q @ k.transpose(-1, -2) for k in keys], dim=-1) * scale
+    if bias is not None:
+        scores = scores + bias
+    probs = scores.softmax(dim=-1)
+    out, start = None, 0
+    for sl, k in zip(slices, keys):
+        n = k.shape[2]
+        part = probs[..., start : start + n] @ v_cache[:, :, sl]
+        out = part if out is None else out + part
+        start += n
+    return out
 
 
 class FullPattern(AttentionPattern):
@@ -240,6 +271,10 @@ class RowPattern(_RowBlockedPattern):
     def image_allowed(self, qr, qc, kr, kc, qi, ki):
         return qi - ki <= self.grid_w
 
+    def decode_slices(self, pos: int) -> list[slice]:
+        T = self.text_len
+        return [slice(0, T), slice(max(T, pos - self.grid_w), pos + 1)]
+
 
 class ConvPattern(_RowBlockedPattern):
     """Earlier image tokens inside the k×k neighbourhood centred on the query (Fig. 11d)."""
@@ -257,6 +292,34 @@ class ConvPattern(_RowBlockedPattern):
         half = self.kernel // 2
         return ((qr - kr).abs() <= half) & ((qc - kc).abs() <= half)
 
+    def _window_start(self, pos: int) -> int:
+        return self.text_len + max(0, (pos - self.text_len) // self.grid_w - self.reach) * self.grid_w
+
+    def _decode_bias(self, device, dtype):
+        """[S, T + (reach+1)·W]: additive mask over text + the contiguous rows r-reach .. pos."""
+
+        def build():
+            T, S = self.text_len, self.seq_len
+            width = T + (self.reach + 1) * self.grid_w
+            table = torch.full((S, width), float("-inf"), dtype=dtype, device=device)
+            mask = self.dense_mask(device)
+            for pos in range(T, S):  # once per pattern, not per step
+                start = self._window_start(pos)
+                allowed = torch.cat([mask[pos, :T], mask[pos, start : pos + 1]])
+                table[pos, : allowed.numel()] = torch.zeros_like(allowed, dtype=dtype).masked_fill(~allowed, float("-inf"))
+            return table
+
+        return self._cached(("decode_bias", dtype), device, build)
+
+    def decode_attend(self, q, k_cache, v_cache, pos: int) -> torch.Tensor:
+        if pos < self.text_len:
+            return super().decode_attend(q, k_cache, v_cache, pos)
+        # text + the rows r-reach .. r up to pos: two contiguous views, the columns masked by a bias
+        start = self._window_start(pos)
+        n = self.text_len + pos + 1 - start
+        bias = self._decode_bias(q.device, q.dtype)[pos, :n]
+        return attend_slices(q, k_cache, v_cache, [slice(0, self.text_len), slice(start, pos + 1)], bias)
+
 
 class ColumnPattern(AttentionPattern):
     """Image tokens of its own column in earlier rows, and itself (Fig. 11b/c).
@@ -269,6 +332,10 @@ class ColumnPattern(AttentionPattern):
 
     def image_allowed(self, qr, qc, kr, kc, qi, ki):
         return qc == kc
+
+    def decode_slices(self, pos: int) -> list[slice]:
+        T, W = self.text_len, self.grid_w
+        return [slice(0, T), slice(T + (pos - T) % W, pos + 1, W)]  # own column, rows 0 .. r
 
     def block_keys(self) -> int:
         return self.text_len + self.grid_h
