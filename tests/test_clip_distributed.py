@@ -1,6 +1,5 @@
 """Two processes (gloo, CPU) with the gathered contrastive loss == one process on the global batch."""
 
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
