@@ -65,13 +65,12 @@ def embed_pairs(model, tokenizer, dataset, limit: int = 1000, batch_size: int = 
 
 def evaluate_retrieval(source, data: str | None = None, split: str = "test", limit: int = 1000,
                        ks: Sequence[int] = (1, 5, 10), match_equal_captions: bool = True,
-                       vocab=None, quick_gelu: bool = True) -> dict[str, float]:
+                       vocab=None, quick_gelu: bool = True) -> dict[str, float | int]:
     """Recall@K of the CLIP at ``source`` on ``limit`` pairs of ``data`` (default: the run's own data)."""
     from pathlib import Path
 
-    from cvformers.config import load_toml
+    from cvformers.config import from_dict, load_toml
     from cvformers.data import DataConfig, build_from_config
-    from cvformers.config import from_dict
     from cvformers.models.clip_task import load_clip
 
     model, tokenizer = load_clip(source, vocab=vocab, quick_gelu=quick_gelu)
