@@ -100,18 +100,21 @@ def test_schedules_are_pure_functions_of_step():
     assert m.tau_at(75_000, total) == pytest.approx((1 + 1 / 16) / 2)  # cosine midpoint
     assert m.tau_at(150_000, total) == pytest.approx(1 / 16) and m.tau_at(10**6, total) == pytest.approx(1 / 16)
     assert m.beta_at(2_500, total) == pytest.approx(3.3) and m.beta_at(5_000, total) == pytest.approx(6.6)
-    # a 10,000-step run: counts scaled by 10,000 / 3,000,000 -> τ over 500 steps, β over 17
-    assert m.tau_at(250, 10_000) == pytest.approx((1 + 1 / 16) / 2)
-    assert m.tau_at(500, 10_000) == pytest.approx(1 / 16)
-    assert m.beta_at(17, 10_000) == pytest.approx(6.6) and 0 < m.beta_at(8, 10_000) < 6.6
+    # a 1,000-step run: both schedules are fitted to the run, ending at its last step
+    assert m.tau_at(500, 1_000) == pytest.approx((1 + 1 / 16) / 2)
+    assert m.tau_at(1_000, 1_000) == pytest.approx(1 / 16)
+    assert m.beta_at(500, 1_000) == pytest.approx(3.3) and m.beta_at(1_000, 1_000) == pytest.approx(6.6)
+    # a 10,000-step run: τ (150,000) is fitted, β (5,000) is not
+    assert m.tau_at(5_000, 10_000) == pytest.approx((1 + 1 / 16) / 2)
+    assert m.beta_at(5_000, 10_000) == pytest.approx(6.6) and m.beta_at(2_500, 10_000) == pytest.approx(3.3)
     # the schedule depends on (step, total) only
-    m.on_train_step(123, 10_000)
+    m.on_train_step(1_234, 10_000)
     a = (m.tau, m.beta)
     m.on_train_step(9_999, 10_000)
-    m.on_train_step(123, 10_000)
+    m.on_train_step(1_234, 10_000)
     assert (m.tau, m.beta) == a
-    unscaled = tiny(schedule_total_steps=0)
-    assert unscaled.tau_at(75_000, 1_000) == pytest.approx((1 + 1 / 16) / 2)
+    as_written = tiny(fit_schedules_to_run=False)
+    assert as_written.tau_at(75_000, 1_000) == pytest.approx((1 + 1 / 16) / 2)
 
 
 def test_loss_metrics_and_gradients():
