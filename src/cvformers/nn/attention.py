@@ -168,7 +168,7 @@ class AttentionPattern:
     def decode_attend(self, q, k_cache, v_cache, pos: int) -> torch.Tensor:
         """One query at ``pos`` (q: [B, heads, 1, d]) against a cache filled up to ``pos``."""
         if pos < self.text_len:  # text: every earlier text slot
-            return F.scaled_dot_product_attention(q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])
+            return attend_slices(q, k_cache, v_cache, [slice(0, pos + 1)])
         slices = self.decode_slices(pos)
         if slices is not None:
             return attend_slices(q, k_cache, v_cache, slices)
@@ -195,6 +195,8 @@ def attend_slices(q, k_cache, v_cache, slices: list[slice], bias: torch.Tensor |
     if bias is not None:
         scores = scores + bias
     probs = scores.softmax(dim=-1)
+    if len(keys) == 1:
+        return probs @ v_cache[:, :, slices[0]]
     out, start = None, 0
     for sl, k in zip(slices, keys):
         n = k.shape[2]
@@ -214,8 +216,8 @@ class FullPattern(AttentionPattern):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
     def decode_attend(self, q, k_cache, v_cache, pos: int):
-        # every earlier slot: a contiguous slice, no gather and no mask
-        return F.scaled_dot_product_attention(q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])
+        # every earlier slot: one contiguous view, no gather and no mask
+        return attend_slices(q, k_cache, v_cache, [slice(0, pos + 1)])
 
 
 class _RowBlockedPattern(AttentionPattern):
