@@ -108,9 +108,19 @@ def test_activation_memory_matches_torch(attention):
     assert model_info(ckpt).activation_bytes["fp32+ckpt"] < 0.5 * predicted
 
 
-def test_bf16_halves_most_of_it():
-    info = model_info(small_cfg(grid_size=16))
-    assert 0.5 < info.activation_bytes["bf16"] / info.activation_bytes["fp32"] < 0.55
+def test_bf16_autocast_memory_matches_torch():
+    torch.manual_seed(0)
+    cfg = small_cfg(grid_size=16, attention="paper")
+    model = DALLE(cfg).train()
+    B = 2
+    batch = {"text": torch.randint(0, 100, (B, cfg.text_len)), "codes": torch.randint(0, 64, (B, 16, 16))}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.loss(batch)[0].backward()
+        model.zero_grad(set_to_none=True)
+        (loss, _), live, _ = _live_bytes_timeline(lambda: model.loss(batch))
+    info = model_info(cfg)
+    assert live == pytest.approx(B * info.activation_bytes["bf16"] + info.autocast_weight_bytes, rel=0.15)
+    assert 0.5 * info.activation_bytes["fp32"] < info.activation_bytes["bf16"] < info.activation_bytes["fp32"]
 
 
 def test_paper_preset_on_meta_device():

@@ -33,9 +33,10 @@ How each figure is counted (all per *sample* = one [text | image] sequence of S 
   *With checkpointing* the forward keeps only each block's input ``S·dim``; the peak is then all of
   those plus the larger of one block's full set (recomputed in its backward) and the head part
   (whose tensors are freed before the first block is recomputed).
-  *bf16* stores the same elements in 2 bytes (statistics stay fp32). Under torch's CPU autocast
-  layer-norm outputs stay fp32 and the products save bf16 copies of their inputs, so the real
-  figure lies between the bf16 and fp32 columns.
+  *bf16* is torch autocast (what cvformers' bf16 option runs): the products save bf16 copies of
+  their inputs and bf16 outputs, while the residual stream (the layer norms' inputs), the
+  log-probabilities and all statistics stay fp32; it also keeps a bf16 copy of every weight matrix
+  for the backward, once per step whatever the batch. (Pure bf16 would be about half the fp32 figure.)
   Not counted: dropout masks (the formula assumes ``dropout = 0``; with dropout SDPA also falls
   back to a kernel that stores the attention matrix), the per-pattern cached masks (shared by the
   whole batch), and gradients of activations during the backward (at most a few block tensors).
@@ -45,6 +46,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from torch import nn
 
 from cvformers.config import ConfigError, from_dict, load_toml, to_dict
 from cvformers.errors import UserError
@@ -147,7 +150,8 @@ class ModelInfo:
     flops_linear: int  # forward, QKV + out projection + MLP, all layers, per sample
     flops_attention: int  # forward, scores + weighted values over the allowed pairs, per sample
     flops_heads: int  # forward, text + image output heads (training loss positions), per sample
-    activation_bytes: dict[str, int]  # "fp32", "bf16", "fp32+ckpt", "bf16+ckpt" -> bytes per sample
+    activation_bytes: dict[str, int]  # "fp32", "bf16" (autocast), "fp32+ckpt", "bf16+ckpt" -> bytes per sample
+    autocast_weight_bytes: int  # bf16 autocast also keeps a bf16 copy of every matrix weight, once per step
 
     @property
     def flops_forward(self) -> int:
@@ -199,7 +203,9 @@ class ModelInfo:
         for key in ("fp32", "fp32+ckpt", "bf16", "bf16+ckpt"):
             per = self.activation_bytes[key]
             extra = f" (batch {batch_size}: {_bytes(per * batch_size)})" if batch_size != 1 else ""
-            lines.append(f"| activations per sample, {key.replace('+ckpt', ', checkpointing')} | {_bytes(per)}{extra} |")
+            label = key.replace("bf16", "bf16 autocast").replace("+ckpt", ", checkpointing")
+            lines.append(f"| activations per sample, {label} | {_bytes(per)}{extra} |")
+        lines.append(f"| bf16 autocast: weight copies, once per step | {_bytes(self.autocast_weight_bytes)} |")
         lines.append(f"| fp32 weights + grads + AdamW moments | {_bytes(self.adam_state_bytes)} |")
         lines.append("")
         lines.append("FLOPs count matmuls as 2mnk; attention only over the pairs each layer's pattern allows. "
@@ -207,18 +213,23 @@ class ModelInfo:
         return "\n".join(lines)
 
 
-def _activation_elems(cfg: DalleConfig, schedule: list[str]) -> tuple[list[tuple[int, int]], tuple[int, int]]:
-    """Per block [(act-dtype elems, fp32 elems)], and the same for the part after the blocks."""
+def _activation_elems(cfg: DalleConfig, schedule: list[str]) -> tuple[list[tuple[int, int, int]], tuple[int, int, int]]:
+    """Per block [(stream, compute, stats) elements], and the same for the part after the blocks.
+
+    stream: residual-stream tensors and log-probabilities (fp32 under autocast); compute: the
+    products' inputs and outputs (bf16 under autocast); stats: layer-norm / softmax statistics (fp32).
+    """
     T, N, S = cfg.text_len, cfg.grid_size**2, cfg.seq_len
     inner, hidden = cfg.heads * cfg.dim_head, int(cfg.dim * cfg.mlp_ratio)
     per_pattern = {name: _attention_saved(cfg, name) for name in set(schedule)}
     blocks = []
     for name in schedule:
-        attn, attn_fp32 = per_pattern[name]
-        # norm1 in, qkv in, norm2 in, fc1 in; q/k/v; GELU in and out (= fc2 in); LN stats 2 x 2 per token
-        blocks.append((S * (4 * cfg.dim + 3 * inner + 2 * hidden) + attn, 4 * S + attn_fp32))
-    # final norm in, heads' inputs (copies of the slices), log-probabilities of both heads
-    head = (S * cfg.dim + (T - 1 + N) * cfg.dim + (T - 1) * cfg.num_text_tokens + N * cfg.num_image_tokens, 2 * S)
+        attn, attn_stats = per_pattern[name]
+        # stream: the inputs of norm1 and norm2; compute: the inputs of qkv and fc1, q/k/v, the GELU's
+        # input and output (= fc2's input), the attention path's tensors; stats: 2 per token per norm
+        blocks.append((2 * S * cfg.dim, S * (2 * cfg.dim + 3 * inner + 2 * hidden) + attn, 4 * S + attn_stats))
+    # final norm's input and the log-probabilities of both heads; the heads' inputs (copies of slices)
+    head = (S * cfg.dim + (T - 1) * cfg.num_text_tokens + N * cfg.num_image_tokens, (T - 1 + N) * cfg.dim, 2 * S)
     return blocks, head
 
 
@@ -229,6 +240,7 @@ def model_info(cfg: DalleConfig) -> ModelInfo:
     embedding = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in
                     ("text_emb", "image_emb", "text_pos", "image_row", "image_col"))
     blocks = sum(p.numel() for p in model.blocks.parameters())
+    matrices = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
     T, G = cfg.text_len, cfg.grid_size
     N, S = G * G, cfg.seq_len
@@ -242,20 +254,22 @@ def model_info(cfg: DalleConfig) -> ModelInfo:
 
     block_elems, head_elems = _activation_elems(cfg, schedule)
     act = {}
-    for label, nbytes in (("fp32", FP32), ("bf16", BF16)):
-        def size(e: tuple[int, int]) -> int:
-            return e[0] * nbytes + e[1] * FP32
+    # (label, bytes of a stream element, bytes of a compute element); stats are always fp32
+    for label, stream_bytes, compute_bytes in (("fp32", FP32, FP32), ("bf16", FP32, BF16)):
+        def size(e: tuple[int, int, int]) -> int:
+            return e[0] * stream_bytes + e[1] * compute_bytes + e[2] * FP32
 
         full = sum(size(b) for b in block_elems) + size(head_elems)
         # checkpointing: every block keeps only its input; in the backward the head's tensors are freed
         # first, then one block at a time is recomputed
-        kept = cfg.depth * S * cfg.dim * nbytes
+        kept = cfg.depth * S * cfg.dim * stream_bytes
         ckpt = kept + max(max(size(b) for b in block_elems), size(head_elems))
         act[label], act[f"{label}+ckpt"] = full, ckpt
 
     return ModelInfo(config=cfg, seq_len=S, schedule=schedule, params=params, params_embedding=embedding,
                      params_blocks=blocks, params_other=params - embedding - blocks, attended_pairs=pairs,
-                     flops_linear=linear, flops_attention=attention, flops_heads=heads, activation_bytes=act)
+                     flops_linear=linear, flops_attention=attention, flops_heads=heads, activation_bytes=act,
+                     autocast_weight_bytes=BF16 * matrices)
 
 
 # --- printing -----------------------------------------------------------------------------
