@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from cvformers.nn.attention import (PATTERNS, KVCache, SelfAttention, build_pattern, dense_attention,
-                                    paper_schedule)
+from cvformers.nn.attention import PATTERNS, build_pattern, dense_attention, paper_schedule
+from cvformers.nn.transformer import KVCache, SelfAttention
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():

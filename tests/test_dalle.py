@@ -9,6 +9,7 @@ from cvformers.config import ConfigError
 from cvformers.models.dalle import DALLE, PRESETS, DalleConfig, meta_model, num_params
 from cvformers.registry import build_model
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # tiny tensors: one thread is many times faster than two threads on a shared, loaded CPU
@@ -16,7 +17,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
 
 
 def tiny(**kw) -> DALLE:

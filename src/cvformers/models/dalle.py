@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cvformers.nn.attention import PATTERNS, KVCache, build_pattern, paper_schedule
-from cvformers.nn.transformer import Block
+from cvformers.nn.attention import PATTERNS, build_pattern, paper_schedule
+from cvformers.nn.transformer import Block, KVCache
 from cvformers.registry import register_kind
 
 

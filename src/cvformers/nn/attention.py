@@ -16,20 +16,19 @@ One ``AttentionPattern`` object does three jobs (DESIGN.md):
    ``S``: row and conv cut the image queries into grid rows that see the text plus the few grid
    rows they can reach; column transposes the grid so each column is a short causal sequence;
    full is plain causal SDPA;
-3. ``decode_index(pos)`` gives the fixed-size list of cache slots (and validity) that the query at
-   ``pos`` reads during KV-cache sampling, derived once from the dense mask.
+3. ``decode_attend(q, k_cache, v_cache, pos)`` is one KV-cache sampling step: the query at ``pos``
+   reads only its pattern's slots, as a few views of the cache (text + window rows; a strided
+   column) — no gather, no mask built per step. ``decode_index()`` lists the same slots from the
+   dense mask, the generic fallback.
 
 All index tensors and small masks are built once per device and cached.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import nn
 
 PATTERNS = ("full", "row", "column", "conv")
 
@@ -379,67 +378,6 @@ def build_pattern(name: str, text_len: int, grid_h: int, grid_w: int | None = No
 def dense_attention(q, k, v, mask: torch.Tensor) -> torch.Tensor:
     """The reference: SDPA over the whole sequence with the dense boolean mask."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-# --- the layer --------------------------------------------------------------------------
-
-
-@dataclass
-class KVCache:
-    """Preallocated keys/values for one layer: [B, heads, S, d]; filled by prefill, then one slot a step."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-
-    @classmethod
-    def empty(cls, batch: int, heads: int, seq_len: int, dim_head: int, device=None, dtype=None):
-        shape = (batch, heads, seq_len, dim_head)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-
-
-class SelfAttention(nn.Module):
-    """Multi-head causal self-attention with a fused QKV projection and a sparse pattern.
-
-    ``forward(x)`` on the whole sequence uses the pattern's fast path. With a ``cache``:
-    ``x`` of length L > 1 starting at 0 is a prefill (fast path, padded to S, keys stored);
-    ``x`` of length 1 at ``pos`` is one decode step that reads only the pattern's slots.
-    """
-
-    def __init__(self, dim: int, heads: int, dim_head: int, pattern: AttentionPattern,
-                 dropout: float = 0.0, bias: bool = True):
-        super().__init__()
-        self.heads, self.dim_head, self.pattern = heads, dim_head, pattern
-        inner = heads * dim_head
-        self.qkv = nn.Linear(dim, 3 * inner, bias=bias)
-        self.proj = nn.Linear(inner, dim, bias=bias)
-        self.attn_dropout = dropout
-        self.proj_drop = nn.Dropout(dropout)
-
-    def _split(self, x):
-        q, k, v = rearrange(self.qkv(x), "b s (three n d) -> three b n s d", three=3, n=self.heads)
-        return q, k, v
-
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
-        q, k, v = self._split(x)
-        length, S = x.shape[1], self.pattern.seq_len
-        if cache is not None and length == 1:  # one decode step
-            cache.k[:, :, pos] = k[:, :, 0]
-            cache.v[:, :, pos] = v[:, :, 0]
-            out = self.pattern.decode_attend(q, cache.k, cache.v, pos)
-        else:
-            if cache is not None:  # prefill of a prefix
-                if pos != 0:
-                    raise ValueError("a multi-token forward with a cache must start at position 0")
-                cache.k[:, :, :length] = k
-                cache.v[:, :, :length] = v
-            if length < S:  # a causal prefix: pad to the full sequence, the padding is never seen
-                pad = (0, 0, 0, S - length)
-                q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-            elif length > S:
-                raise ValueError(f"sequence of {length} tokens is longer than the pattern's {S}")
-            drop = self.attn_dropout if self.training else 0.0
-            out = self.pattern.attend(q, k, v, dropout_p=drop)[:, :, :length]
-        return self.proj_drop(self.proj(rearrange(out, "b n s d -> b s (n d)")))
 
 
 def attention_flops(pattern: AttentionPattern) -> int:
