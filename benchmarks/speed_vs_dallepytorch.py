@@ -3,10 +3,12 @@
 The reference config of issue 6: DALLE-pytorch ``DiscreteVAE(image_size=32, num_layers=2,
 num_tokens=512, codebook_dim=256, hidden_dim=64)`` (8×8 = 64 image tokens; image_size 64 for the
 16×16 = 256-token variant) and ``DALLE(dim=256, num_text_tokens=1000, text_seq_len=32, depth=4,
-heads=8, dim_head=32)``, everything else as shipped (rotary embeddings, token shift). cvformers
-runs the matching ``DalleConfig``: the same width, depth, heads, head width, 32 text positions,
-1000 + 32 per-position pad text ids, 512 image ids, the same grid. Sparse means the paper's
-schedule (row / column / row / conv for 4 layers) for cvformers and
+heads=8, dim_head=32)``, everything else as shipped (rotary embeddings, token shift, GEGLU
+feed-forward). cvformers runs the matching ``DalleConfig``: the same width, depth, heads, head
+width, 32 text positions, 1000 + 32 per-position pad text ids, 512 image ids, the same grid, and
+the paper's GELU MLP of 4× width — which makes it ~1M parameters smaller than the peer (whose
+GEGLU doubles the first projection); ``--mlp-ratio 6`` equalises parameters and FLOPs.
+Sparse means the paper's schedule (row / column / row / conv for 4 layers) for cvformers and
 ``attn_types=('axial_row', 'axial_col', 'conv_like')`` for DALLE-pytorch (the same count of each
 kind), with the conv window of DALLE-pytorch's default (5×5) on both sides.
 
@@ -53,7 +55,7 @@ DIM, DEPTH, HEADS, DIM_HEAD, TEXT_LEN, TEXT_VOCAB, IMAGE_VOCAB = 256, 4, 8, 32, 
 # --- the two sides (run inside a worker process) -------------------------------------------
 
 
-def build_peer(grid: int, sparse: bool, conv_kernel: int):
+def build_peer(grid: int, sparse: bool, conv_kernel: int, mlp_ratio: float):
     import torch
     from dvae_peer import import_dalle_pytorch
 
@@ -71,7 +73,7 @@ def build_peer(grid: int, sparse: bool, conv_kernel: int):
     return model, vae, params
 
 
-def build_ours(grid: int, sparse: bool, conv_kernel: int):
+def build_ours(grid: int, sparse: bool, conv_kernel: int, mlp_ratio: float):
     import torch
 
     from cvformers.models.dalle import DALLE, DalleConfig
@@ -80,7 +82,8 @@ def build_ours(grid: int, sparse: bool, conv_kernel: int):
     torch.manual_seed(0)
     cfg = DalleConfig(num_text_tokens=TEXT_VOCAB + TEXT_LEN, text_len=TEXT_LEN, num_image_tokens=IMAGE_VOCAB,
                       grid_size=grid, dim=DIM, depth=DEPTH, heads=HEADS, dim_head=DIM_HEAD,
-                      attention="paper" if sparse else "full", conv_kernel=conv_kernel, caption_drop_prob=0.0)
+                      attention="paper" if sparse else "full", conv_kernel=conv_kernel, caption_drop_prob=0.0,
+                      mlp_ratio=mlp_ratio)
     model = DALLE(cfg)
     # a dVAE of the peer's size class: 2 downsamplings (grid = image / 4), 64 hidden channels
     vae = DiscreteVAE(DVAEConfig(image_size=grid * 4, vocab_size=IMAGE_VOCAB, n_hid=64, n_blk_per_group=1,
@@ -98,7 +101,7 @@ def run_worker(spec: dict) -> dict:
     grid, sparse, kind = case["grid"], case["sparse"], case["kind"]
     base_rss = peak_rss_mb()
     peer = spec["side"] == "peer"
-    model, vae, params = (build_peer if peer else build_ours)(grid, sparse, spec["conv_kernel"])
+    model, vae, params = (build_peer if peer else build_ours)(grid, sparse, spec["conv_kernel"], spec["mlp_ratio"])
     n = grid * grid
     g = torch.Generator().manual_seed(0)
 
@@ -188,6 +191,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="training batch")
     p.add_argument("--num-images", type=int, default=8)
     p.add_argument("--conv-kernel", type=int, default=5, help="conv window side, both sides (DALLE-pytorch: 5)")
+    p.add_argument("--mlp-ratio", type=float, default=4.0,
+                   help="cvformers MLP width / dim (4 = the paper; 6 matches DALLE-pytorch's GEGLU params and FLOPs)")
     p.add_argument("--python", default=default_python(), help="interpreter with torch, cvformers and dalle_pytorch "
                    "(default .venv-bench/bin/python; make it with benchmarks/setup_peers.sh)")
     p.add_argument("--only", choices=["peer", "cvformers"], default=None, help="run one side only")
@@ -206,7 +211,8 @@ def main() -> None:
         case = CASES[name]
         train = case["kind"] == "train"
         base = dict(case=name, threads=args.threads, batch=args.batch, num_images=args.num_images,
-                    conv_kernel=args.conv_kernel, repeats=args.repeats if train else args.gen_repeats)
+                    conv_kernel=args.conv_kernel, mlp_ratio=args.mlp_ratio,
+                    repeats=args.repeats if train else args.gen_repeats)
         row = {"case": name}
         if args.only != "cvformers":
             for cache in [False] if train else peer_caches:
@@ -223,7 +229,8 @@ def main() -> None:
     any_row = next(v for r in results for k, v in r.items() if k != "case")
     print(f"\ntorch {any_row['torch']} CPU, {any_row['threads']} threads, {os.cpu_count()} cores; train batch "
           f"{args.batch}, {args.num_images} images; medians of {args.repeats} train steps / {args.gen_repeats} "
-          f"sampling runs; conv window {args.conv_kernel}; peak RSS per worker process (MB)\n")
+          f"sampling runs; conv window {args.conv_kernel}; cvformers mlp_ratio {args.mlp_ratio:g}; "
+          "peak RSS per worker process (MB)\n")
     print("| case | DALLE-pytorch (s) | DALLE-pytorch use_cache (s) | cvformers (s) | speed-up | speed-up vs use_cache "
           "| RSS peer | RSS cvformers | params peer / ours |")
     print("|---|---|---|---|---|---|---|---|---|")

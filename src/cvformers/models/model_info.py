@@ -72,7 +72,8 @@ def resolve_dalle_config(spec: str | Path) -> DalleConfig:
         if not path.is_file():
             raise UserError(f"{spec_str} is a folder without config.toml (not a run folder)")
     elif not path.is_file():
-        raise UserError(f"unknown config {spec_str!r}: not a preset ({', '.join(PRESETS)}), a TOML file or a run folder")
+        raise UserError(f"unknown config {spec_str!r}: not a preset ({', '.join(PRESETS)}), "
+                        "a TOML file or a run folder")
     data = load_toml(path)
     kind = data.get("kind", "dalle")
     if kind != "dalle":
