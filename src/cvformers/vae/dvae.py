@@ -21,8 +21,9 @@ with ``z`` a Gumbel-softmax relaxation of the categorical posterior at temperatu
 with ``fit_schedules_to_run`` (the default) a schedule longer than the run is compressed to the
 run's length, so τ reaches 1/16 and β reaches its final value at the last step. Scaling the
 counts by the paper's proportions instead (τ over the first 5% of the run, β over 0.17%)
-collapsed the codebook in short runs: on shapes, 200 steps, τ at 1/16 after 10 steps left one
-code in use (perplexity 1.0) and a PSNR below that of a black image.
+failed in short runs (measured on shapes, 200-400 steps): with β = 6.6 from the first steps
+the posterior collapsed onto the prior (KL 0.002 nats a position, PSNR 12.9 dB, that of a
+black image); with β = 0, τ at 1/16 after 10 steps left one code in use (perplexity 1.0).
 """
 
 from __future__ import annotations
