@@ -165,3 +165,30 @@ def test_cli_generate(run, tmp_path, capsys):
     assert main(["generate", "a red circle", "--model", str(tmp_path / "nope"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("cvformers: error:") == 3
+
+
+def test_bundle_clip_folder_reranks_and_scores_land_beside_the_grid(run, tmp_path):
+    """A dalle folder with a clip/ run inside reranks by itself (the shipped default does)."""
+    import json
+
+    from cvformers.models.clip import CLIP, clip_config
+    from cvformers.pipelines.rerank import ClipReranker
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(run, bundle)
+    tok = BPETokenizer.load(run / "tokenizer.json")
+    torch.manual_seed(0)
+    clip = CLIP(clip_config("tiny", image_size=8, patch_size=4, context_length=12, vocab_size=tok.num_text_tokens,
+                            real_vocab_size=tok.vocab_size, embed_dim=16, vision_width=32, text_width=32))
+    write_run(bundle / "clip", "clip", clip)
+    tok.save(bundle / "clip" / "tokenizer.json")
+
+    pipe = TextToImage.load(bundle)
+    assert isinstance(pipe.reranker, ClipReranker)
+    out = pipe.generate("a red circle", num_images=2, candidates=5, seed=0)
+    all5 = pipe.generate("a red circle", num_images=5, seed=0)
+    assert torch.allclose(out.scores, all5.scores.sort(descending=True).values[:2], atol=1e-6)
+    grid = out.save_grid(tmp_path / "g.png")
+    sidecar = json.loads((tmp_path / "g.scores.json").read_text())
+    assert sidecar["clip_scores"] == pytest.approx(out.scores.tolist(), abs=1e-5)
+    assert json.loads(Image.open(grid).text["clip_scores"]) == pytest.approx(out.scores.tolist(), abs=1e-5)

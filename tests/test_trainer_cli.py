@@ -38,3 +38,15 @@ def test_cli_train_refuse_resume(tmp_path, monkeypatch, capsys):
     bad.write_text('[train]\nwarmup = 3\n')
     assert cli.main(["train", "toy", "--out", str(tmp_path / "b"), "--config", str(bad)]) == 2
     assert "train.warmup" in capsys.readouterr().err
+
+
+def test_cli_until_then_resume_equals_straight_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(tasks.TASK_MODULES, "toy", "trainer_toys")
+    straight, pieces = str(tmp_path / "straight"), str(tmp_path / "pieces")
+    assert cli.main(["train", "toy", "--data", "toy", "--out", straight, "--steps", "6"]) == 0
+    assert cli.main(["train", "toy", "--data", "toy", "--out", pieces, "--steps", "6", "--until", "3"]) == 0
+    assert torch.load(tmp_path / "pieces/trainer_state.pt", weights_only=True)["step"] == 3
+    assert cli.main(["train", "toy", "--out", pieces, "--resume"]) == 0
+    a = load_file(str(tmp_path / "straight/model.safetensors"))
+    b = load_file(str(tmp_path / "pieces/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

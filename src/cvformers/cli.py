@@ -28,6 +28,8 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="override train.batch_size")
     p.add_argument("--lr", type=float, default=None, help="override train.lr")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--until", type=int, default=None,
+                   help="stop (and checkpoint) after this step; --resume continues on the same schedule")
     p.add_argument("--vae", default=None, help="(dalle) run folder of the trained image tokenizer")
     p.add_argument("--model", default=None, help="(classifier, clip) model preset name")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")

@@ -17,6 +17,8 @@ A dalle run folder readable by ``TextToImage.load``::
     RUN/tokenizer.json       the BPE caption tokenizer (cvformers.text.BPETokenizer)
     RUN/vae/config.toml      the frozen image tokenizer's run (kind = "dvae" or "vqvae")
     RUN/vae/model.safetensors
+    RUN/clip/                optional CLIP run (config.toml, model.safetensors, tokenizer.json):
+                             when present, candidates are reranked with it
 
 ``cvformers train dalle`` writes exactly this; "default" is the bundle shipped in
 ``cvformers/assets/default/`` with the same layout.
@@ -33,8 +35,10 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from cvformers.errors import UserError
+from cvformers.utils import atomic_write_bytes
 
 DEFAULT_NAME = "default"
+CLIP_DIR = "clip"  # optional CLIP run inside a dalle run folder / bundle, used for reranking
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "guidance")
 
 
@@ -196,6 +200,12 @@ class Generation:
         n = len(self.images)
         nrow = nrow or (min(n, 4) if n <= 16 else math.ceil(math.sqrt(n)))
         meta = {"prompt": self.prompt, "cvformers": json.dumps(self.settings, sort_keys=True)}
+        if self.scores is not None:
+            # Reranked: the CLIP scores (grid order, best first) go into the PNG and beside it as JSON.
+            scores = [round(float(s), 6) for s in self.scores]
+            meta["clip_scores"] = json.dumps(scores)
+            sidecar = {"prompt": self.prompt, "settings": self.settings, "clip_scores": scores}
+            atomic_write_bytes(Path(path).with_suffix(".scores.json"), json.dumps(sidecar, indent=1).encode())
         return save_png(image_grid(self.images, nrow=nrow), path, metadata=meta)
 
 
@@ -233,6 +243,11 @@ class TextToImage:
             raise UserError(f"{run} holds a {config.get('kind')!r} model, not a dalle")
         vae, _ = load_run(run / "vae", device)
         tokenizer = BPETokenizer.load(run / "tokenizer.json")
+        if reranker is None and (run / CLIP_DIR / "config.toml").is_file():
+            # A bundle may carry its own CLIP (the shipped default does): rerank with it.
+            from cvformers.pipelines.rerank import ClipReranker
+
+            reranker = ClipReranker.load(run / CLIP_DIR, device=device)
         defaults = {k: v for k, v in config.get("sampling", {}).items() if k in SAMPLING_KEYS}
         return cls(model, vae, tokenizer, reranker=reranker, defaults=defaults)
 

@@ -104,4 +104,4 @@ def run_task(args) -> None:
     seed = task_args.config.get("train", {}).get("seed", 0)
     torch.manual_seed(seed if isinstance(seed, int) else 0)
     setup = get_task(args.task)(task_args)
-    Trainer.from_setup(setup, task_args).fit()
+    Trainer.from_setup(setup, task_args).fit(until=getattr(args, "until", None))
