@@ -192,3 +192,18 @@ def test_bundle_clip_folder_reranks_and_scores_land_beside_the_grid(run, tmp_pat
     sidecar = json.loads((tmp_path / "g.scores.json").read_text())
     assert sidecar["clip_scores"] == pytest.approx(out.scores.tolist(), abs=1e-5)
     assert json.loads(Image.open(grid).text["clip_scores"]) == pytest.approx(out.scores.tolist(), abs=1e-5)
+
+
+def test_bundle_export_loads_and_samples_the_same(run, tmp_path):
+    from cvformers.pipelines.bundle import export_bundle
+
+    exact = export_bundle(run, tmp_path / "b32", half=False)
+    half = export_bundle(run, tmp_path / "b16")
+    assert not (exact / "trainer_state.pt").exists()
+    ref = TextToImage.load(run).generate("a red circle", num_images=2, seed=3, temperature=0)
+    same = TextToImage.load(exact).generate("a red circle", num_images=2, seed=3, temperature=0)
+    assert torch.equal(ref.codes, same.codes) and torch.equal(ref.images, same.images)
+    small = TextToImage.load(half)
+    assert next(small.model.parameters()).dtype == torch.float32  # fp16 on disk, fp32 in memory
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (exact / "model.safetensors").stat().st_size
+    assert main(["bundle", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2

@@ -252,6 +252,23 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _add_bundle(sub) -> None:
+    p = sub.add_parser("bundle", help="export a dalle run (+ its vae, + a CLIP) as one model folder for generate")
+    p.add_argument("dalle", help="dalle run folder (with vae/ and tokenizer.json)")
+    p.add_argument("--clip", default=None, help="CLIP run folder to include as the reranker")
+    p.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
+    p.add_argument("--fp32", action="store_true", help="keep fp32 weights (default: fp16, half the size)")
+    p.set_defaults(func=_cmd_bundle)
+
+
+def _cmd_bundle(args) -> int:
+    from cvformers.pipelines.bundle import bundle_size, export_bundle
+
+    out = export_bundle(args.dalle, args.out, clip_run=args.clip, half=not args.fp32)
+    print(f"wrote {out} ({bundle_size(out) / 1e6:.2f} MB)")
+    return 0
+
+
 def _add_model_info(sub) -> None:
     p = sub.add_parser("model-info", help="parameters, FLOPs per token and activation memory of a DALL-E config")
     p.add_argument("config", help="dalle preset (tiny, small, paper), TOML file with [model], or a run folder")
@@ -288,7 +305,10 @@ def _cmd_reconstruct(args) -> int:
     return 0
 
 
-_COMMANDS = [_add_train, _add_tokenizer, _add_zero_shot, _add_eval, _add_models, _add_attention, _add_data, _add_generate, _add_reconstruct, _add_model_info]
+_COMMANDS = [
+    _add_generate, _add_train, _add_bundle, _add_reconstruct, _add_tokenizer, _add_data, _add_zero_shot, _add_eval,
+    _add_models, _add_attention, _add_model_info,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
