@@ -149,7 +149,46 @@ def _cmd_eval_classifier(args) -> int:
 
 
 # `cvformers eval WHAT`: each evaluation adds itself here
-_EVAL_COMMANDS = [_add_eval_retrieval, _add_eval_classifier]
+def _add_eval_fidelity(esub) -> None:
+    p = esub.add_parser("fidelity", help="caption fidelity of generated shapes (and the CLIP reranking gain)")
+    p.add_argument("--model", default="default", help="dalle run folder or bundle, or 'default'")
+    p.add_argument("--clip", default=None, help="CLIP run used to rerank (default: the bundle's own clip/)")
+    p.add_argument("--split", default="test", help="test (training distribution) or heldout (unseen pairs)")
+    p.add_argument("--captions", type=int, default=100, help="captions (scenes) to draw")
+    p.add_argument("--per-caption", type=int, default=8, help="images drawn per caption")
+    p.add_argument("--rerank", type=int, default=None,
+                   help="instead: draw this many candidates a caption, CLIP top-1 vs a random candidate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the scenes and of sampling")
+    p.add_argument("--temperature", type=float, default=None, help="softmax temperature")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely ids")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.set_defaults(func=_cmd_eval_fidelity)
+
+
+def _cmd_eval_fidelity(args) -> int:
+    import json
+
+    from cvformers.eval.generation import caption_fidelity, rerank_gain
+    from cvformers.pipelines.text_to_image import TextToImage
+
+    reranker = None
+    if args.clip:
+        from cvformers.pipelines.rerank import ClipReranker
+
+        reranker = ClipReranker.load(args.clip, device=args.device)
+    pipe = TextToImage.load(args.model, device=args.device, reranker=reranker)
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "guidance": args.guidance}
+    if args.rerank:
+        result = rerank_gain(pipe, args.split, args.captions, args.rerank, seed=args.seed, **sampling)
+    else:
+        result = caption_fidelity(pipe, args.split, args.captions, args.per_caption, seed=args.seed, **sampling)
+    print(json.dumps(result))
+    return 0
+
+
+_EVAL_COMMANDS = [_add_eval_fidelity, _add_eval_retrieval, _add_eval_classifier]
 
 
 def _add_eval(sub) -> None:

@@ -1,0 +1,51 @@
+"""Caption fidelity and rerank gain, driven by stand-in pipelines whose answers we know."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cvformers.data.shapes import ShapesDataset, render
+from cvformers.errors import UserError
+from cvformers.eval.generation import caption_fidelity, rerank_gain
+
+
+class StandInPipe:
+    """Draws the true scene for the first ``good`` of every ``period`` images, noise otherwise.
+
+    Its reranker knows which images are the true ones (they have exact palette colours)."""
+
+    def __init__(self, split, good, period, rerank=True):
+        data = ShapesDataset(split=split, image_size=32)
+        self.truth = {data.item(i)["caption"]: data.item(i)["record"] for i in range(20)}
+        self.good, self.period = good, period
+        self.vae = SimpleNamespace(image_size=32)
+        self.reranker = object() if rerank else None
+
+    def generate(self, caption, num_images, seed, **sampling):
+        g = torch.Generator().manual_seed(seed)
+        images = torch.stack([render(self.truth[caption], 32) if i % self.period < self.good
+                              else torch.rand(3, 32, 32, generator=g) for i in range(num_images)])
+        is_true = torch.tensor([i % self.period < self.good for i in range(num_images)], dtype=torch.float)
+        order = is_true.argsort(descending=True, stable=True) if self.reranker else torch.arange(num_images)
+        return SimpleNamespace(images=images[order])
+
+
+@pytest.mark.parametrize("split", ["test", "heldout"])
+def test_caption_fidelity_counts_true_images(split):
+    r = caption_fidelity(StandInPipe(split, good=3, period=4), split, n_captions=10, per_caption=8)
+    assert r["images"] == 80
+    assert r["fidelity"] == pytest.approx(0.75)
+    perfect = caption_fidelity(StandInPipe(split, good=1, period=1), split, n_captions=10, per_caption=2)
+    assert perfect["fidelity"] == 1.0 and perfect["colour"] == 1.0
+
+
+def test_rerank_gain_top1_against_random():
+    r = rerank_gain(StandInPipe("heldout", good=1, period=8), "heldout", n_captions=10, candidates=16)
+    assert r["clip_top1"] == 1.0
+    assert r["random_candidate"] == pytest.approx(1 / 8)
+    assert r["gain_points"] == pytest.approx(87.5)
+    with pytest.raises(UserError, match="reranker"):
+        rerank_gain(StandInPipe("heldout", 1, 8, rerank=False), "heldout", n_captions=2)
+    with pytest.raises(UserError, match="captions"):
+        caption_fidelity(StandInPipe("test", 1, 1), "test", n_captions=0)
