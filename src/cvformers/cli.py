@@ -351,7 +351,9 @@ _COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cvformers", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="cvformers", description="Text to image (DALL-E: dVAE + sparse transformer + CLIP reranking), CLIP, "
+        "and vision transformers (ViT, MLP-Mixer, ConvMixer, Swin).")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _COMMANDS:
         add(sub)
