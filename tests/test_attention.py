@@ -7,14 +7,6 @@ from cvformers.nn.attention import PATTERNS, build_pattern, dense_attention, pap
 from cvformers.nn.transformer import KVCache, SelfAttention
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one thread is many times faster than two threads on a shared, loaded CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # (text_len, grid_h, grid_w, conv kernel): square and non-square grids, 1-token text, 1-row grid,
 # kernels smaller and larger than the grid

@@ -10,14 +10,6 @@ from cvformers.models.dalle import DALLE, PRESETS, DalleConfig, meta_model, num_
 from cvformers.registry import build_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one thread is many times faster than two threads on a shared, loaded CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny(**kw) -> DALLE:
     torch.manual_seed(0)

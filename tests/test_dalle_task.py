@@ -21,13 +21,6 @@ CONFIG = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is much faster on a shared CPU
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory):

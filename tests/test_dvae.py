@@ -130,16 +130,7 @@ def test_loss_metrics_and_gradients():
     assert hard["psnr"] == pytest.approx(float(psnr(m.decode(m.encode(x)), x)), abs=1e-4)
 
 
-@pytest.fixture
-def one_thread():
-    # the machine is shared: two threads on a loaded box are several times slower than one
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def test_tiny_dvae_overfits_one_batch(one_thread):
+def test_tiny_dvae_overfits_one_batch():
     m = tiny(vocab_size=64)
     x = squares(8)
     m.eval()

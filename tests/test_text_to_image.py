@@ -19,13 +19,6 @@ from cvformers.vae.dvae import DiscreteVAE, DVAEConfig
 CAPTIONS = ["a red circle", "a blue square", "a small green triangle", "a large red square above a circle"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is much faster on a shared CPU
-    yield
-    torch.set_num_threads(n)
-
 
 def write_run(path, kind, model):
     path.mkdir(parents=True, exist_ok=True)

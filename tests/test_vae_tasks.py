@@ -16,13 +16,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def train(kind, out, steps=4):
     config = {"model": TINY[kind], "data": {"size": 32, "eval_size": 16},
