@@ -100,3 +100,26 @@ def test_cache_gives_same_pixels(tmp_path):
     (tmp_path / "n.txt").write_text("noise\n")
     plain, cached = FolderDataset(tmp_path, image_size=12), FolderDataset(tmp_path, image_size=12, cache=True)
     assert (plain[0]["image"] == cached[0]["image"]).all() and (cached[0]["image"] == cached[0]["image"]).all()
+
+
+def test_holdout_splits_by_path_and_is_stable(tmp_path):
+    png = _png_bytes(8, 8)
+    for i in range(60):
+        (tmp_path / f"img{i:02d}.png").write_bytes(png)
+        (tmp_path / f"img{i:02d}.txt").write_text(f"picture number {i}\n")
+    names = lambda ds: {p.name for p in ds.files}  # noqa: E731
+    train = FolderDataset(tmp_path, image_size=8, split="train", holdout=0.25)
+    test = FolderDataset(tmp_path, image_size=8, split="test", holdout=0.25)
+    assert names(train).isdisjoint(names(test))
+    assert len(train) + len(test) == 60 and 5 <= len(test) <= 25
+    assert len(FolderDataset(tmp_path, image_size=8, split="test")) == 60  # no holdout: the whole folder
+    (tmp_path / "new.png").write_bytes(png)
+    (tmp_path / "new.txt").write_text("a newcomer\n")
+    grown = FolderDataset(tmp_path, image_size=8, split="test", holdout=0.25)
+    assert names(test) <= names(grown)  # adding a file never moves the old ones
+    with pytest.raises(UserError, match="holdout"):
+        FolderDataset(tmp_path, image_size=8, holdout=1.5)
+    from cvformers.data import DataConfig, build_from_config
+
+    cfg = DataConfig(name=f"folder:{tmp_path}", image_size=8, holdout=0.25)
+    assert names(build_from_config(cfg, "test")) == names(grown)

@@ -32,6 +32,7 @@ class DataConfig:
     seed: int = 0  # seed of procedural data; test/heldout use their own streams derived from it
     channels: int = 3  # 3: RGB (grayscale data repeated), 1: grayscale
     eval_split: str = "test"  # split used for evaluation during training
+    holdout: float = 0.0  # folder data: fraction of files (by path hash) forming the test split; 0 = none
 
 
 def collate(items: list[dict]) -> dict:
@@ -55,7 +56,7 @@ def build_dataset(spec: str, split: str = "train", image_size: int = 32, **kw):
 
     Extra keyword arguments go to the dataset class (e.g. ``size``, ``seed`` for shapes,
     ``channels`` for every dataset). Splits: shapes has train/test/heldout; IDX data has
-    train/test; a folder has only its one set of files (any split name returns it).
+    train/test; a folder is one set of files, unless ``holdout`` splits it into train/test by path hash.
     """
     if not isinstance(spec, str) or not spec:
         raise _unknown(str(spec))
@@ -71,7 +72,7 @@ def build_dataset(spec: str, split: str = "train", image_size: int = 32, **kw):
     if name == "folder" and path:
         from cvformers.data.folder import FolderDataset
 
-        return FolderDataset(path, image_size=image_size, **kw)
+        return FolderDataset(path, image_size=image_size, split=split, **kw)
     raise _unknown(spec)
 
 
@@ -82,6 +83,8 @@ def build_from_config(cfg: DataConfig, split: str = "train"):
     if name == "shapes":
         size = cfg.size if split == "train" else cfg.eval_size
         kw.update(seed=cfg.seed, size=size or None)
+    if name == "folder" and cfg.holdout > 0:
+        kw.update(holdout=cfg.holdout)
     return build_dataset(cfg.name, split=split, image_size=cfg.image_size, **kw)
 
 

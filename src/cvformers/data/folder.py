@@ -16,6 +16,8 @@ A file with several captions gives one of them per epoch, chosen from (index, ep
 
 from __future__ import annotations
 
+import hashlib
+
 import logging
 import random
 from pathlib import Path
@@ -81,12 +83,25 @@ def _header_ok(path: Path) -> bool:
         return False
 
 
+def _path_fraction(rel: Path) -> float:
+    """A stable number in [0, 1) for a relative path: which side of a holdout a file falls on."""
+    digest = hashlib.sha256(rel.as_posix().encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 class FolderDataset(Dataset):
     """Captioned images under ``root``; items {"image", "caption", "label": -1, "record": {"path"}}."""
 
     def __init__(self, root: str | Path, image_size: int = 32, channels: int = 3, seed: int = 0,
-                 verify: bool = True, cache: bool = False):
+                 verify: bool = True, cache: bool = False, split: str = "train", holdout: float = 0.0):
+        """``holdout`` > 0 puts that fraction of the files in the ``test`` split and the rest in
+        ``train``, chosen by a hash of each file's path below ``root`` (so adding files never moves
+        old ones across); with ``holdout`` = 0 every split is the whole folder."""
         self.root = Path(root).expanduser()
+        if not 0.0 <= holdout < 1.0:
+            raise UserError(f"holdout must be in [0, 1), got {holdout}")
+        if holdout > 0 and split not in ("train", "test"):
+            raise UserError(f"a folder with a holdout has the splits train and test, not {split!r}")
         if not self.root.is_dir():
             raise UserError(f"image folder {self.root} does not exist or is not a directory")
         if channels not in (1, 3):
@@ -102,6 +117,8 @@ class FolderDataset(Dataset):
         self.caption_lists: list[list[str]] = []
         unreadable = []
         for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+            if holdout > 0 and (_path_fraction(path.relative_to(self.root)) < holdout) != (split == "test"):
+                continue
             captions = read_captions(path.with_suffix(".txt"))
             if not captions:
                 self.uncaptioned += 1
