@@ -16,23 +16,14 @@ from cvformers.vae.dvae import (
     unmap_pixels,
 )
 
+from image_toys import squares
+
 TINY = dict(image_size=16, channels=3, vocab_size=32, n_hid=16, n_blk_per_group=1, group_count=3, n_init=16)
 
 
 def tiny(**kw) -> DiscreteVAE:
     torch.manual_seed(0)
     return DiscreteVAE(DVAEConfig(**{**TINY, **kw}))
-
-
-def squares(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
-    """Coloured squares on black: a small stand-in for the shapes data."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.zeros(n, 3, size, size)
-    for i in range(n):
-        s = int(torch.randint(4, size // 2 + 1, (1,), generator=g))
-        y0, x0 = (int(v) for v in torch.randint(0, size - s + 1, (2,), generator=g))
-        x[i, :, y0 : y0 + s, x0 : x0 + s] = torch.rand(3, 1, 1, generator=g)
-    return x
 
 
 def test_encode_decode_shapes_and_face():

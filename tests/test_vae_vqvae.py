@@ -6,22 +6,14 @@ from cvformers.eval.reconstruction import psnr
 from cvformers.registry import build_model
 from cvformers.vae.vqvae import VQVAE, EMAQuantizer, VQVAEConfig
 
+from image_toys import squares
+
 TINY = dict(image_size=16, vocab_size=32, code_dim=8, n_hid=16, n_blk_per_group=1, group_count=3, n_init=16)
 
 
 def tiny(**kw) -> VQVAE:
     torch.manual_seed(0)
     return VQVAE(VQVAEConfig(**{**TINY, **kw}))
-
-
-def squares(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.zeros(n, 3, size, size)
-    for i in range(n):
-        s = int(torch.randint(4, size // 2 + 1, (1,), generator=g))
-        y0, x0 = (int(v) for v in torch.randint(0, size - s + 1, (2,), generator=g))
-        x[i, :, y0 : y0 + s, x0 : x0 + s] = torch.rand(3, 1, 1, generator=g)
-    return x
 
 
 def quantizer_with(codebook, decay=0.5, threshold=0.0):
