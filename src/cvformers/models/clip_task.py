@@ -20,7 +20,7 @@ import torch
 from cvformers.config import ConfigError, from_dict, to_dict
 from cvformers.errors import UserError
 from cvformers.models.clip import CLIP, CLIPConfig, PRESETS, load_openai_state_dict
-from cvformers.train.tasks import TaskArgs, TaskSetup, register_task
+from cvformers.train.tasks import TaskArgs, TaskSetup, data_config_from, register_task, train_and_eval_data
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -139,23 +139,13 @@ def default_train_config():
 
 @register_task("clip")
 def clip_task(args: TaskArgs) -> TaskSetup:
-    from cvformers.data import DataConfig, build_from_config, collate
+    from cvformers.data import collate
     from cvformers.train.trainer import train_config_from
 
     cfg = model_config_from(args)
-    data_table = dict(args.config.get("data", {}))
-    if args.data:
-        data_table["name"] = args.data
-    data_table.setdefault("image_size", cfg.image_size)
-    data_cfg = from_dict(DataConfig, data_table, "data")
-    if data_cfg.image_size != cfg.image_size:
-        raise ConfigError(f"data.image_size {data_cfg.image_size} != model.image_size {cfg.image_size}")
+    data_cfg = data_config_from(args, image_size=cfg.image_size)
     text_cfg = from_dict(ClipTextConfig, dict(args.config.get("text", {})), "text")
-    train_data = build_from_config(data_cfg, "train")
-    try:
-        eval_data = build_from_config(data_cfg, data_cfg.eval_split)
-    except (UserError, ConfigError, FileNotFoundError):
-        eval_data = None  # e.g. a folder without a second split
+    train_data, eval_data = train_and_eval_data(data_cfg)
 
     extra_files: dict[str, bytes] = {}
     if cfg.tokenizer == "clip":

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from cvformers.config import ConfigError, from_dict, to_dict
 from cvformers.errors import UserError
 from cvformers.models.dalle import DALLE, PRESETS, DalleConfig
-from cvformers.train.tasks import TaskArgs, TaskSetup, register_task
+from cvformers.train.tasks import TaskArgs, TaskSetup, data_config_from, register_task
 
 TOKENIZER_FILE = "tokenizer.json"
 VAE_DIR = "vae"
@@ -209,7 +209,7 @@ def model_config_from(args: TaskArgs, text_len: int, num_text_tokens: int, vae) 
 
 @register_task("dalle")
 def dalle_task(args: TaskArgs) -> TaskSetup:
-    from cvformers.data import DataConfig, build_from_config
+    from cvformers.data import build_from_config
     from cvformers.text import BPETokenizer
     from cvformers.train.trainer import train_config_from
 
@@ -221,15 +221,7 @@ def dalle_task(args: TaskArgs) -> TaskSetup:
     device = args.device or "cpu"
     vae = load_vae(vae_path, device)
 
-    data_table = dict(args.config.get("data", {}))
-    if args.data:
-        data_table["name"] = args.data
-    data_table.setdefault("image_size", vae.image_size)
-    data_table.setdefault("channels", vae.channels)
-    data_cfg = from_dict(DataConfig, data_table, "data")
-    if (data_cfg.image_size, data_cfg.channels) != (vae.image_size, vae.channels):
-        raise ConfigError(f"data is {data_cfg.channels}x{data_cfg.image_size}px but the image tokenizer takes "
-                          f"{vae.channels}x{vae.image_size}px")
+    data_cfg = data_config_from(args, image_size=vae.image_size, channels=vae.channels)
     text_cfg = from_dict(DalleTextConfig, dict(args.config.get("text", {})), "text")
     sampling_cfg = from_dict(DalleSamplingConfig, dict(args.config.get("sampling", {})), "sampling")
 

@@ -17,7 +17,8 @@ from typing import Any, Callable
 from torch import nn
 from torch.utils.data import Dataset
 
-from cvformers.config import ConfigError, load_toml
+from cvformers.config import ConfigError, from_dict, load_toml
+from cvformers.errors import UserError
 
 # task name -> module that registers it
 TASK_MODULES: dict[str, str] = {
@@ -91,6 +92,35 @@ def task_args_from_cli(args) -> TaskArgs:
         batch_size=args.batch_size, lr=args.lr, vae=args.vae, model=args.model,
         device=args.device, resume=args.resume,
     )
+
+
+def data_config_from(args: TaskArgs, **fixed: Any):
+    """The run's ``[data]`` table: TOML ``[data]``, then ``--data``, with what the model fixes
+    (``image_size``, ``channels``) as defaults; a table that contradicts the model is refused."""
+    from cvformers.data import DataConfig
+
+    table = dict(args.config.get("data", {}))
+    if args.data:
+        table["name"] = args.data
+    for key, value in fixed.items():
+        table.setdefault(key, value)
+    cfg = from_dict(DataConfig, table, "data")
+    for key, value in fixed.items():
+        if getattr(cfg, key) != value:
+            raise ConfigError(f"data.{key} is {getattr(cfg, key)} but the model takes {value}; "
+                              f"remove it from [data] or change the model")
+    return cfg
+
+
+def train_and_eval_data(data_cfg) -> tuple[Dataset, Dataset | None]:
+    """The train split and the evaluation split (None where the data has no second split)."""
+    from cvformers.data import build_from_config
+
+    train = build_from_config(data_cfg, "train")
+    try:
+        return train, build_from_config(data_cfg, data_cfg.eval_split)
+    except (UserError, ConfigError, FileNotFoundError):
+        return train, None
 
 
 def run_task(args) -> None:

@@ -23,9 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from cvformers.config import ConfigError, from_dict, to_dict
-from cvformers.errors import UserError
-from cvformers.train.tasks import TaskArgs, TaskSetup, register_task
+from cvformers.config import from_dict, to_dict
+from cvformers.train.tasks import TaskArgs, TaskSetup, data_config_from, register_task, train_and_eval_data
 from cvformers.vae.dvae import DiscreteVAE, DVAEConfig
 from cvformers.vae.vqvae import VQVAE, VQVAEConfig
 
@@ -72,24 +71,10 @@ def reconstruction_writer(eval_images: torch.Tensor) -> Callable[[torch.nn.Modul
 
 
 def _setup(kind: str, args: TaskArgs, cfg: Any, model: torch.nn.Module, train_defaults) -> TaskSetup:
-    from cvformers.data import DataConfig, build_from_config
     from cvformers.train.trainer import train_config_from
 
-    data_table = dict(args.config.get("data", {}))
-    if args.data:
-        data_table["name"] = args.data
-    data_table.setdefault("image_size", cfg.image_size)
-    data_table.setdefault("channels", cfg.channels)
-    data_cfg = from_dict(DataConfig, data_table, "data")
-    if data_cfg.image_size != cfg.image_size:
-        raise ConfigError(f"data.image_size {data_cfg.image_size} != model.image_size {cfg.image_size}")
-    if data_cfg.channels != cfg.channels:
-        raise ConfigError(f"data.channels {data_cfg.channels} != model.channels {cfg.channels}")
-    train_data = build_from_config(data_cfg, "train")
-    try:
-        eval_data = build_from_config(data_cfg, data_cfg.eval_split)
-    except (UserError, ConfigError, FileNotFoundError):
-        eval_data = None  # e.g. a folder has a single split
+    data_cfg = data_config_from(args, image_size=cfg.image_size, channels=cfg.channels)
+    train_data, eval_data = train_and_eval_data(data_cfg)
     shown = eval_data if eval_data is not None else train_data
     grid_images = torch.stack([shown[i]["image"] for i in range(min(16, len(shown)))])
     return TaskSetup(
