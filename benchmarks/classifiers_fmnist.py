@@ -10,7 +10,7 @@ Next to our families, lucidrains' ``vit-pytorch`` ViT at the parameter count of 
 checked), trained in the same run with the same data, augmentation, loss, optimizer and budget:
 its backbone replaces ours inside the same ``ImageClassifier``.
 
-    python benchmarks/classifiers_fmnist.py --minutes 20
+    python benchmarks/classifiers_fmnist.py --minutes 20 --threads 1 --jobs 2
     python benchmarks/classifiers_fmnist.py --minutes 2 --models vit_nano_patch4_28,peer
 
 Needs Fashion-MNIST (``apt-get install dataset-fashion-mnist``) and, for the peer,
@@ -35,14 +35,16 @@ from cvformers.models.vision_task import classifier_task
 from cvformers.train.tasks import TaskArgs
 from cvformers.train.trainer import Trainer
 
+# Sized for a 20-minute budget on one CPU core (several epochs each); with --jobs 2 the
+# ViT and its peer run side by side, so they share the machine's state.
 FAMILY_PRESETS = [
     "vit_nano_patch4_28",
-    "mixer_nano_patch4_28",
-    "convmixer_256_8_28",
-    "swin_nano_patch2_window7_28",
-    "mixer_attention_nano_patch4_28",
-    "convmixer_mixer_256_8_28",
     "peer",  # lucidrains vit-pytorch ViT at vit_nano_patch4_28's size
+    "mixer_nano_patch4_28",
+    "convmixer_256_8_ks3_p4_28",
+    "swin_pico_patch2_window7_28",
+    "mixer_attention_nano_patch4_28",
+    "convmixer_mixer_256_8_ks3_p4_28",
 ]
 PEER_LIKE = "vit_nano_patch4_28"
 
@@ -122,6 +124,14 @@ def run_one(name: str, args, out_root: Path) -> dict:
     }
 
 
+def run_in_worker(name: str, args, out_root: Path) -> dict:
+    """One model in a fresh process with ``args.threads`` threads (for ``--jobs`` > 1)."""
+    torch.set_num_threads(args.threads or 1)
+    row = run_one(name, args, out_root)
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=20.0, help="training wall-clock budget per model")
@@ -131,19 +141,28 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="models trained at once, each in its own process (use with --threads 1)")
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N test images")
     p.add_argument("--out", default="runs/bench_classifiers_fmnist")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out_root = Path(args.out)
-    rows = []
-    for name in args.models.split(","):
-        rows.append(run_one(name.strip(), args, out_root))
-        print(json.dumps(rows[-1]), flush=True)
+    names = [name.strip() for name in args.models.split(",")]
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=context, max_tasks_per_child=1) as pool:
+            rows = list(pool.map(run_in_worker, names, [args] * len(names), [out_root] * len(names)))
+    else:
+        rows = [run_in_worker(name, args, out_root) for name in names]
+    out_root.mkdir(parents=True, exist_ok=True)
     (out_root / "results.json").write_text(json.dumps(rows, indent=1))
     print(f"\n{args.data}, {args.minutes:g} min training budget per model, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads per model, {args.jobs} at once")
     print(f"{'model':32s} {'family':16s} {'params':>8s} {'steps':>6s} {'min':>5s} {'img/s':>7s} {'test acc':>8s}")
     for r in rows:
         print(f"{r['model']:32s} {r['family']:16s} {r['params'] / 1e6:7.2f}M {r['steps']:6d} {r['train_minutes']:5.1f} "
