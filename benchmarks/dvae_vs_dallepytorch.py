@@ -4,7 +4,8 @@ Same data, same code grid (8×8 for 32×32 images), same codebook size (512), pa
 within ±20%, same optimizer (AdamW, warmup + cosine decay, clipping), batch size, steps and
 data order. Each model is trained with its own objective and step size: cvformers' dVAE with
 the paper's (logit-Laplace ELBO, Gumbel-softmax with τ and β schedules) at the lr of
-``cvformers train dvae``; DiscreteVAE with its library defaults (MSE on images normalised to
+``cvformers train dvae``, and again with ``recon_loss = "mse"`` and no KL (the peer's objective
+on our architecture, to separate the architecture from the objective); DiscreteVAE with its library defaults (MSE on images normalised to
 [-1, 1], Gumbel-softmax at τ = 0.9, KL weight 0) at each lr of ``--peer-lrs`` (its train_vae.py
 uses 1e-3), keeping its best. Reported on held-out images:
 PSNR of decode(encode(x)) with the argmax codes, codebook perplexity (exp of the entropy of the
@@ -50,10 +51,13 @@ def n_params(model: torch.nn.Module) -> int:
 
 
 class Ours:
-    name = "cvformers dVAE"
+    """cvformers' dVAE with the paper's objective, or (``recon_loss="mse"``) the peer's objective
+    choices: squared error and no KL term (DiscreteVAE's defaults), on our architecture."""
 
-    def __init__(self, channels: int, total_steps: int):
-        self.model = DiscreteVAE(DVAEConfig(**{**DVAE_SMALL, "channels": channels}))
+    def __init__(self, channels: int, total_steps: int, recon_loss: str = "logit_laplace"):
+        extra = {"recon_loss": recon_loss, "kl_weight": 0.0} if recon_loss == "mse" else {}
+        self.model = DiscreteVAE(DVAEConfig(**{**DVAE_SMALL, "channels": channels, **extra}))
+        self.name = "cvformers dVAE" + (" (MSE, no KL)" if recon_loss == "mse" else "")
         self.total_steps = total_steps
 
     def loss(self, images: torch.Tensor, step: int) -> torch.Tensor:
@@ -161,6 +165,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=None, help="peak lr of cvformers' dVAE (default: cvformers train dvae's)")
     p.add_argument("--peer-lrs", default="1e-3,3e-3", help="peak lrs tried for DiscreteVAE; its best is reported")
     p.add_argument("--datasets", default="shapes,fashion-mnist")
+    p.add_argument("--objectives", default="logit_laplace,mse",
+                   help="cvformers dVAE objectives to train: logit_laplace (the paper), mse (the peer's: MSE, no KL)")
     p.add_argument("--train-images", type=int, default=20000)
     p.add_argument("--eval-images", type=int, default=1000, help="held-out images for PSNR and perplexity")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
@@ -174,10 +180,11 @@ def main(argv=None) -> int:
         spec, channels = DATASETS[name]["spec"], DATASETS[name]["channels"]
         train_x = load_images(spec, "train", channels, args.train_images)
         test_x = load_images(spec, "test", channels, args.eval_images)
-        torch.manual_seed(args.seed)
-        ours = Ours(channels, args.steps)
-        runs = [(ours, args.lr or dvae_train_defaults().lr)]
-        runs += [(Peer(channels, n_params(ours.model)), float(lr)) for lr in args.peer_lrs.split(",")]
+        runs = []
+        for objective in args.objectives.split(","):
+            torch.manual_seed(args.seed)
+            runs.append((Ours(channels, args.steps, objective), args.lr or dvae_train_defaults().lr))
+        runs += [(Peer(channels, n_params(runs[0][0].model)), float(lr)) for lr in args.peer_lrs.split(",")]
         results = []
         for wrapper, lr in runs:
             steps, seconds = train(wrapper, train_x, args.steps, args.minutes, args.batch_size, lr, args.seed)
@@ -185,7 +192,7 @@ def main(argv=None) -> int:
             print(f"{name} {wrapper.name} lr {lr}: {steps} steps {seconds:.0f}s {results[-1][-1]}", file=sys.stderr, flush=True)
         peers = [r for r in results if isinstance(r[0], Peer)]
         best_peer = max(peers, key=lambda r: r[-1]["psnr"])
-        for wrapper, lr, steps, seconds, m in (results[0], best_peer):
+        for wrapper, lr, steps, seconds, m in [r for r in results if isinstance(r[0], Ours)] + [best_peer]:
             x = test_x[:64]
             ids = wrapper.encode(x)
             row = {
