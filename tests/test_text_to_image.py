@@ -97,6 +97,17 @@ def test_filters():
     assert sample_from_logits(logits, 0.0).item() == 1
 
 
+def test_sampling_draws_from_the_softmax_of_the_filtered_logits():
+    """Gumbel-max sampling: frequencies match softmax(logits / T) over the kept ids, never a filtered id."""
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.5, -1.0]).expand(40_000, 5)
+    g = torch.Generator().manual_seed(0)
+    ids = sample_from_logits(logits, 0.8, top_k=3, generator=g)
+    freq = torch.bincount(ids, minlength=5).float() / len(ids)
+    expected = torch.tensor([1.0, 3.0, 2.0, -float("inf"), -float("inf")]).div(0.8).softmax(-1)
+    assert freq[3:].sum() == 0
+    torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
+
+
 def test_image_prompt_keeps_the_top_rows(pipe):
     image = torch.rand(3, 8, 8)
     prompt_ids = pipe.vae.encode(image[None])

@@ -48,29 +48,34 @@ class SelfAttention(nn.Module):
         q, k, v = rearrange(self.qkv(x), "b s (three n d) -> three b n s d", three=3, n=self.heads)
         return q, k, v
 
+    def decode(self, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        """One token x [B, 1, dim] at ``pos``: plain views instead of einops, as this runs once
+        per layer per sampled token and its per-call overhead is a visible part of a step."""
+        B = x.shape[0]
+        qkv = self.qkv(x).view(B, 3, self.heads, 1, self.dim_head)
+        cache.k[:, :, pos] = qkv[:, 1, :, 0]
+        cache.v[:, :, pos] = qkv[:, 2, :, 0]
+        out = self.pattern.decode_attend(qkv[:, 0], cache.k, cache.v, pos)  # [B, heads, 1, d]
+        return self.proj_drop(self.proj(out.reshape(B, 1, self.heads * self.dim_head)))
+
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
-        q, k, v = self._split(x)
         length, S = x.shape[1], self.pattern.seq_len
         if cache is not None and length == 1:  # one decode step
-            cache.k[:, :, pos] = k[:, :, 0]
-            cache.v[:, :, pos] = v[:, :, 0]
-            out = self.pattern.decode_attend(q, cache.k, cache.v, pos)
-        else:
-            if cache is not None:  # prefill of a prefix
-                if pos != 0:
-                    raise ValueError("a multi-token forward with a cache must start at position 0")
-                cache.k[:, :, :length] = k
-                cache.v[:, :, :length] = v
-            if length < S:  # a causal prefix: pad to the full sequence, the padding is never seen
-                pad = (0, 0, 0, S - length)
-                q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-            elif length > S:
-                raise ValueError(f"sequence of {length} tokens is longer than the pattern's {S}")
-            drop = self.attn_dropout if self.training else 0.0
-            out = self.pattern.attend(q, k, v, dropout_p=drop)[:, :, :length]
+            return self.decode(x, cache, pos)
+        q, k, v = self._split(x)
+        if cache is not None:  # prefill of a prefix
+            if pos != 0:
+                raise ValueError("a multi-token forward with a cache must start at position 0")
+            cache.k[:, :, :length] = k
+            cache.v[:, :, :length] = v
+        if length < S:  # a causal prefix: pad to the full sequence, the padding is never seen
+            pad = (0, 0, 0, S - length)
+            q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
+        elif length > S:
+            raise ValueError(f"sequence of {length} tokens is longer than the pattern's {S}")
+        drop = self.attn_dropout if self.training else 0.0
+        out = self.pattern.attend(q, k, v, dropout_p=drop)[:, :, :length]
         return self.proj_drop(self.proj(rearrange(out, "b n s d -> b s (n d)")))
-
-
 
 
 class Block(nn.Module):
