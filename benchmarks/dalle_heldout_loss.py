@@ -1,10 +1,12 @@
-"""Held-out bits per image token on shapes: cvformers' DALL-E vs DALLE-pytorch 1.6.6 (issue 3).
+"""Held-out bits per image token: cvformers' DALL-E vs DALLE-pytorch 1.6.6 on shapes or a caption folder (issue 3).
 
 One run, one thread, both models at the same size (dim 192, depth 4, 6 heads of 32), on the same
 data, token grid, batches (same order), optimizer, schedule and number of steps:
 
 1. a frozen image tokenizer (``--vae``, e.g. runs/ship_vqvae: 32 px -> 8x8 ids of 512) encodes
-   ``--train-images`` train and ``--test-images`` test shapes images once;
+   ``--train-images`` train and ``--test-images`` test images once: the shapes splits, or for
+   ``--data folder:PATH`` (e.g. the OpenClipart set of ``cvformers data openclipart``) the
+   train/test sides of a ``--holdout`` split by path hash (the split ``[data] holdout`` makes);
 2. a BPE caption tokenizer (vocab 1024, text_len 20) is trained on the train captions;
 3. each model is trained ``--steps`` steps with AdamW (lr 1e-3, betas (0.9, 0.96), weight decay
    4.5e-2 on matrices only, not on embeddings/biases/norms), linear warmup 100 then cosine to lr/10
@@ -25,6 +27,8 @@ attention (its default ``attn_types``). Its DiscreteVAE is built only to give it
 
 Run with the peer venv, which also imports cvformers:
     OMP_NUM_THREADS=1 .venv-bench/bin/python benchmarks/dalle_heldout_loss.py --vae runs/ship_vqvae --steps 500
+    OMP_NUM_THREADS=1 .venv-bench/bin/python benchmarks/dalle_heldout_loss.py --data folder:data/openclipart \
+        --vae runs/openclipart_vqvae --steps 500
 """
 
 from __future__ import annotations
@@ -47,12 +51,16 @@ DIM, DEPTH, HEADS, DIM_HEAD, TEXT_LEN, BPE_VOCAB = 192, 4, 6, 32, 20, 1024
 # --- data: ids computed once, batches drawn once ---------------------------------------------
 
 
-def encode_split(vae, split: str, count: int):
-    """(captions, image ids [count, h*w]) of the first ``count`` shapes images of ``split``."""
+def encode_split(vae, spec: str, split: str, count: int, holdout: float):
+    """(captions, image ids [n, h*w]) of the first ``count`` images of ``split`` of dataset ``spec``."""
     from cvformers.data import build_dataset
     from cvformers.models.dalle_task import encode_dataset
 
-    data = build_dataset("shapes", split=split, image_size=vae.image_size, size=count)
+    if spec == "shapes":
+        data = build_dataset(spec, split=split, image_size=vae.image_size, size=count)
+    else:
+        data = build_dataset(spec, split=split, image_size=vae.image_size, holdout=holdout)
+        data = torch.utils.data.Subset(data, range(min(count, len(data))))
     captions = [data[i]["caption"] for i in range(len(data))]
     codes = encode_dataset(vae, data, desc=f"encode {split}").long().flatten(1)
     return captions, codes
@@ -164,6 +172,8 @@ def heldout_bits(adapter, text, codes, batch: int = 200) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="shapes", help="shapes, or folder:PATH (captioned images)")
+    p.add_argument("--holdout", type=float, default=0.05, help="test share of a folder (by path hash)")
     p.add_argument("--vae", default="runs/ship_vqvae", help="frozen image tokenizer run folder")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=64)
@@ -180,8 +190,8 @@ def main(argv=None) -> None:
     from cvformers.text import BPETokenizer, CaptionTruncatedWarning
 
     vae = load_vae(args.vae)
-    train_caps, train_codes = encode_split(vae, "train", args.train_images)
-    test_caps, test_codes = encode_split(vae, "test", args.test_images)
+    train_caps, train_codes = encode_split(vae, args.data, "train", args.train_images, args.holdout)
+    test_caps, test_codes = encode_split(vae, args.data, "test", args.test_images, args.holdout)
     tokenizer = BPETokenizer.train(train_caps, vocab_size=BPE_VOCAB, text_len=TEXT_LEN)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CaptionTruncatedWarning)
@@ -206,7 +216,7 @@ def main(argv=None) -> None:
 
     command = "OMP_NUM_THREADS=1 .venv-bench/bin/python benchmarks/dalle_heldout_loss.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
-    print(f"\nshapes, {vae.image_size} px -> {grid}x{grid} ids of {vae.num_tokens} ({args.vae}); "
+    print(f"\n{args.data}, {vae.image_size} px -> {grid}x{grid} ids of {vae.num_tokens} ({args.vae}); "
           f"{len(train_codes)} train / {len(test_codes)} test images; BPE {tokenizer.vocab_size} x {TEXT_LEN}; "
           f"batch {args.batch_size}; one thread\n")
     print("| model | parameters | steps | train s | held-out bits / image token |")
