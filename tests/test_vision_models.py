@@ -58,6 +58,24 @@ def test_vit_state_dict_matches_timm_layout():
     assert model.blocks[0].mlp.act.approximate == "none"  # exact GELU
 
 
+def test_patch_norm_embeds_normalised_patches():
+    """patch_norm: LayerNorm over each flattened P×P×C patch, Linear, LayerNorm — checked by hand."""
+    from cvformers.nn.vision_layers import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(4, 3, 16, norm=True)
+    torch.nn.init.normal_(embed.norm_in.weight)  # non-trivial affine, so a wrong patch order shows
+    images = torch.rand(2, 3, 8, 12)
+    patch = images[1, :, 4:8, 8:12].permute(1, 2, 0).reshape(-1)  # grid row 1, column 2: token 1·3 + 2
+    expected = embed.norm_out(embed.proj(embed.norm_in(patch)))
+    out = embed(images)
+    assert out.shape == (2, 6, 16)
+    torch.testing.assert_close(out[1, 5], expected)
+    vit = create_model("vit_nano_patch4_28", num_classes=10)
+    assert {"patch_embed.norm_in.weight", "patch_embed.norm_out.weight"} <= set(vit.state_dict())
+    assert vit.pos_embed.std() > 0.5  # init = "pytorch": unit-normal position embeddings
+
+
 def test_mixer_state_dict_matches_timm_layout():
     sd = create_model("mixer_b16_224").state_dict()
     assert tuple(sd["stem.proj.weight"].shape) == (768, 3, 16, 16)

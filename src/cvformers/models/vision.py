@@ -68,9 +68,10 @@ def _swin(dim: int, depths: tuple, heads: tuple, patch: int, window: int, base: 
 # Mixer table 1, ConvMixer table 1 names "ConvMixer-h/d", Swin §3.3 variants).
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # ViT — small images: 4×4 patches
-    "vit_nano_patch4_28": _vit(128, 6, 4, 4, _SMALL, mlp_ratio=2.0),
+    "vit_nano_patch4_28": _vit(128, 6, 4, 4, _SMALL, mlp_ratio=2.0, patch_norm=True, init="pytorch"),
+    "vit_nano_patch4_28_paper": _vit(128, 6, 4, 4, _SMALL, mlp_ratio=2.0),  # the paper's embedding and init
     "vit_tiny_patch4_28": _vit(192, 12, 3, 4, _SMALL),
-    "vit_nano_patch4_32": _vit(128, 6, 4, 4, _SMALL32, mlp_ratio=2.0),
+    "vit_nano_patch4_32": _vit(128, 6, 4, 4, _SMALL32, mlp_ratio=2.0, patch_norm=True, init="pytorch"),
     "vit_tiny_patch4_32": _vit(192, 12, 3, 4, _SMALL32),
     # ViT — ImageNet sizes (tiny/small are DeiT's widths, as in timm)
     "vit_tiny_patch16_224": _vit(192, 12, 3, 16, _IMAGENET),
