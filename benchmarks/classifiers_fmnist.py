@@ -2,15 +2,20 @@
 
 Each model is trained with the machinery of ``cvformers train classifier`` (the classifier task,
 its augmentation — random crop with 2 px padding, horizontal flips — label smoothing 0.1, AdamW,
-warmup + cosine, the one Trainer) for ``--minutes`` of wall-clock time: a short calibration
-measures the training speed, the step count is set so that the run fills the budget, and the
-learning-rate schedule spans exactly that run. Then the whole 10k test split is scored.
+warmup + cosine, the one Trainer) for a budget of ``--minutes`` of compute: first every model's
+training speed is measured, one after the other and before any training starts; each model's
+step count is then set so that its run would fill the budget at that speed, and its learning-rate
+schedule spans exactly that run. Runs that share the machine (``--jobs``) take longer in wall
+time but train the same steps, so the budget does not depend on what ran beside them. Then the
+whole 10k test split is scored.
 
 Next to our families, lucidrains' ``vit-pytorch`` ViT at the parameter count of our ViT (±10%,
 checked), trained in the same run with the same data, augmentation, loss, optimizer and budget:
 its backbone replaces ours inside the same ``ImageClassifier``.
 
     python benchmarks/classifiers_fmnist.py --minutes 20 --threads 1 --jobs 2
+    python benchmarks/classifiers_fmnist.py --speed-only --threads 1 --out runs/speeds   # on an idle machine
+    python benchmarks/classifiers_fmnist.py --calibration runs/speeds/speeds.json --threads 1 --jobs 3
     python benchmarks/classifiers_fmnist.py --minutes 2 --models vit_nano_patch4_28,peer
 
 Needs Fashion-MNIST (``apt-get install dataset-fashion-mnist``) and, for the peer,
@@ -86,13 +91,9 @@ def images_per_second(model, batch: dict, steps: int = 3, warmup: int = 2) -> fl
     return steps * len(batch["label"]) / (time.perf_counter() - start)
 
 
-def run_one(name: str, args, out_root: Path) -> dict:
+def build_setup(name: str, args, out: Path):
+    """The classifier task of ``name`` (a preset, or "peer": vit-pytorch inside the same wrapper)."""
     preset = PEER_LIKE if name == "peer" else name
-    out = out_root / name
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
     task_args = TaskArgs(out=out, data=args.data, model=preset, batch_size=args.batch_size, lr=args.lr,
                          config={"train": {"eval_every": 0, "checkpoint_every": 10**9, "log_every": 50,
                                            "seed": args.seed}})
@@ -103,11 +104,30 @@ def run_one(name: str, args, out_root: Path) -> dict:
         peer_params = count_parameters(setup.model)
         if abs(peer_params - ours_params) > 0.1 * ours_params:
             raise SystemExit(f"peer has {peer_params} parameters, ours {ours_params}: not within 10%")
+    return setup
+
+
+def calibrate(name: str, args) -> dict:
+    """Training images/s of one model, measured before any training runs (so on an idle machine
+    the budgets do not depend on what else the benchmark is running)."""
     from cvformers.data import collate
 
-    calib = collate([setup.train_data[i] for i in range(args.batch_size)])
-    speed = images_per_second(setup.model, calib)
-    steps = max(10, int(args.minutes * 60 * speed / args.batch_size))
+    setup = build_setup(name, args, Path(args.out) / name)
+    batch = collate([setup.train_data[i] for i in range(args.batch_size)])
+    speed = images_per_second(setup.model, batch)
+    print(f"[{name}] {count_parameters(setup.model) / 1e6:.2f}M params, {speed:.0f} img/s", file=sys.stderr, flush=True)
+    return {"model": name, "family": "vit-pytorch" if name == "peer" else setup.model_config.family,
+            "params": count_parameters(setup.model), "calibrated_images_per_s": speed}
+
+
+def run_one(name: str, args, out_root: Path, speed: float) -> dict:
+    out = out_root / name
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    setup = build_setup(name, args, out)
+    steps = args.steps or max(10, int(args.minutes * 60 * speed / args.batch_size))
     cfg = setup.train_config
     cfg.steps, cfg.warmup_steps = steps, max(1, steps // 20)
     print(f"[{name}] {count_parameters(setup.model) / 1e6:.2f}M params, calibrated {speed:.0f} img/s "
@@ -120,14 +140,14 @@ def run_one(name: str, args, out_root: Path) -> dict:
         "model": name, "family": "vit-pytorch" if name == "peer" else setup.model_config.family,
         "params": count_parameters(setup.model), "steps": steps, "train_images": steps * args.batch_size,
         "train_minutes": train_seconds / 60, "train_images_per_s": steps * args.batch_size / train_seconds,
-        "test_accuracy": result["accuracy"], "test_images": result["n"],
+        "test_accuracy": result["accuracy"], "test_images": result["n"], "calibrated_images_per_s": speed,
     }
 
 
-def run_in_worker(name: str, args, out_root: Path) -> dict:
+def run_in_worker(name: str, args, out_root: Path, speed: float) -> dict:
     """One model in a fresh process with ``args.threads`` threads (for ``--jobs`` > 1)."""
     torch.set_num_threads(args.threads or 1)
-    row = run_one(name, args, out_root)
+    row = run_one(name, args, out_root, speed)
     print(json.dumps(row), flush=True)
     return row
 
@@ -141,6 +161,11 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--steps", type=int, default=0, help="a fixed step count for every model instead of the budget")
+    p.add_argument("--speed-only", action="store_true",
+                   help="only measure each model's training images/s (writes OUT/speeds.json)")
+    p.add_argument("--calibration", default=None,
+                   help="speeds.json of an earlier --speed-only run to size the budgets from, instead of measuring")
     p.add_argument("--jobs", type=int, default=1,
                    help="models trained at once, each in its own process (use with --threads 1)")
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N test images")
@@ -150,23 +175,39 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     out_root = Path(args.out)
     names = [name.strip() for name in args.models.split(",")]
+    out_root.mkdir(parents=True, exist_ok=True)
+    if args.calibration:  # speeds of an earlier --speed-only run (e.g. taken while the machine was idle)
+        known = {r["model"]: r for r in json.loads(Path(args.calibration).read_text())}
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise SystemExit(f"{args.calibration} has no speed for {', '.join(missing)}")
+        speeds = [known[n] for n in names]
+    else:
+        speeds = [calibrate(name, args) for name in names]
+    if args.speed_only:
+        (out_root / "speeds.json").write_text(json.dumps(speeds, indent=1))
+        print(f"\ntraining images/s (forward, backward, AdamW; batch {args.batch_size}, "
+              f"{torch.get_num_threads()} threads)")
+        for r in speeds:
+            print(f"{r['model']:32s} {r['family']:16s} {r['params'] / 1e6:7.2f}M {r['calibrated_images_per_s']:7.1f}")
+        return 0
+    rates = [r["calibrated_images_per_s"] for r in speeds]
     if args.jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.jobs, mp_context=context, max_tasks_per_child=1) as pool:
-            rows = list(pool.map(run_in_worker, names, [args] * len(names), [out_root] * len(names)))
+            rows = list(pool.map(run_in_worker, names, [args] * len(names), [out_root] * len(names), rates))
     else:
-        rows = [run_in_worker(name, args, out_root) for name in names]
-    out_root.mkdir(parents=True, exist_ok=True)
+        rows = [run_in_worker(name, args, out_root, rate) for name, rate in zip(names, rates)]
     (out_root / "results.json").write_text(json.dumps(rows, indent=1))
     print(f"\n{args.data}, {args.minutes:g} min training budget per model, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads per model, {args.jobs} at once")
-    print(f"{'model':32s} {'family':16s} {'params':>8s} {'steps':>6s} {'min':>5s} {'img/s':>7s} {'test acc':>8s}")
+    print(f"{'model':32s} {'family':16s} {'params':>8s} {'steps':>6s} {'min':>5s} {'img/s':>7s} {'calib':>7s} {'test acc':>8s}")
     for r in rows:
         print(f"{r['model']:32s} {r['family']:16s} {r['params'] / 1e6:7.2f}M {r['steps']:6d} {r['train_minutes']:5.1f} "
-              f"{r['train_images_per_s']:7.1f} {100 * r['test_accuracy']:7.2f}%")
+              f"{r['train_images_per_s']:7.1f} {r['calibrated_images_per_s']:7.1f} {100 * r['test_accuracy']:7.2f}%")
     return 0
 
 

@@ -14,7 +14,8 @@ kind), with the conv window of DALLE-pytorch's default (5×5) on both sides.
 
 - train: one optimizer step (forward, loss, backward, Adam step) on a batch of 16 given image ids
   (the dVAE encode is not timed on either side);
-- generate: 8 images from 8 captions, including each side's dVAE decode. DALLE-pytorch's
+- generate: 8 images from 8 captions, including each side's dVAE decode, after ``--gen-warmup``
+  untimed runs on each side. DALLE-pytorch's
   ``generate_images`` runs with ``use_cache=False`` (its default, "as shipped") and with
   ``use_cache=True``; top-k keeps half of the candidates on both sides (its ``filter_thres=0.5``).
 
@@ -138,7 +139,7 @@ def run_worker(spec: dict) -> dict:
             def sample():
                 return model.generate_images(text, filter_thres=0.5, use_cache=spec["peer_cache"])
 
-            with torch.no_grad():  # warm-up: one forward over the whole sequence, not a whole sampling run
+            with torch.no_grad():  # plus one forward over the whole sequence
                 model(text, torch.randint(0, IMAGE_VOCAB, (num, n), generator=g))
         else:
             from cvformers.pipelines.text_to_image import sample_codes
@@ -149,7 +150,7 @@ def run_worker(spec: dict) -> dict:
 
             with torch.no_grad():
                 model(text, torch.randint(0, IMAGE_VOCAB, (num, n), generator=g))
-        ts = times(sample, spec["repeats"], warmup=0)
+        ts = times(sample, spec["repeats"], warmup=spec["gen_warmup"])
 
     return {"times": ts, "params": params, "rss_mb": peak_rss_mb(), "base_rss_mb": base_rss,
             "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -185,6 +186,8 @@ def main() -> None:
                    help=f"subset of: {', '.join(CASES)}")
     p.add_argument("--repeats", type=int, default=5, help="timed training steps per side (after one warm-up)")
     p.add_argument("--gen-repeats", type=int, default=3, help="timed sampling runs per side")
+    p.add_argument("--gen-warmup", type=int, default=1,
+                   help="untimed sampling runs per side first (first-call allocations and kernel setup)")
     p.add_argument("--peer-cache", choices=["off", "on", "both"], default="both",
                    help="DALLE-pytorch generate_images use_cache: off (its default), on, or both")
     p.add_argument("--threads", type=int, default=2)
@@ -212,7 +215,7 @@ def main() -> None:
         train = case["kind"] == "train"
         base = dict(case=name, threads=args.threads, batch=args.batch, num_images=args.num_images,
                     conv_kernel=args.conv_kernel, mlp_ratio=args.mlp_ratio,
-                    repeats=args.repeats if train else args.gen_repeats)
+                    repeats=args.repeats if train else args.gen_repeats, gen_warmup=args.gen_warmup)
         row = {"case": name}
         if args.only != "cvformers":
             for cache in [False] if train else peer_caches:
