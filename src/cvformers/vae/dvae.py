@@ -56,7 +56,7 @@ class DVAEConfig:
     logit_laplace_eps: float = 0.1  # pixels are mapped to [ε, 1-ε] (appendix A.3)
     # reconstruction term: "logit_laplace" (the paper, A.3) or "mse" (not the paper: squared error
     # of sigmoid(μ) in the mapped pixel space, as DALLE-pytorch's DiscreteVAE trains; much sharper
-    # in short CPU runs, where the logit-Laplace median falls to the background — see the note)
+    # in short CPU runs, where the logit-Laplace median falls to the background; README, Performance)
     recon_loss: str = "logit_laplace"
     kl_weight: float = 6.6  # final β of the KL term (appendix A.2)
     kl_warmup_steps: int = 5_000  # β rises 0 -> kl_weight on a cosine over these updates (A.2)
