@@ -185,24 +185,31 @@ def attend_slices(q, k_cache, v_cache, slices: list[slice], bias: torch.Tensor |
     """Attention of q [B, heads, 1, d] over the cache slots named by a few slices, without copying them.
 
     Reading views of the cache (scores per slice, one softmax, weighted sums per slice) moves
-    less memory per decode step than gathering the slots into a new tensor for SDPA. ``bias``
-    (additive, over all the slices' slots in order) masks slots inside a slice.
+    less memory per decode step than gathering the slots into a new tensor for SDPA. The work runs
+    as 3-D ``bmm`` on [B·heads, ·, d] views (a strided slice is still a BLAS matrix, its leading
+    dimension the stride), which costs less per call than 4-D ``matmul``. ``bias`` (additive, over
+    all the slices' slots in order) masks slots inside a slice.
     """
-    scale = q.shape[-1] ** -0.5
-    keys = [k_cache[:, :, sl] for sl in slices]
-    scores = torch.cat([q @ k.transpose(-1, -2) for k in keys], dim=-1) * scale
-    if bias is not None:
-        scores = scores + bias
+    B, heads, _, d = q.shape
+    S = k_cache.shape[2]
+    q3 = q.reshape(B * heads, 1, d)
+    k3, v3 = k_cache.view(B * heads, S, d), v_cache.view(B * heads, S, d)
+    if len(slices) == 1:
+        scores = torch.bmm(q3, k3[:, slices[0]].transpose(1, 2))
+    else:
+        scores = torch.cat([torch.bmm(q3, k3[:, sl].transpose(1, 2)) for sl in slices], dim=-1)
+    scores = scores.mul_(d**-0.5) if bias is None else torch.addcmul(bias, scores, scores.new_tensor(d**-0.5))
     probs = scores.softmax(dim=-1)
-    if len(keys) == 1:
-        return probs @ v_cache[:, :, slices[0]]
+    if len(slices) == 1:
+        return torch.bmm(probs, v3[:, slices[0]]).view(B, heads, 1, d)
     out, start = None, 0
-    for sl, k in zip(slices, keys):
-        n = k.shape[2]
-        part = probs[..., start : start + n] @ v_cache[:, :, sl]
-        out = part if out is None else out + part
+    for sl in slices:
+        values = v3[:, sl]
+        n = values.shape[1]
+        part = torch.bmm(probs[..., start : start + n], values)
+        out = part if out is None else out.add_(part)
         start += n
-    return out
+    return out.view(B, heads, 1, d)
 
 
 class FullPattern(AttentionPattern):

@@ -49,19 +49,22 @@ class SelfAttention(nn.Module):
         return q, k, v
 
     def decode(self, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
-        """One token x [B, 1, dim] at ``pos``: plain views instead of einops, as this runs once
-        per layer per sampled token and its per-call overhead is a visible part of a step."""
-        B = x.shape[0]
-        qkv = self.qkv(x).view(B, 3, self.heads, 1, self.dim_head)
-        cache.k[:, :, pos] = qkv[:, 1, :, 0]
-        cache.v[:, :, pos] = qkv[:, 2, :, 0]
-        out = self.pattern.decode_attend(qkv[:, 0], cache.k, cache.v, pos)  # [B, heads, 1, d]
-        return self.proj_drop(self.proj(out.reshape(B, 1, self.heads * self.dim_head)))
+        """One token x [B, dim] at ``pos`` -> [B, dim] (inference: no dropout).
+
+        Written with functional calls on 2-D tensors: it runs once per layer per sampled token,
+        and at small widths module-call and reshape overhead is a visible share of a step.
+        """
+        B, heads, d = x.shape[0], self.heads, self.dim_head
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).view(B, 3, heads, d)
+        cache.k[:, :, pos] = qkv[:, 1]
+        cache.v[:, :, pos] = qkv[:, 2]
+        out = self.pattern.decode_attend(qkv[:, 0, :, None], cache.k, cache.v, pos)  # [B, heads, 1, d]
+        return F.linear(out.reshape(B, heads * d), self.proj.weight, self.proj.bias)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
         length, S = x.shape[1], self.pattern.seq_len
         if cache is not None and length == 1:  # one decode step
-            return self.decode(x, cache, pos)
+            return self.decode(x[:, 0], cache, pos)[:, None]
         q, k, v = self._split(x)
         if cache is not None:  # prefill of a prefix
             if pos != 0:
@@ -92,3 +95,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cache, pos)
         return x + self.mlp(self.norm2(x))
+
+    def decode(self, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        """``forward`` for one token x [B, dim] at ``pos`` against ``cache`` (inference: no dropout)."""
+        n1, n2, mlp = self.norm1, self.norm2, self.mlp
+        x = x + self.attn.decode(F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps), cache, pos)
+        h = F.linear(F.layer_norm(x, n2.normalized_shape, n2.weight, n2.bias, n2.eps), mlp.fc1.weight, mlp.fc1.bias)
+        return x + F.linear(mlp.act(h), mlp.fc2.weight, mlp.fc2.bias)
