@@ -194,11 +194,13 @@ def attend_slices(q, k_cache, v_cache, slices: list[slice], bias: torch.Tensor |
     S = k_cache.shape[2]
     q3 = q.reshape(B * heads, 1, d)
     k3, v3 = k_cache.view(B * heads, S, d), v_cache.view(B * heads, S, d)
-    if len(slices) == 1:
-        scores = torch.bmm(q3, k3[:, slices[0]].transpose(1, 2))
+    scale = d**-0.5
+    if len(slices) == 1:  # scaled (and biased) scores in one baddbmm
+        scores = torch.baddbmm(q3.new_zeros(()) if bias is None else bias, q3, k3[:, slices[0]].transpose(1, 2),
+                               beta=0.0 if bias is None else 1.0, alpha=scale)
     else:
         scores = torch.cat([torch.bmm(q3, k3[:, sl].transpose(1, 2)) for sl in slices], dim=-1)
-    scores = scores.mul_(d**-0.5) if bias is None else torch.addcmul(bias, scores, scores.new_tensor(d**-0.5))
+        scores = scores.mul_(scale) if bias is None else torch.add(bias, scores, alpha=scale)
     probs = scores.softmax(dim=-1)
     if len(slices) == 1:
         return torch.bmm(probs, v3[:, slices[0]]).view(B, heads, 1, d)
