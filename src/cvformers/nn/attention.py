@@ -16,7 +16,8 @@ One ``AttentionPattern`` object does three jobs (DESIGN.md):
    ``S``: row and conv cut the image queries into grid rows that see the text plus the few grid
    rows they can reach; column transposes the grid so each column is a short causal sequence;
    full is plain causal SDPA;
-3. ``decode_attend(q, k_cache, v_cache, pos)`` is one KV-cache sampling step: the query at ``pos``
+3. ``decode_attend(q, k_cache, v_cache, pos)`` is one KV-cache sampling step on [B·heads, ·, d]
+   views (the query already scaled by 1/sqrt(d)): the query at ``pos``
    reads only its pattern's slots, as a few views of the cache (text + window rows; a strided
    column) — no gather, no mask built per step. ``decode_index()`` lists the same slots from the
    dense mask, the generic fallback.
@@ -165,7 +166,11 @@ class AttentionPattern:
         return None
 
     def decode_attend(self, q, k_cache, v_cache, pos: int) -> torch.Tensor:
-        """One query at ``pos`` (q: [B, heads, 1, d]) against a cache filled up to ``pos``."""
+        """One query at ``pos`` against a cache filled up to ``pos``.
+
+        q: [B·heads, 1, d], already multiplied by 1/sqrt(d); k_cache, v_cache: [B·heads, S, d].
+        Returns [B·heads, 1, d].
+        """
         if pos < self.text_len:  # text: every earlier text slot
             return attend_slices(q, k_cache, v_cache, [slice(0, pos + 1)])
         slices = self.decode_slices(pos)
@@ -173,45 +178,40 @@ class AttentionPattern:
             return attend_slices(q, k_cache, v_cache, slices)
         slots, valid = self.decode_index(q.device)
         bias = self._additive("decode", valid, q.dtype)
-        k = k_cache.index_select(2, slots[pos])
-        v = v_cache.index_select(2, slots[pos])
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[pos, None])
+        k = k_cache.index_select(1, slots[pos])
+        v = v_cache.index_select(1, slots[pos])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[pos, None], scale=1.0)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(text={self.text_len}, grid={self.grid_h}x{self.grid_w})"
 
 
 def attend_slices(q, k_cache, v_cache, slices: list[slice], bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of q [B, heads, 1, d] over the cache slots named by a few slices, without copying them.
+    """Attention of q [B·heads, 1, d] (pre-scaled) over the cache slots named by a few slices.
 
-    Reading views of the cache (scores per slice, one softmax, weighted sums per slice) moves
-    less memory per decode step than gathering the slots into a new tensor for SDPA. The work runs
-    as 3-D ``bmm`` on [B·heads, ·, d] views (a strided slice is still a BLAS matrix, its leading
-    dimension the stride), which costs less per call than 4-D ``matmul``. ``bias`` (additive, over
-    all the slices' slots in order) masks slots inside a slice.
+    The caches are [B·heads, S, d]; reading views of them (scores per slice, one softmax, weighted
+    sums per slice) moves less memory per decode step than gathering the slots into a new tensor
+    for SDPA, and a strided slice (a column) is still a BLAS matrix whose leading dimension is the
+    stride, so 3-D ``bmm`` takes it without a copy. ``bias`` (additive, over all the slices' slots
+    in order) masks slots inside a slice.
     """
-    B, heads, _, d = q.shape
-    S = k_cache.shape[2]
-    q3 = q.reshape(B * heads, 1, d)
-    k3, v3 = k_cache.view(B * heads, S, d), v_cache.view(B * heads, S, d)
-    scale = d**-0.5
-    if len(slices) == 1:  # scaled (and biased) scores in one baddbmm
-        scores = torch.baddbmm(q3.new_zeros(()) if bias is None else bias, q3, k3[:, slices[0]].transpose(1, 2),
-                               beta=0.0 if bias is None else 1.0, alpha=scale)
+    if len(slices) == 1:
+        scores = torch.bmm(q, k_cache[:, slices[0]].transpose(1, 2))
     else:
-        scores = torch.cat([torch.bmm(q3, k3[:, sl].transpose(1, 2)) for sl in slices], dim=-1)
-        scores = scores.mul_(scale) if bias is None else torch.add(bias, scores, alpha=scale)
+        scores = torch.cat([torch.bmm(q, k_cache[:, sl].transpose(1, 2)) for sl in slices], dim=-1)
+    if bias is not None:
+        scores = scores + bias
     probs = scores.softmax(dim=-1)
     if len(slices) == 1:
-        return torch.bmm(probs, v3[:, slices[0]]).view(B, heads, 1, d)
+        return torch.bmm(probs, v_cache[:, slices[0]])
     out, start = None, 0
     for sl in slices:
-        values = v3[:, sl]
+        values = v_cache[:, sl]
         n = values.shape[1]
         part = torch.bmm(probs[..., start : start + n], values)
         out = part if out is None else out.add_(part)
         start += n
-    return out.view(B, heads, 1, d)
+    return out
 
 
 class FullPattern(AttentionPattern):

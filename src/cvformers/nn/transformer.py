@@ -48,10 +48,17 @@ def decode_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values for one layer: [B, heads, S, d]; filled by prefill, then one slot a step."""
+    """Preallocated keys/values for one layer: [B, heads, S, d]; filled by prefill, then one slot a step.
+
+    ``k3``/``v3`` are the same buffers seen as [B·heads, S, d], the layout the decode step reads.
+    """
 
     k: torch.Tensor
     v: torch.Tensor
+
+    def __post_init__(self):
+        B, heads, S, d = self.k.shape
+        self.k3, self.v3 = self.k.view(B * heads, S, d), self.v.view(B * heads, S, d)
 
     @classmethod
     def empty(cls, batch: int, heads: int, seq_len: int, dim_head: int, device=None, dtype=None):
@@ -89,10 +96,11 @@ class SelfAttention(nn.Module):
         """
         B, heads, d = x.shape[0], self.heads, self.dim_head
         qkv = decode_linear(self.qkv, x).view(B, 3, heads, d)
-        cache.k[:, :, pos] = qkv[:, 1]
-        cache.v[:, :, pos] = qkv[:, 2]
-        out = self.pattern.decode_attend(qkv[:, 0, :, None], cache.k, cache.v, pos)  # [B, heads, 1, d]
-        return decode_linear(self.proj, out.reshape(B, heads * d))
+        cache.k.select(2, pos).copy_(qkv[:, 1])
+        cache.v.select(2, pos).copy_(qkv[:, 2])
+        q = (qkv[:, 0] * d**-0.5).view(B * heads, 1, d)  # the scale, and the copy to [B·heads, 1, d], in one op
+        out = self.pattern.decode_attend(q, cache.k3, cache.v3, pos)  # [B·heads, 1, d]
+        return decode_linear(self.proj, out.view(B, heads * d))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
         length, S = x.shape[1], self.pattern.seq_len
@@ -104,13 +112,16 @@ class SelfAttention(nn.Module):
                 raise ValueError("a multi-token forward with a cache must start at position 0")
             cache.k[:, :, :length] = k
             cache.v[:, :, :length] = v
-        if length < S:  # a causal prefix: pad to the full sequence, the padding is never seen
-            pad = (0, 0, 0, S - length)
-            q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-        elif length > S:
+        if length > S:
             raise ValueError(f"sequence of {length} tokens is longer than the pattern's {S}")
         drop = self.attn_dropout if self.training else 0.0
-        out = self.pattern.attend(q, k, v, dropout_p=drop)[:, :, :length]
+        if length <= self.pattern.text_len:  # text only (a sampling prefill): causal over text in every pattern
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        else:
+            if length < S:  # a causal prefix: pad to the full sequence, the padding is never seen
+                pad = (0, 0, 0, S - length)
+                q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
+            out = self.pattern.attend(q, k, v, dropout_p=drop)[:, :, :length]
         return self.proj_drop(self.proj(rearrange(out, "b n s d -> b s (n d)")))
 
 
