@@ -11,6 +11,7 @@ from cvformers.vae.dvae import (
     DiscreteVAE,
     DVAEConfig,
     kl_to_uniform,
+    logit_laplace_mean,
     logit_laplace_log_prob,
     map_pixels,
     unmap_pixels,
@@ -173,3 +174,82 @@ def test_config_is_strict():
         from_dict(DVAEConfig, {"vocab": 10})
     with pytest.raises(ConfigError, match="n_hid"):
         from_dict(DVAEConfig, {"n_hid": "64"})
+
+
+# --- departures from the release for small models: post_gain ------------------------------------
+
+
+def test_release_post_gain_is_the_default():
+    m = tiny()
+    assert all(g.blocks[0].post_gain == pytest.approx(1 / 9) for g in m.encoder.groups + m.decoder.groups)
+    assert set(m.state_dict()) == set(tiny(post_gain=1.0).state_dict())  # same weights, OpenAI's keys
+
+
+def test_post_gain_multiplies_the_residual_branch():
+    m = tiny(post_gain=0.5)
+    block = m.encoder.groups[0].blocks[0]  # 16 -> 16: identity skip
+    assert block.post_gain == 0.5
+    x = torch.randn(2, 16, 8, 8)
+    h = x
+    for layer in (block.conv1, block.conv2, block.conv3, block.conv4):
+        h = layer(F.relu(h))
+    torch.testing.assert_close(block(x), x + 0.5 * h)
+
+
+def test_new_options_are_refused_when_wrong():
+    with pytest.raises(ConfigError, match="post_gain"):
+        tiny(post_gain=0.0)
+    with pytest.raises(ConfigError, match="post_gain"):
+        from_dict(DVAEConfig, {"post_gain": "1"})
+    with pytest.raises(ConfigError, match="recon_estimate"):
+        tiny(recon_estimate="mode")
+    with pytest.raises(ConfigError, match="recon_estimate"):
+        tiny(recon_estimate="mean", recon_loss="mse", kl_weight=0.0)
+
+
+def test_full_gain_model_overfits_one_batch():
+    m = tiny(vocab_size=64, recon_loss="mse", kl_weight=0.0, post_gain=1.0)
+    x = squares(8)
+    m.eval()
+    start = float(psnr(m.decode(m.encode(x)), x))
+    m.train()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    steps = 150
+    for step in range(steps):
+        m.on_train_step(step, steps)
+        loss, _ = m.loss({"image": x})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    end = float(psnr(m.decode(m.encode(x)), x))
+    assert end > start + 6, (start, end)
+
+
+# --- recon_estimate = "mean": the logit-Laplace posterior mean ---------------------------------
+
+
+def test_logit_laplace_mean_matches_monte_carlo():
+    torch.manual_seed(0)
+    mu = torch.tensor([-3.0, -0.5, 0.0, 1.0, 2.5])
+    log_b = torch.tensor([0.5, -1.0, 0.0, 0.3, -0.2])
+    y = mu + torch.exp(log_b) * torch.distributions.Laplace(0.0, 1.0).sample((400_000, 5))
+    expected = unmap_pixels(torch.sigmoid(y), 0.1).mean(0)
+    torch.testing.assert_close(logit_laplace_mean(mu, log_b, 0.1), expected, atol=3e-3, rtol=0)
+    # a dark-background pixel whose μ sits below the clamp: the median is 0, the mean is not
+    assert float(unmap_pixels(torch.sigmoid(mu[:1]), 0.1)) == 0.0
+    assert float(logit_laplace_mean(mu[:1], log_b[:1], 0.1)) > 0.05
+    # a tiny scale leaves the median
+    torch.testing.assert_close(
+        logit_laplace_mean(mu, torch.full_like(mu, -12.0), 0.1), unmap_pixels(torch.sigmoid(mu), 0.1), atol=1e-4, rtol=0
+    )
+
+
+def test_recon_estimate_mean_is_what_decode_returns():
+    m = tiny(recon_estimate="mean").eval()
+    ids = torch.randint(0, 32, (2, 4, 4))
+    stats = m.decoder(ids=ids)
+    torch.testing.assert_close(m.decode(ids), logit_laplace_mean(stats[:, :3], stats[:, 3:], 0.1))
+    median = tiny().eval()
+    assert not torch.allclose(median.decode(ids), m.decode(ids))  # same weights (seed 0), other estimate
+

@@ -24,6 +24,12 @@ counts by the paper's proportions instead (τ over the first 5% of the run, β o
 failed in short runs (measured on shapes, 200-400 steps): with β = 6.6 from the first steps
 the posterior collapsed onto the prior (KL 0.002 nats a position, PSNR 12.9 dB, that of a
 black image); with β = 0, τ at 1/16 after 10 steps left one code in use (perplexity 1.0).
+
+Options that depart from the release, all off by default (README, "The image tokenizers"):
+``post_gain``, the residual-branch multiplier (the release's 1/n_layers² is 1/9 in a 3-block
+model and leaves the branches nearly silent in a short run), and ``recon_estimate = "mean"``,
+images from the mean of the logit-Laplace (A.3) instead of the release's sigmoid(μ), its median:
+the mean is the estimate with the least expected squared error.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from cvformers.registry import register_kind
 
 
 RECON_LOSSES = ("logit_laplace", "mse")
+RECON_ESTIMATES = ("median", "mean")
 
 
 @dataclass
@@ -64,6 +71,11 @@ class DVAEConfig:
     tau_end: float = 1.0 / 16  # temperature after annealing (A.2)
     tau_anneal_steps: int = 150_000  # τ falls tau_start -> tau_end on a cosine over these updates (A.2)
     fit_schedules_to_run: bool = True  # a run shorter than a schedule runs that schedule over all its steps
+    # --- departures from the release for small CPU-trained models (README, "The image tokenizers") ---
+    post_gain: float | None = None  # residual-branch multiplier; None = the release's 1 / (group_count·n_blk_per_group)²
+    # images from decoder statistics: "median" = sigmoid(μ) (the release) or "mean" = E[sigmoid(y)],
+    # y ~ Laplace(μ, b), the logit-Laplace posterior mean (A.3), which minimises expected squared error
+    recon_estimate: str = "median"
 
     def __post_init__(self) -> None:
         for name in ("image_size", "channels", "vocab_size", "n_hid", "n_blk_per_group", "group_count", "n_init"):
@@ -82,6 +94,14 @@ class DVAEConfig:
             raise ConfigError(f"model.recon_loss must be one of {', '.join(RECON_LOSSES)}, got {self.recon_loss!r}")
         if self.tau_start <= 0 or self.tau_end <= 0:
             raise ConfigError("model.tau_start and model.tau_end must be > 0")
+        if self.post_gain is not None and not self.post_gain > 0:
+            raise ConfigError(f"model.post_gain must be > 0 (or omitted for the release's), got {self.post_gain}")
+        if self.recon_estimate not in RECON_ESTIMATES:
+            raise ConfigError(
+                f"model.recon_estimate must be one of {', '.join(RECON_ESTIMATES)}, got {self.recon_estimate!r}"
+            )
+        if self.recon_estimate == "mean" and self.recon_loss != "logit_laplace":
+            raise ConfigError('model.recon_estimate = "mean" needs recon_loss = "logit_laplace" (it uses the scale b)')
 
     @property
     def grid_size(self) -> int:
@@ -112,6 +132,19 @@ def logit_laplace_log_prob(x: torch.Tensor, mu: torch.Tensor, log_b: torch.Tenso
         - torch.log1p(-x)
         - (torch.logit(x) - mu).abs() * torch.exp(-log_b)
     )
+
+
+def logit_laplace_mean(mu: torch.Tensor, log_b: torch.Tensor, eps: float = 0.1, points: int = 32) -> torch.Tensor:
+    """E[unmap(sigmoid(y))] for y ~ Laplace(μ, b): the mean of the pixel under the logit-Laplace
+    density of A.3, the estimate with the least expected squared error (sigmoid(μ) is its median).
+
+    No closed form; a ``points``-node quantile rule: y_k = μ + b·F⁻¹((k + ½) / points), with F⁻¹
+    the standard Laplace quantile, and the mean of the pixels they give.
+    """
+    u = (torch.arange(points, dtype=torch.float64) + 0.5) / points - 0.5
+    s = (-torch.sign(u) * torch.log1p(-2 * u.abs())).to(mu.dtype)  # Laplace(0, 1) quantiles
+    y = mu.unsqueeze(-1) + torch.exp(log_b).unsqueeze(-1) * s
+    return unmap_pixels(torch.sigmoid(y), eps).mean(-1)
 
 
 def kl_to_uniform(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -148,13 +181,21 @@ class ResBlock(nn.Module):
     """Bottleneck residual block: skip(x) + post_gain · conv4(relu(conv3(relu(conv2(relu(conv1(relu(x)))))))).
 
     Encoder blocks use kernels (3, 3, 3, 1), decoder blocks (1, 3, 3, 3) as in the release;
-    the bottleneck is n_out / 4 wide; the skip is a 1×1 conv only where the width changes.
+    the bottleneck is n_out / 4 wide; ``post_gain`` is 1 / n_layers² unless given; the skip is
+    a 1×1 conv only where the width changes.
     """
 
-    def __init__(self, n_in: int, n_out: int, n_layers: int, kernels: tuple[int, int, int, int]):
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        n_layers: int,
+        kernels: tuple[int, int, int, int],
+        post_gain: float | None = None,
+    ):
         super().__init__()
         hid = n_out // 4
-        self.post_gain = 1.0 / n_layers**2
+        self.post_gain = 1.0 / n_layers**2 if post_gain is None else post_gain
         self.skip = conv(n_in, n_out, 1) if n_in != n_out else nn.Identity()
         self.conv1 = conv(n_in, hid, kernels[0])
         self.conv2 = conv(hid, hid, kernels[1])
@@ -173,8 +214,10 @@ class Group(nn.Module):
     def __init__(self, n_in: int, n_out: int, cfg: DVAEConfig, kernels: tuple[int, int, int, int]):
         super().__init__()
         n_layers = cfg.group_count * cfg.n_blk_per_group
+        post_gain = getattr(cfg, "post_gain", None)  # the VQ-VAE's config shares these stacks without it
         self.blocks = nn.ModuleList(
-            ResBlock(n_in if i == 0 else n_out, n_out, n_layers, kernels) for i in range(cfg.n_blk_per_group)
+            ResBlock(n_in if i == 0 else n_out, n_out, n_layers, kernels, post_gain)
+            for i in range(cfg.n_blk_per_group)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -282,8 +325,11 @@ class DiscreteVAE(nn.Module):
         return self.logits(images).argmax(dim=1)
 
     def stats_to_images(self, stats: torch.Tensor) -> torch.Tensor:
-        """Decoder output -> images in [0,1]: sigmoid of the location μ, unmapped (release usage)."""
+        """Decoder output -> images in [0,1], unmapped: sigmoid(μ), the median of the logit-Laplace
+        (the release's usage), or with ``recon_estimate = "mean"`` its mean (``logit_laplace_mean``)."""
         mu = stats[:, : self.channels]
+        if self.cfg.recon_estimate == "mean":
+            return logit_laplace_mean(mu, stats[:, self.channels :], self.cfg.logit_laplace_eps)
         return unmap_pixels(torch.sigmoid(mu), self.cfg.logit_laplace_eps)
 
     @torch.no_grad()
@@ -318,7 +364,7 @@ class DiscreteVAE(nn.Module):
         # A.2: divide by the number of pixel values, so the KL weight per position is β·h·w/(C·H·W)
         loss = (nll + self.beta * kl).mean() / (c * h * w)
         with torch.no_grad():
-            recon = unmap_pixels(torch.sigmoid(mu), eps)
+            recon = self.stats_to_images(stats.float())
             metrics = {
                 "recon_nll": (nll.mean() / (c * h * w)).item(),
                 "kl": (kl.mean() / (self.grid_size**2)).item(),  # nats per code position
