@@ -67,6 +67,12 @@ def setup(device: str | torch.device | None = None) -> tuple[DistInfo, torch.dev
 
 def teardown(info: DistInfo) -> None:
     if info.created_group and dist.is_initialized():
+        # A DDP wrapper sits in reference cycles, so it can outlive the training frame and have its
+        # reducer freed by a later GC pass against a destroyed gloo group (a suspect for the rare
+        # worker abort at exit seen on a loaded machine): collect it while the group still exists.
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
 
 
