@@ -130,24 +130,3 @@ def test_auto_path_takes_the_blocked_path_where_it_pays():
     assert build_pattern("column", 256, 32, 32).blocked_pays()
     assert not build_pattern("conv", 64, 16, 16, conv_kernel=11).blocked_pays()  # the window is most of it
 
-
-def test_decode_linear_equals_linear_and_follows_weight_updates():
-    from torch import nn
-
-    from cvformers.nn.transformer import decode_linear
-
-    torch.manual_seed(3)
-    lin = nn.Linear(16, 24)
-    with torch.no_grad():
-        for rows in (8, 5, 8):  # a packed weight per batch size
-            x = torch.randn(rows, 16)
-            torch.testing.assert_close(decode_linear(lin, x), lin(x), atol=1e-5, rtol=0)
-        lin.weight.mul_(-2.0)  # an in-place update (an optimizer step) must not leave a stale packed copy
-        torch.testing.assert_close(decode_linear(lin, x), lin(x), atol=1e-5, rtol=0)
-        lin.weight = nn.Parameter(torch.randn(24, 16))  # so must a new tensor
-        torch.testing.assert_close(decode_linear(lin, x), lin(x), atol=1e-5, rtol=0)
-    assert set(lin.state_dict()) == {"weight", "bias"}
-    # with gradients on it is the plain linear, so training through it still works
-    x = torch.randn(4, 16, requires_grad=True)
-    decode_linear(lin, x).sum().backward()
-    assert x.grad is not None

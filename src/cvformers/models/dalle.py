@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cvformers.nn.attention import PATTERNS, build_pattern, paper_schedule
-from cvformers.nn.transformer import Block, KVCache, decode_linear
+from cvformers.nn.transformer import Block, KVCache
 from cvformers.registry import register_kind
 
 
@@ -195,7 +195,7 @@ class DALLE(nn.Module):
         x = F.embedding(code, self.image_emb.weight) + (self.image_row.weight[i // G] + self.image_col.weight[i % G])
         for block, cache in zip(self.blocks, caches):
             x = block.decode(x, cache, pos)
-        return decode_linear(self.image_head, self.norm(x))
+        return self.image_head(self.norm(x))
 
 
 def num_params(model: nn.Module) -> int:

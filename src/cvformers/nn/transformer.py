@@ -13,39 +13,6 @@ from cvformers.nn.attention import AttentionPattern
 from cvformers.nn.layers import Mlp
 
 
-def _has_mkl_packed_linear() -> bool:
-    try:
-        return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_MKL_PACKED = _has_mkl_packed_linear()
-
-
-def decode_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)`` for the rows of one decode step (inference).
-
-    A decode step multiplies a handful of rows (the batch) by every weight matrix, so each product
-    is bound by reading the weights, not by arithmetic. On CPU in fp32 with MKL, the weight is
-    packed once per batch size into MKL's GEMM layout (what inductor's weight freezing does for
-    small-batch fp32 linears), which takes about a quarter off each product at 8 rows; the packed
-    copy lives on the module (not in its state dict) and is rebuilt when the weight changes
-    (its version counter or storage). Elsewhere, or when gradients are on, it is ``F.linear``.
-    """
-    w, b = linear.weight, linear.bias
-    if not _MKL_PACKED or torch.is_grad_enabled() or x.device.type != "cpu" or w.dtype != torch.float32 \
-            or x.dtype != torch.float32 or x.dim() != 2:
-        return F.linear(x, w, b)
-    rows = x.shape[0]
-    key = (rows, w._version, w.data_ptr())
-    packed = linear.__dict__.get("_decode_packed")
-    if packed is None or packed[0] != key:
-        packed = (key, torch.ops.mkl._mkl_reorder_linear_weight(w, rows))
-        linear.__dict__["_decode_packed"] = packed
-    return torch.ops.mkl._mkl_linear(x, packed[1], w, b, rows)
-
-
 @dataclass
 class KVCache:
     """Preallocated keys/values for one layer: [B, heads, S, d]; filled by prefill, then one slot a step.
@@ -95,12 +62,12 @@ class SelfAttention(nn.Module):
         and at small widths module-call and reshape overhead is a visible share of a step.
         """
         B, heads, d = x.shape[0], self.heads, self.dim_head
-        qkv = decode_linear(self.qkv, x).view(B, 3, heads, d)
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).view(B, 3, heads, d)
         cache.k.select(2, pos).copy_(qkv[:, 1])
         cache.v.select(2, pos).copy_(qkv[:, 2])
         q = (qkv[:, 0] * d**-0.5).view(B * heads, 1, d)  # the scale, and the copy to [B·heads, 1, d], in one op
         out = self.pattern.decode_attend(q, cache.k3, cache.v3, pos)  # [B·heads, 1, d]
-        return decode_linear(self.proj, out.view(B, heads * d))
+        return F.linear(out.view(B, heads * d), self.proj.weight, self.proj.bias)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
         length, S = x.shape[1], self.pattern.seq_len
@@ -144,5 +111,5 @@ class Block(nn.Module):
         """``forward`` for one token x [B, dim] at ``pos`` against ``cache`` (inference: no dropout)."""
         n1, n2, mlp = self.norm1, self.norm2, self.mlp
         x = x + self.attn.decode(F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps), cache, pos)
-        h = decode_linear(mlp.fc1, F.layer_norm(x, n2.normalized_shape, n2.weight, n2.bias, n2.eps))
-        return x + decode_linear(mlp.fc2, mlp.act(h))
+        h = F.linear(F.layer_norm(x, n2.normalized_shape, n2.weight, n2.bias, n2.eps), mlp.fc1.weight, mlp.fc1.bias)
+        return x + F.linear(mlp.act(h), mlp.fc2.weight, mlp.fc2.bias)
