@@ -242,7 +242,8 @@ def main() -> None:
     any_row = next(v for r in results for k, v in r.items() if k != "case")
     print(f"\ntorch {any_row['torch']} CPU, {any_row['threads']} threads, {os.cpu_count()} cores; train batch "
           f"{args.batch}, {args.num_images} images; medians of {args.repeats} train steps / {args.gen_repeats} "
-          f"sampling runs per side and round, {args.rounds} round(s) alternating the sides; conv window {args.conv_kernel}; cvformers mlp_ratio {args.mlp_ratio:g}; "
+          f"sampling runs per side and round, {args.rounds} round(s) alternating the sides; "
+          f"conv window {args.conv_kernel}; cvformers mlp_ratio {args.mlp_ratio:g}; "
           "peak RSS per worker process (MB)\n")
     print("| case | DALLE-pytorch (s) | DALLE-pytorch use_cache (s) | cvformers (s) | speed-up | speed-up vs use_cache "
           "| RSS peer | RSS cvformers | params peer / ours |")

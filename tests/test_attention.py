@@ -92,6 +92,11 @@ def test_kv_cache_decode_reproduces_full_forward(name, shape):
         cache = KVCache.empty(2, 2, pattern.seq_len, 8)
         steps = torch.cat([attn(x[:, p : p + 1], cache, p) for p in range(pattern.seq_len)], 1)
         torch.testing.assert_close(steps, full, atol=1e-5, rtol=0)
+        # prefill the text alone (plain causal attention over the caption), then decode the rest
+        cache = KVCache.empty(2, 2, pattern.seq_len, 8)
+        pre = attn(x[:, :T], cache, 0)
+        rest = [attn(x[:, p : p + 1], cache, p) for p in range(T, pattern.seq_len)]
+        torch.testing.assert_close(torch.cat([pre, *rest], 1), full, atol=1e-5, rtol=0)
         # prefill the text and two image rows, then decode the rest
         start = T + 2 * W
         cache = KVCache.empty(2, 2, pattern.seq_len, 8)
@@ -129,4 +134,3 @@ def test_auto_path_takes_the_blocked_path_where_it_pays():
     assert build_pattern("row", 64, 32, 32).blocked_pays()
     assert build_pattern("column", 256, 32, 32).blocked_pays()
     assert not build_pattern("conv", 64, 16, 16, conv_kernel=11).blocked_pays()  # the window is most of it
-

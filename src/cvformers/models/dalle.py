@@ -190,9 +190,7 @@ class DALLE(nn.Module):
     @torch.no_grad()
     def decode_step(self, code: torch.Tensor, pos: int, caches: list[KVCache]) -> torch.Tensor:
         """Feed image id ``code`` [B] at sequence position ``pos`` -> logits [B, image vocab] of the next id."""
-        i, G = pos - self.cfg.text_len, self.cfg.grid_size
-        # embed_image for one id, on 2-D [B, dim] rows: the decode path of every block takes [B, dim]
-        x = F.embedding(code, self.image_emb.weight) + (self.image_row.weight[i // G] + self.image_col.weight[i % G])
+        x = self.embed_image(code[:, None], pos - self.cfg.text_len)[:, 0]  # [B, dim]: the blocks' decode path
         for block, cache in zip(self.blocks, caches):
             x = block.decode(x, cache, pos)
         return self.image_head(self.norm(x))
