@@ -114,6 +114,7 @@ def test_image_prompt_keeps_the_top_rows(pipe):
     out = pipe.generate("a red circle", num_images=2, image_prompt=image, prompt_rows=2)
     assert torch.equal(out.codes[:, :2], prompt_ids[:, :2].expand(2, -1, -1))
     full = sample_codes(pipe.model, pipe.encode_prompt("x").expand(1, -1), prompt_codes=prompt_ids.flatten(1))
+    assert not full.is_inference()  # sampled under inference mode, handed back as a normal tensor
     assert torch.equal(full, prompt_ids)  # every row given: nothing to sample
 
 
