@@ -4,8 +4,8 @@ machine's fp32 matmul peak that a DALL-E training step reaches.
 Part 1 (issue 6): for grids of 16×16, 32×32 and 64×64 image tokens after 64 text tokens, the
 attention op of one layer — ``pattern.attend(q, k, v)`` (each pattern's fast path) and
 ``dense_attention`` with the pattern's dense boolean mask (the test oracle) — forward +
-backward; how many times faster the fast path is, and how its time grows with the number of
-image tokens N (growth exponent = log(t₂/t₁) / log(N₂/N₁): 1 is linear, 2 quadratic).
+backward, their runs alternating; how many times faster the fast path is, and how its time grows
+with the number of image tokens N (growth exponent = log(t₂/t₁) / log(N₂/N₁): 1 is linear, 2 quadratic).
 
 Part 2: fp32 matmul GFLOP/s of this machine (square products, best of several runs, and a product
 of the shape the model's MLP runs), then a training step (forward, loss, backward, Adam) of the
@@ -35,8 +35,8 @@ from cvformers.models.model_info import model_info  # noqa: E402
 from cvformers.nn.attention import build_pattern, dense_attention  # noqa: E402
 
 
-def attention_times(pattern, batch: int, heads: int, dim_head: int, repeats: int, dense: bool) -> float:
-    """Median seconds of forward + backward of one attention op (fast path, or dense masked)."""
+def attention_step(pattern, batch: int, heads: int, dim_head: int, dense: bool):
+    """Forward + backward of one attention op (fast path, or dense masked), as a callable."""
     shape = (batch, heads, pattern.seq_len, dim_head)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(shape, generator=gen).requires_grad_() for _ in range(3))
@@ -48,7 +48,21 @@ def attention_times(pattern, batch: int, heads: int, dim_head: int, repeats: int
         out.backward(grad)
         q.grad = k.grad = v.grad = None
 
-    return median(times(step, repeats, warmup=1))
+    return step
+
+
+def attention_times(pattern, batch: int, heads: int, dim_head: int, repeats: int,
+                    dense: bool = True) -> tuple[float, float]:
+    """Median seconds of the fast path and of dense masked attention (nan when ``dense`` is off),
+    their runs alternating so that the machine's drift falls on both."""
+    fast = attention_step(pattern, batch, heads, dim_head, dense=False)
+    ref = attention_step(pattern, batch, heads, dim_head, dense=True) if dense else None
+    fast_t, ref_t = [], []
+    for _ in range(repeats):
+        fast_t += times(fast, 1, warmup=0 if fast_t else 1)
+        if ref is not None:
+            ref_t += times(ref, 1, warmup=0 if ref_t else 1)
+    return median(fast_t), median(ref_t)
 
 
 def attention_table(args) -> None:
@@ -56,18 +70,22 @@ def attention_table(args) -> None:
           f"{args.text} text tokens, conv window {args.conv_kernel}; median of {args.repeats}, ms)\n")
     print("| pattern | grid | image tokens | fast path | dense masked | fast vs dense | fast growth exponent |")
     print("|---|---|---|---|---|---|---|")
-    for name in args.patterns:
+    variants = [(name, b) for name in args.patterns
+                for b in (args.rows_per_block if name in ("row", "conv") else [None])]
+    for name, rows_per_block in variants:
         prev = None
+        label = name if rows_per_block is None else f"{name}, {rows_per_block} rows a block"
         for g in args.grids:
             pattern = build_pattern(name, args.text, g, g, conv_kernel=args.conv_kernel)
-            fast = attention_times(pattern, args.batch, args.heads, args.dim_head, args.repeats, dense=False)
-            dense = (float("nan") if g > args.max_dense_grid else
-                     attention_times(pattern, args.batch, args.heads, args.dim_head, args.repeats, dense=True))
+            if rows_per_block is not None:
+                pattern.rows_per_block = rows_per_block
+            fast, dense = attention_times(pattern, args.batch, args.heads, args.dim_head, args.repeats,
+                                          dense=g <= args.max_dense_grid)
             n = g * g
             growth = "" if prev is None else f"{math.log(fast / prev[1]) / math.log(n / prev[0]):.2f}"
             ratio = "—" if dense != dense else f"{dense / fast:.1f}×"
             dense_ms = "—" if dense != dense else f"{1e3 * dense:.1f}"
-            print(f"| {name} | {g}×{g} | {n} | {1e3 * fast:.1f} | {dense_ms} | {ratio} | {growth} |", flush=True)
+            print(f"| {label} | {g}×{g} | {n} | {1e3 * fast:.1f} | {dense_ms} | {ratio} | {growth} |", flush=True)
             prev = (n, fast)
     print()
 
@@ -126,6 +144,8 @@ def main() -> None:
     p.add_argument("--grids", type=int, nargs="+", default=[16, 32, 64], help="image tokens per side")
     p.add_argument("--patterns", nargs="+", default=["row", "column", "conv", "full"])
     p.add_argument("--text", type=int, default=64, help="text tokens before the image")
+    p.add_argument("--rows-per-block", type=int, nargs="+", default=[2],
+                   help="grid rows per query block of the row and conv fast paths (one table row each)")
     p.add_argument("--batch", type=int, default=1, help="batch of the attention op")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim-head", type=int, default=32)
