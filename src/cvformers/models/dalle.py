@@ -183,9 +183,23 @@ class DALLE(nn.Module):
 
     @torch.no_grad()
     def prefill(self, text: torch.Tensor, caches: list[KVCache], codes: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the prefix [text | first image ids] once, fill the caches -> logits of the next image id."""
-        h = self(text, codes, caches)
-        return self.image_head(h[:, -1])
+        """Run the prefix [text | first image ids] once, fill the caches -> logits of the next image id.
+
+        The last layer's outputs are needed only at the last position (its keys and values at every
+        position): it stores the keys and values of the others and runs one decode step for the
+        last, which skips about 80% of that layer's work.
+        """
+        x = self.embed_text(text)
+        if codes is not None:
+            x = torch.cat([x, self.embed_image(codes.flatten(1))], dim=1)
+        for block, cache in zip(self.blocks[:-1], caches):
+            x = block(x, cache, 0)
+        last, length = self.blocks[-1], x.shape[1]
+        if length > 1:
+            last.attn.store(F.layer_norm(x[:, :-1], last.norm1.normalized_shape, last.norm1.weight,
+                                         last.norm1.bias, last.norm1.eps), caches[-1])
+        x = last.decode(x[:, -1], caches[-1], length - 1)
+        return self.image_head(self.norm(x))
 
     @torch.no_grad()
     def decode_step(self, code: torch.Tensor, pos: int, caches: list[KVCache]) -> torch.Tensor:

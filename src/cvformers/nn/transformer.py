@@ -15,22 +15,24 @@ from cvformers.nn.layers import Mlp
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values for one layer: [B, heads, S, d]; filled by prefill, then one slot a step.
+    """Preallocated keys and values for one layer, ``kv`` [2, B, heads, S, d]; filled by prefill,
+    then one slot a step.
 
-    ``k3``/``v3`` are the same buffers seen as [B·heads, S, d], the layout the decode step reads.
+    ``k``/``v`` are its two halves [B, heads, S, d]; ``k3``/``v3`` the same memory seen as
+    [B·heads, S, d], the layout the decode step reads. Keys and values share one buffer so that a
+    decode step stores both with one copy.
     """
 
-    k: torch.Tensor
-    v: torch.Tensor
+    kv: torch.Tensor
 
     def __post_init__(self):
-        B, heads, S, d = self.k.shape
+        _, B, heads, S, d = self.kv.shape
+        self.k, self.v = self.kv[0], self.kv[1]
         self.k3, self.v3 = self.k.view(B * heads, S, d), self.v.view(B * heads, S, d)
 
     @classmethod
     def empty(cls, batch: int, heads: int, seq_len: int, dim_head: int, device=None, dtype=None):
-        shape = (batch, heads, seq_len, dim_head)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        return cls(torch.zeros(2, batch, heads, seq_len, dim_head, device=device, dtype=dtype))
 
 
 class SelfAttention(nn.Module):
@@ -63,11 +65,18 @@ class SelfAttention(nn.Module):
         """
         B, heads, d = x.shape[0], self.heads, self.dim_head
         qkv = F.linear(x, self.qkv.weight, self.qkv.bias).view(B, 3, heads, d)
-        cache.k.select(2, pos).copy_(qkv[:, 1])
-        cache.v.select(2, pos).copy_(qkv[:, 2])
+        cache.kv.select(3, pos).copy_(qkv[:, 1:].transpose(0, 1))  # [2, B, heads, d]: k and v in one copy
         q = (qkv[:, 0] * d**-0.5).view(B * heads, 1, d)  # the scale, and the copy to [B·heads, 1, d], in one op
         out = self.pattern.decode_attend(q, cache.k3, cache.v3, pos)  # [B·heads, 1, d]
         return F.linear(out.view(B, heads * d), self.proj.weight, self.proj.bias)
+
+    def store(self, x: torch.Tensor, cache: KVCache) -> None:
+        """Only the keys and values of x [B, L, dim] (positions 0..L-1) into ``cache``: for a layer
+        whose outputs are not needed at these positions (the last layer of a prefill)."""
+        inner = self.heads * self.dim_head
+        bias = None if self.qkv.bias is None else self.qkv.bias[inner:]
+        kv = F.linear(x, self.qkv.weight[inner:], bias)
+        cache.kv[:, :, :, : x.shape[1]] = rearrange(kv, "b s (two n d) -> two b n s d", two=2, n=self.heads)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
         length, S = x.shape[1], self.pattern.seq_len
