@@ -100,6 +100,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "swin_nano_patch2_window7_28": _swin(64, (2, 4), (2, 4), 2, 7, _SMALL, 0.1),
     "swin_pico_patch2_window7_28": _swin(48, (2, 2), (2, 4), 2, 7, _SMALL, 0.1),
     "swin_nano_patch2_window4_32": _swin(64, (2, 2, 2), (2, 4, 8), 2, 4, _SMALL32, 0.1),
+    # 4×4 patches of a 32 px image (28 px data is padded): 8×8 tokens in 4×4 windows, then 4×4
+    # tokens in one window; wider and ~2x the images/s of the 2×2-patch models, for CPU budgets
+    "swin_micro_patch4_window4_32": _swin(96, (2, 2), (3, 6), 4, 4, _SMALL32, 0.0),
     "swin_tiny_patch4_window7_224": _swin(96, (2, 2, 6, 2), (3, 6, 12, 24), 4, 7, _IMAGENET, 0.2),
     "swin_small_patch4_window7_224": _swin(96, (2, 2, 18, 2), (3, 6, 12, 24), 4, 7, _IMAGENET, 0.3),
     "swin_base_patch4_window7_224": _swin(128, (2, 2, 18, 2), (4, 8, 16, 32), 4, 7, _IMAGENET, 0.5),
