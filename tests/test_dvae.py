@@ -107,6 +107,9 @@ def test_schedules_are_pure_functions_of_step():
     assert (m.tau, m.beta) == a
     as_written = tiny(fit_schedules_to_run=False)
     assert as_written.tau_at(75_000, 1_000) == pytest.approx((1 + 1 / 16) / 2)
+    # another final temperature: the same cosine, ending there
+    warmer = tiny(tau_end=0.25)
+    assert warmer.tau_at(500, 1_000) == pytest.approx((1 + 0.25) / 2) and warmer.tau_at(1_000, 1_000) == 0.25
 
 
 def test_loss_metrics_and_gradients():
@@ -153,6 +156,22 @@ def test_mse_reconstruction_term_is_squared_error_of_sigmoid_mu():
     torch.testing.assert_close(loss, expected)
     with pytest.raises(ConfigError, match="recon_loss"):
         tiny(recon_loss="l1")
+
+
+def test_mse_output_linear_uses_mu_as_the_pixel():
+    m = tiny(vocab_size=64, recon_loss="mse", kl_weight=0.0, mse_output="linear").eval()
+    x = squares(2)
+    stats = m.decoder(F.one_hot(m.logits(x).argmax(1), 64).permute(0, 3, 1, 2).float())
+    mu = stats[:, :3]
+    expected = (mu - map_pixels(x)).square().sum(dim=(1, 2, 3)).mean() / x[0].numel()
+    loss, _ = m.loss({"image": x})
+    torch.testing.assert_close(loss, expected)
+    ids = m.encode(x)
+    torch.testing.assert_close(m.decode(ids), unmap_pixels(m.decoder(ids=ids)[:, :3]))  # clamped to [0, 1]
+    with pytest.raises(ConfigError, match="mse_output"):
+        tiny(mse_output="linear")  # the logit-Laplace μ is a logit, not a pixel
+    with pytest.raises(ConfigError, match="mse_output"):
+        tiny(recon_loss="mse", kl_weight=0.0, mse_output="tanh")
 
 
 def test_safetensors_round_trip_is_bit_exact(tmp_path):

@@ -29,7 +29,9 @@ Options that depart from the release, all off by default (README, "The image tok
 ``post_gain``, the residual-branch multiplier (the release's 1/n_layers² is 1/9 in a 3-block
 model and leaves the branches nearly silent in a short run), and ``recon_estimate = "mean"``,
 images from the mean of the logit-Laplace (A.3) instead of the release's sigmoid(μ), its median:
-the mean is the estimate with the least expected squared error.
+the mean is the estimate with the least expected squared error; with the squared-error term,
+``mse_output = "linear"``, μ itself as the pixel instead of sigmoid(μ) (whose slope near the dark
+background down-weights errors there, though PSNR weighs every pixel alike).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from cvformers.registry import register_kind
 
 RECON_LOSSES = ("logit_laplace", "mse")
 RECON_ESTIMATES = ("median", "mean")
+MSE_OUTPUTS = ("sigmoid", "linear")
 
 
 @dataclass
@@ -76,6 +79,9 @@ class DVAEConfig:
     # images from decoder statistics: "median" = sigmoid(μ) (the release) or "mean" = E[sigmoid(y)],
     # y ~ Laplace(μ, b), the logit-Laplace posterior mean (A.3), which minimises expected squared error
     recon_estimate: str = "median"
+    # with recon_loss = "mse": the decoder's pixel is "sigmoid"(μ) (the release's squashing) or μ
+    # itself, "linear" (clamped to the pixel range when decoding; DALLE-pytorch's DiscreteVAE output)
+    mse_output: str = "sigmoid"
 
     def __post_init__(self) -> None:
         for name in ("image_size", "channels", "vocab_size", "n_hid", "n_blk_per_group", "group_count", "n_init"):
@@ -102,6 +108,10 @@ class DVAEConfig:
             )
         if self.recon_estimate == "mean" and self.recon_loss != "logit_laplace":
             raise ConfigError('model.recon_estimate = "mean" needs recon_loss = "logit_laplace" (it uses the scale b)')
+        if self.mse_output not in MSE_OUTPUTS:
+            raise ConfigError(f"model.mse_output must be one of {', '.join(MSE_OUTPUTS)}, got {self.mse_output!r}")
+        if self.mse_output == "linear" and self.recon_loss != "mse":
+            raise ConfigError('model.mse_output = "linear" needs recon_loss = "mse" (the logit-Laplace μ is a logit)')
 
     @property
     def grid_size(self) -> int:
@@ -330,6 +340,8 @@ class DiscreteVAE(nn.Module):
         mu = stats[:, : self.channels]
         if self.cfg.recon_estimate == "mean":
             return logit_laplace_mean(mu, stats[:, self.channels :], self.cfg.logit_laplace_eps)
+        if self.cfg.mse_output == "linear":
+            return unmap_pixels(mu, self.cfg.logit_laplace_eps)
         return unmap_pixels(torch.sigmoid(mu), self.cfg.logit_laplace_eps)
 
     @torch.no_grad()
@@ -357,7 +369,8 @@ class DiscreteVAE(nn.Module):
         mu, log_b = stats.float().chunk(2, dim=1)
         b, c, h, w = images.shape
         if self.cfg.recon_loss == "mse":  # Gaussian of fixed variance 1/2 up to a constant; log_b unused
-            nll = (torch.sigmoid(mu) - x.float()).square().sum(dim=(1, 2, 3))
+            pixel = mu if self.cfg.mse_output == "linear" else torch.sigmoid(mu)
+            nll = (pixel - x.float()).square().sum(dim=(1, 2, 3))
         else:
             nll = -logit_laplace_log_prob(x.float(), mu, log_b).sum(dim=(1, 2, 3))  # per image
         kl = kl_to_uniform(logits.float()).sum(dim=(1, 2))  # per image, over the h·w positions
