@@ -33,6 +33,8 @@ fi
 # the peer, pinned, without its heavy dependency list (CUDA torch, torchvision, transformers, deepspeed …)
 "${pip[@]}" -c "$repo/constraints/cpu.txt" --no-deps \
     "dalle-pytorch==1.6.6" "axial-positional-embedding==0.3.12" "rotary-embedding-torch==0.9.1" "setuptools<81"
+# the ViT peer of benchmarks/classifiers_fmnist.py (its vit.py needs only torch and einops)
+"${pip[@]}" --no-deps "vit-pytorch==1.26.14"
 
 "$venv/bin/python" - <<'PY'
 import sys
