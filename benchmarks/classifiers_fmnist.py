@@ -28,6 +28,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -115,7 +116,7 @@ def calibrate(name: str, args) -> dict:
 
     setup = build_setup(name, args, Path(args.out) / name)
     batch = collate([setup.train_data[i] for i in range(args.batch_size)])
-    speed = images_per_second(setup.model, batch)
+    speed = images_per_second(setup.model, batch, steps=args.speed_steps)
     print(f"[{name}] {count_parameters(setup.model) / 1e6:.2f}M params, {speed:.0f} img/s", file=sys.stderr, flush=True)
     return {"model": name, "family": "vit-pytorch" if name == "peer" else setup.model_config.family,
             "params": count_parameters(setup.model), "calibrated_images_per_s": speed}
@@ -167,6 +168,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=0, help="a fixed step count for every model instead of the budget")
     p.add_argument("--speed-only", action="store_true",
                    help="only measure each model's training images/s (writes OUT/speeds.json)")
+    p.add_argument("--speed-steps", type=int, default=3, help="timed training steps per speed measurement")
+    p.add_argument("--speed-rounds", type=int, default=1,
+                   help="with --speed-only: measure every model this many times, alternating, and keep the median")
     p.add_argument("--calibration", default=None,
                    help="speeds.json of an earlier --speed-only run to size the budgets from, instead of measuring")
     p.add_argument("--jobs", type=int, default=1,
@@ -186,7 +190,9 @@ def main(argv=None) -> int:
             raise SystemExit(f"{args.calibration} has no speed for {', '.join(missing)}")
         speeds = [known[n] for n in names]
     else:
-        speeds = [calibrate(name, args) for name in names]
+        rounds = [[calibrate(name, args) for name in names] for _ in range(args.speed_rounds)]
+        speeds = [dict(runs[0], calibrated_images_per_s=statistics.median(r["calibrated_images_per_s"] for r in runs))
+                  for runs in zip(*rounds)]
     if args.speed_only:
         (out_root / "speeds.json").write_text(json.dumps(speeds, indent=1))
         print(f"\ntraining images/s (forward, backward, AdamW; batch {args.batch_size}, "
