@@ -6,6 +6,12 @@ Only the transformer's sampling loop is timed (``sample_codes``), not the dVAE d
 
     python benchmarks/dalle_sampling.py                      # 8x8 and 16x16 grids, full and paper schedule
     python benchmarks/dalle_sampling.py --grid 16 --attention paper --threads 2 --repeats 3
+    python benchmarks/dalle_sampling.py --decode-step          # ms per decode step by width and batch
+
+``--decode-step`` times one KV-cache decode step (full attention, 4 layers, position 40 of the
+image) at widths 64 and 256 with 1 and 8 images: width 64 with one image is close to the pure
+per-operator overhead of a step; width 256 with one image adds the reading of the weights; eight
+images add the products' arithmetic.
 """
 
 from __future__ import annotations
@@ -40,6 +46,23 @@ def time_sampling(model: DALLE, num: int, use_cache: bool, repeats: int, guidanc
     return statistics.median(times)
 
 
+def decode_step_ms(dim: int, batch: int, steps: int = 300) -> float:
+    torch.manual_seed(0)
+    cfg = DalleConfig(num_text_tokens=1000, text_len=32, num_image_tokens=512, grid_size=8, dim=dim, depth=4,
+                      heads=dim // 32, dim_head=32, attention="full")
+    model = DALLE(cfg).eval()
+    with torch.inference_mode():
+        caches = model.new_caches(batch)
+        model.prefill(torch.randint(0, 1000 - 32, (batch, 32)), caches)
+        code = torch.randint(0, 512, (batch,))
+        for _ in range(30):
+            model.decode_step(code, 32 + 40, caches)
+        start = time.perf_counter()
+        for _ in range(steps):
+            model.decode_step(code, 32 + 40, caches)
+        return 1000 * (time.perf_counter() - start) / steps
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--grid", type=int, nargs="+", default=[8, 16], help="image ids per side")
@@ -49,8 +72,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-baseline", action="store_true", help="skip the slow run without a cache")
     p.add_argument("--guidance", type=float, default=1.0, help="also time classifier-free guidance at this scale")
+    p.add_argument("--decode-step", action="store_true", help="only time one decode step by width and batch")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.decode_step:
+        print(f"torch {torch.__version__}, {args.threads} threads; ms per decode step (4 layers, full attention)")
+        for dim in (64, 256):
+            print(f"width {dim:4d}: " + ", ".join(f"{b} image(s) {decode_step_ms(dim, b):.3f}" for b in (1, 8)))
+        return
 
     print(f"torch {torch.__version__}, {args.threads} threads, {args.num} images, median of {args.repeats}")
     print(f"{'grid':>6} {'attention':>9} {'KV cache (s)':>13} {'no cache (s)':>13} {'speed-up':>9} {'ms/step':>8}")
