@@ -126,6 +126,13 @@ class DALLE(nn.Module):
         pos = self.image_row(self.image_rows[idx]) + self.image_col(self.image_cols[idx])
         return self.image_emb(codes) + pos
 
+    def embed(self, text: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """[text | image ids] -> the blocks' input [B, T + n, dim] (embedding dropout included)."""
+        x = self.embed_text(text)
+        if codes is not None:
+            x = torch.cat([x, self.embed_image(codes.flatten(1))], dim=1)
+        return self.drop(x)
+
     def caption_dropped(self, text: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance training: each caption becomes all pads with probability p."""
         drop = torch.rand(text.shape[0], device=text.device) < self.cfg.caption_drop_prob
@@ -141,10 +148,7 @@ class DALLE(nn.Module):
 
         With ``caches`` the keys/values of this prefix are stored for decoding (prefill).
         """
-        x = self.embed_text(text)
-        if codes is not None:
-            x = torch.cat([x, self.embed_image(codes.flatten(1))], dim=1)
-        x = self.drop(x)
+        x = self.embed(text, codes)
         for i, block in enumerate(self.blocks):
             if caches is not None:
                 x = block(x, caches[i], 0)
@@ -189,15 +193,12 @@ class DALLE(nn.Module):
         position): it stores the keys and values of the others and runs one decode step for the
         last, which skips about 80% of that layer's work.
         """
-        x = self.embed_text(text)
-        if codes is not None:
-            x = torch.cat([x, self.embed_image(codes.flatten(1))], dim=1)
+        x = self.embed(text, codes)
         for block, cache in zip(self.blocks[:-1], caches):
             x = block(x, cache, 0)
         last, length = self.blocks[-1], x.shape[1]
         if length > 1:
-            last.attn.store(F.layer_norm(x[:, :-1], last.norm1.normalized_shape, last.norm1.weight,
-                                         last.norm1.bias, last.norm1.eps), caches[-1])
+            last.attn.store(last.norm1(x[:, :-1]), caches[-1])
         x = last.decode(x[:, -1], caches[-1], length - 1)
         return self.image_head(self.norm(x))
 

@@ -92,8 +92,8 @@ def sample_codes(model, text: torch.Tensor, *, prompt_codes: torch.Tensor | None
     appends the unconditional (all-pad) rows to the batch, so both run in one forward per step.
     ``use_cache=False`` recomputes the whole prefix every step (the slow baseline, for benchmarks).
     """
-    # inference mode skips autograd's bookkeeping (version counters, views' metadata) on every op:
-    # the loop runs ~80 small ops per token, where that is about 8% of a step on a 2-core CPU
+    # inference mode skips autograd's bookkeeping (version counters, views' metadata) on every op,
+    # which shows in a loop of ~80 small ops per token
     with torch.inference_mode():
         codes = _sample_codes(model, text, prompt_codes, temperature, top_k, top_p, guidance, generator, use_cache)
     return codes.clone()  # a normal tensor again: callers may edit it or feed it to autograd
