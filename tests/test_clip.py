@@ -129,3 +129,45 @@ def test_registry_backbone_as_image_tower():
     loss, _ = model.loss(batch(4))
     loss.backward()
     assert model.visual.head.proj.weight.grad is not None
+
+
+def test_hard_negative_loss_matches_hand_computation_and_trains_binding():
+    model = tiny()
+    data = batch(n=4, seed=5)
+    data["negative_text"] = torch.randint(0, 49, (4, 8), generator=torch.Generator().manual_seed(9))
+    loss, metrics = model.loss(data)
+    img = model.encode_image(data["image"], normalize=True)
+    txt = model.encode_text(torch.cat([data["text"], data["negative_text"]]), normalize=True)
+    logits = model.scale() * img @ txt.t()  # [4, 8]: each image against 4 captions and 4 negatives
+    labels = torch.arange(4)
+    expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :4].t(), labels)) / 2
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert 0.0 <= metrics["acc_vs_negative"] <= 1.0
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    for _ in range(60):
+        loss, metrics = model.loss(data)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert metrics["acc_vs_negative"] == 1.0 and metrics["acc_i2t"] == 1.0, metrics
+    with pytest.raises(Exception, match="micro_batch"):
+        tiny(micro_batch=2).loss(data)
+
+
+def test_train_clip_with_hard_negatives_from_the_cli(tmp_path, capsys):
+    import json
+
+    from cvformers.cli import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[data]\nsize = 32\neval_size = 16\n[text]\nbpe_train_captions = 200\nhard_negatives = true\n"
+                   "[train]\neval_every = 0\nlog_every = 1\n")
+    out = tmp_path / "run"
+    assert main(["train", "clip", "--data", "shapes", "--out", str(out), "--steps", "2",
+                 "--batch-size", "8", "--config", str(cfg)]) == 0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("acc_vs_negative" in row for row in logged)
+    # other data have no scene records to make a wrong caption from: refused, exit status 2
+    assert main(["train", "clip", "--data", "mnist", "--out", str(tmp_path / "x"),
+                 "--steps", "1", "--config", str(cfg)]) == 2
+    assert "hard_negatives" in capsys.readouterr().err

@@ -155,3 +155,21 @@ def test_parse_caption_round_trip():
     for bad in ("a dog", "a red circle above a red square", ""):
         with pytest.raises(UserError):
             parse_caption(bad)
+
+
+def test_hard_negative_captions_are_wrong_in_one_detail_and_name_no_heldout_pair():
+    import random
+
+    from cvformers.data.shapes import hard_negative_caption, parse_caption
+
+    data = ShapesDataset("train", size=200)
+    for i in range(len(data)):
+        item = data[i]
+        negative = hard_negative_caption(item["record"], random.Random(item["caption"]))
+        assert negative == hard_negative_caption(item["record"], random.Random(item["caption"]))  # seeded
+        stated = parse_caption(negative)
+        assert not {(o["colour"], o["shape"]) for o in stated["objects"]} & HELDOUT_PAIRS, negative
+        assert check_image(item["image"], parse_caption(item["caption"]))["all_correct"]
+        verdict = check_image(item["image"], stated)
+        # the picture fails the negative: the checker sees it, or (sizes are outside its verdict) the size
+        assert not verdict["all_correct"] or not all(o["size_ok"] for o in verdict["objects"]), negative

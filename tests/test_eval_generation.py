@@ -45,6 +45,9 @@ def test_rerank_gain_top1_against_random():
     assert r["clip_top1"] == 1.0
     assert r["random_candidate"] == pytest.approx(1 / 8)
     assert r["gain_points"] == pytest.approx(87.5)
+    assert r["oracle"] == 1.0  # every caption had a true candidate
+    none = rerank_gain(StandInPipe("heldout", good=0, period=8), "heldout", n_captions=4, candidates=8)
+    assert none["oracle"] == 0.0 and none["clip_top1"] == 0.0
     with pytest.raises(UserError, match="reranker"):
         rerank_gain(StandInPipe("heldout", 1, 8, rerank=False), "heldout", n_captions=2)
     with pytest.raises(UserError, match="captions"):

@@ -90,11 +90,14 @@ def test_mixer_state_dict_matches_timm_layout():
 def test_attention_sdpa_equals_explicit_weights(bias):
     torch.manual_seed(0)
     attn = Attention(32, 4).eval()
-    x = torch.randn(3, 10, 32)
+    x = torch.randn(3, 10, 32, requires_grad=True)
     b = torch.randn(4, 10, 10) if bias else None
     fast = attn(x, bias=b)
+    (fast_grad,) = torch.autograd.grad(fast.square().sum(), x)
     slow, weights = attn(x, bias=b, return_weights=True)
+    (slow_grad,) = torch.autograd.grad(slow.square().sum(), x)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_grad, slow_grad, atol=1e-5, rtol=1e-5)
     assert weights.shape == (3, 4, 10, 10)
     torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4, 10))
 

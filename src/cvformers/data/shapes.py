@@ -162,6 +162,48 @@ def caption_for(record: dict, rng: random.Random) -> str:
     return rng.choice(_FRAMES).format(text)
 
 
+def hard_negative_caption(record: dict, rng: random.Random, allowed_pairs=TRAIN_PAIRS) -> str:
+    """A caption that is wrong for ``record`` in exactly one detail, for contrastive training with
+    hard negatives (NegCLIP, Yuksekgonul et al. 2023, §5: captions whose word order or one word is
+    changed, so that a bag-of-words match no longer wins).
+
+    One of: an object's colour or shape replaced, the two objects' colours or shapes swapped (the
+    binding of attribute to object), the relation inverted with the objects kept in place, a single
+    object's size or stated position changed. Only colour–shape pairs of ``allowed_pairs`` are
+    written (by default the training pairs: a negative never names a held-out composition), and
+    the changed detail is always one the caption states.
+    """
+    import copy
+
+    objs = record["objects"]
+    kinds = ["colour", "shape"] + (["swap colours", "swap shapes", "relation"] if len(objs) == 2 else
+                                   ["size", "position"])
+    for _ in range(50):
+        neg = copy.deepcopy(record)
+        nobjs, kind = neg["objects"], rng.choice(kinds)
+        target = rng.choice(nobjs)
+        if kind == "colour":
+            target["colour"] = rng.choice([c for c in COLOURS if c not in {o["colour"] for o in nobjs}])
+        elif kind == "shape":
+            target["shape"] = rng.choice([s for s in SHAPES if s != target["shape"]])
+        elif kind == "swap colours":
+            nobjs[0]["colour"], nobjs[1]["colour"] = nobjs[1]["colour"], nobjs[0]["colour"]
+        elif kind == "swap shapes":
+            if nobjs[0]["shape"] == nobjs[1]["shape"]:
+                continue
+            nobjs[0]["shape"], nobjs[1]["shape"] = nobjs[1]["shape"], nobjs[0]["shape"]
+        elif kind == "relation":
+            neg["relation"] = _INVERSE[neg["relation"]]
+        elif kind == "size":
+            target["size"] = "large" if target["size"] == "small" else "small"
+        else:  # position: a different slot, always stated
+            target["position"] = rng.choice([p for p in POSITIONS if p != target["position"]])
+            target["position_stated"] = True
+        if all((o["colour"], o["shape"]) in allowed_pairs for o in nobjs):
+            return caption_for(neg, rng)
+    raise UserError(f"no hard negative found for the scene {record.get('caption', record)!r}")
+
+
 def _place(obj: dict, col: int, row: int, image_size: int, rng: random.Random, jitter: int) -> None:
     side = object_sizes(image_size)[obj["size"]]
     lines = slot_centers(image_size)

@@ -46,16 +46,22 @@ def caption_fidelity(pipe, split: str = "test", n_captions: int = 100, per_capti
 
 def rerank_gain(pipe, split: str = "heldout", n_captions: int = 100, candidates: int = 32,
                 seed: int = 0, **sampling: Any) -> dict[str, float]:
-    """Fidelity of the reranker's top-1 of ``candidates`` against a random candidate."""
+    """Fidelity of the reranker's top-1 of ``candidates`` against a random candidate.
+
+    ``oracle`` is the share of captions with at least one faithful candidate: the ceiling of any
+    reranker, which says whether a low top-1 is the reranker's fault or the generator's.
+    """
     if pipe.reranker is None:
         raise UserError("this model has no CLIP reranker: pass --clip RUN or use a bundle with clip/")
-    top1, random_pick = [], []
+    top1, random_pick, oracle = [], [], []
     for i, scene in enumerate(_scenes(split, n_captions, pipe.vae.image_size, seed)):
         out = pipe.generate(scene["caption"], num_images=candidates, seed=seed + i, **sampling)
         ok = torch.tensor([float(check_image(image, scene)["all_correct"]) for image in out.images])
         top1.append(ok[0].item())  # generate returns reranked candidates best first
         random_pick.append(ok.mean().item())
+        oracle.append(ok.max().item())
     n = len(top1)
     return {"split": split, "captions": n, "candidates": candidates,
             "random_candidate": sum(random_pick) / n, "clip_top1": sum(top1) / n,
+            "oracle": sum(oracle) / n,
             "gain_points": 100 * (sum(top1) - sum(random_pick)) / n}

@@ -166,6 +166,8 @@ class CLIP(nn.Module):
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         images, text = batch["image"], batch["text"]
         _, processes = world()
+        if "negative_text" in batch:
+            return self._loss_with_negatives(images, text, batch["negative_text"])
         if 0 < self.cfg.micro_batch < len(images):
             if processes > 1:
                 raise ConfigError("model.micro_batch (gradient caching) does not run under DDP: its "
@@ -190,6 +192,29 @@ class CLIP(nn.Module):
             }
             if logits.shape[0] == logits.shape[1]:
                 metrics["acc_t2i"] = (logits.argmax(0) == labels).float().mean().item()
+        return loss, metrics
+
+
+    def _loss_with_negatives(self, images, text, negative_text) -> tuple[torch.Tensor, dict[str, float]]:
+        """NegCLIP (Yuksekgonul et al. 2023, §5): each image picks its caption among the batch's
+        captions and the batch's hard negatives [N, 2N]; each caption picks its image as in CLIP.
+        One process, one pass (gradient caching and DDP gathering are not combined with it)."""
+        if world()[1] > 1 or 0 < self.cfg.micro_batch < len(images):
+            raise ConfigError("hard negatives run on one process without gradient caching: "
+                              "set model.micro_batch = 0 and train on one process, or text.hard_negatives = false")
+        image_features = self.encode_image(images, normalize=True)
+        text_features = self.encode_text(torch.cat([text, negative_text]), normalize=True)
+        scale, n = self.scale(), len(images)
+        logits_per_image = scale * image_features @ text_features.t()  # [N, 2N]: true captions first
+        labels = torch.arange(n, device=logits_per_image.device)
+        loss_i = F.cross_entropy(logits_per_image, labels)
+        loss_t = F.cross_entropy(logits_per_image[:, :n].t(), labels)
+        loss = (loss_i + loss_t) / 2
+        with torch.no_grad():
+            own, negative = logits_per_image[labels, labels], logits_per_image[labels, labels + n]
+            metrics = {"loss": loss.item(), "acc_i2t": (logits_per_image.argmax(1) == labels).float().mean().item(),
+                       "acc_t2i": (logits_per_image[:, :n].argmax(0) == labels).float().mean().item(),
+                       "acc_vs_negative": (own > negative).float().mean().item(), "logit_scale": scale.item()}
         return loss, metrics
 
 

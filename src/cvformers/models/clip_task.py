@@ -10,6 +10,7 @@ open_clip checkpoint file (``.pt``, ``.bin``, ``.pth``, ``.safetensors``).
 
 from __future__ import annotations
 
+import random
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +32,9 @@ class ClipTextConfig:
 
     bpe_vocab_size: int = 1000  # target vocabulary of cvformers' BPE trained on the train captions
     bpe_train_captions: int = 20000  # at most this many train captions are used to learn the merges
+    # Each image is also scored against a caption wrong in one detail (NegCLIP; only `shapes`,
+    # whose records say what a scene is): teaches colour-to-object binding and relations.
+    hard_negatives: bool = False
 
 
 # --- tokenizers -------------------------------------------------------------------------
@@ -145,6 +149,9 @@ def clip_task(args: TaskArgs) -> TaskSetup:
     cfg = model_config_from(args)
     data_cfg = data_config_from(args, image_size=cfg.image_size)
     text_cfg = from_dict(ClipTextConfig, dict(args.config.get("text", {})), "text")
+    if text_cfg.hard_negatives and data_cfg.name != "shapes":
+        raise ConfigError(f"text.hard_negatives needs the shapes data (its scenes say what a wrong caption is), "
+                          f"not {data_cfg.name!r}: set hard_negatives = false")
     train_data, eval_data = train_and_eval_data(data_cfg)
 
     extra_files: dict[str, bytes] = {}
@@ -166,6 +173,12 @@ def clip_task(args: TaskArgs) -> TaskSetup:
     def clip_collate(items: list[dict]) -> dict:
         batch = collate(items)
         batch["text"] = tokenize(tokenizer, batch["caption"])
+        if text_cfg.hard_negatives:
+            from cvformers.data.shapes import hard_negative_caption
+
+            # seeded by the caption: the same item gets the same negative in every epoch and on resume
+            batch["negative_text"] = tokenize(tokenizer, [hard_negative_caption(r, random.Random(c))
+                                                          for r, c in zip(batch["record"], batch["caption"])])
         return batch
 
     defaults = default_train_config()
