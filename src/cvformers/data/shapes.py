@@ -19,6 +19,7 @@ different colours, so a caption can name each object by its colour and the check
 
 from __future__ import annotations
 
+import copy
 import random
 from functools import lru_cache
 
@@ -173,8 +174,6 @@ def hard_negative_caption(record: dict, rng: random.Random, allowed_pairs=TRAIN_
     written (by default the training pairs: a negative never names a held-out composition), and
     the changed detail is always one the caption states.
     """
-    import copy
-
     objs = record["objects"]
     kinds = ["colour", "shape"] + (["swap colours", "swap shapes", "relation"] if len(objs) == 2 else
                                    ["size", "position"])

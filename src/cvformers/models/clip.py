@@ -194,7 +194,6 @@ class CLIP(nn.Module):
                 metrics["acc_t2i"] = (logits.argmax(0) == labels).float().mean().item()
         return loss, metrics
 
-
     def _loss_with_negatives(self, images, text, negative_text) -> tuple[torch.Tensor, dict[str, float]]:
         """NegCLIP (Yuksekgonul et al. 2023, §5): each image picks its caption among the batch's
         captions and the batch's hard negatives [N, 2N]; each caption picks its image as in CLIP.
