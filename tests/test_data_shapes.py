@@ -157,7 +157,7 @@ def test_parse_caption_round_trip():
             parse_caption(bad)
 
 
-def test_hard_negative_captions_are_wrong_in_one_detail_and_name_no_heldout_pair():
+def test_hard_negative_captions_are_wrong_and_name_no_heldout_pair():
     import random
 
     from cvformers.data.shapes import hard_negative_caption, parse_caption

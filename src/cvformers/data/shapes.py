@@ -163,16 +163,16 @@ def caption_for(record: dict, rng: random.Random) -> str:
     return rng.choice(_FRAMES).format(text)
 
 
-def hard_negative_caption(record: dict, rng: random.Random, allowed_pairs=TRAIN_PAIRS) -> str:
+def hard_negative_caption(record: dict, rng: random.Random) -> str:
     """A caption that is wrong for ``record`` in exactly one detail, for contrastive training with
     hard negatives (NegCLIP, Yuksekgonul et al. 2023, §5: captions whose word order or one word is
     changed, so that a bag-of-words match no longer wins).
 
     One of: an object's colour or shape replaced, the two objects' colours or shapes swapped (the
     binding of attribute to object), the relation inverted with the objects kept in place, a single
-    object's size or stated position changed. Only colour–shape pairs of ``allowed_pairs`` are
-    written (by default the training pairs: a negative never names a held-out composition), and
-    the changed detail is always one the caption states.
+    object's size or stated position changed. Only training colour–shape pairs are written (a
+    negative never names a held-out composition), and the changed detail is always one the
+    caption states.
     """
     objs = record["objects"]
     kinds = ["colour", "shape"] + (["swap colours", "swap shapes", "relation"] if len(objs) == 2 else
@@ -198,7 +198,7 @@ def hard_negative_caption(record: dict, rng: random.Random, allowed_pairs=TRAIN_
         else:  # position: a different slot, always stated
             target["position"] = rng.choice([p for p in POSITIONS if p != target["position"]])
             target["position_stated"] = True
-        if all((o["colour"], o["shape"]) in allowed_pairs for o in nobjs):
+        if all((o["colour"], o["shape"]) in TRAIN_PAIRS for o in nobjs):
             return caption_for(neg, rng)
     raise UserError(f"no hard negative found for the scene {record.get('caption', record)!r}")
 
