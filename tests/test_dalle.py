@@ -108,3 +108,51 @@ def test_registry_and_config_errors():
         build_model("dalle", {"attention": "diagonal"})
     with pytest.raises(ConfigError):
         build_model("dalle", {"depth": 3, "attention": ["row", "conv"]})
+
+
+# --- pair ids (factorised image tokenizers) -----------------------------------------------
+
+
+def test_pair_ids_sum_embeddings_and_multiply_probabilities():
+    model = tiny(num_image_tokens=64, image_inner_vocab=8)
+    emb, head = model.image_emb, model.image_head
+    ids = torch.tensor([[9, 17]])  # (1, 1) and (2, 1)
+    want = torch.stack([emb.outer.weight[1] + emb.inner.weight[1], emb.outer.weight[2] + emb.inner.weight[1]])
+    torch.testing.assert_close(emb(ids)[0], want)
+    h = torch.randn(2, 5, model.cfg.dim)
+    joint = head(h).log_softmax(-1).view(2, 5, 8, 8)
+    parts = head.outer(h).log_softmax(-1)[..., :, None] + head.inner(h).log_softmax(-1)[..., None, :]
+    torch.testing.assert_close(joint, parts)
+    assert set(k for k in model.state_dict() if k.startswith("image_")) >= {
+        "image_emb.outer.weight", "image_emb.inner.weight", "image_head.outer.weight", "image_head.inner.weight"}
+    with pytest.raises(ValueError, match="image_inner_vocab"):
+        tiny(num_image_tokens=64, image_inner_vocab=7)
+
+
+def test_pair_head_draws_a_pair_never_seen_in_training_and_a_joint_head_does_not():
+    """Caption token 0 picks the outer part, token 1 the inner; the pairs (a, a) never occur in
+    training. The two-head model predicts them from their parts; one joint softmax never does."""
+    torch.set_num_threads(1)
+
+    def first_ids(inner_vocab: int) -> list[int]:
+        model = tiny(num_image_tokens=16, image_inner_vocab=inner_vocab, caption_drop_prob=0.0)
+        T = model.cfg.text_len
+
+        def make(pairs):
+            text = torch.tensor([[a, 4 + b] + [8 + i for i in range(T - 2)] for a, b in pairs])
+            return {"text": text, "codes": torch.tensor([a * 4 + b for a, b in pairs])[:, None, None].expand(-1, 4, 4)}
+
+        data = make([(a, b) for a in range(4) for b in range(4) if a != b])
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(150):
+            loss, metrics = model.loss(data)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert metrics["image_loss"] < 0.05  # both fit the training pairs
+        with torch.no_grad():
+            h = model.eval()(make([(a, a) for a in range(4)])["text"])
+            return model.image_head(h[:, T - 1]).argmax(-1).tolist()
+
+    assert first_ids(4) == [0, 5, 10, 15]
+    assert not set(first_ids(0)) & {0, 5, 10, 15}

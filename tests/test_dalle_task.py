@@ -6,6 +6,7 @@ from PIL import Image
 
 from cvformers.cli import main
 from cvformers.config import save_toml, to_dict
+from cvformers.errors import UserError
 from cvformers.models import dalle_task
 from cvformers.pipelines.text_to_image import TextToImage
 from cvformers.train.checkpoint import save_weights
@@ -77,3 +78,29 @@ def test_cached_ids_equal_encoding(vae_run, tmp_path):
 
 def test_needs_a_vae(tmp_path):
     assert main(["train", "dalle", "--data", "shapes", "--out", str(tmp_path / "r")]) == 2
+
+
+def test_factorised_tokenizer_gives_a_pair_id_dalle(tmp_path):
+    from cvformers.models.dalle import PairHead
+    from cvformers.vae.vqvae import VQVAE, VQVAEConfig
+
+    torch.manual_seed(0)
+    vae = VQVAE(VQVAEConfig(image_size=16, vocab_size=16, code_dim=8, n_hid=8, group_count=3, n_init=8,
+                            colour_vocab_size=4))
+    vae.loss({"image": torch.rand(4, 3, 16, 16)})  # initialise the codebooks
+    vae_dir = tmp_path / "vae"
+    vae_dir.mkdir()
+    save_toml({"kind": "vqvae", "model": to_dict(vae.cfg)}, vae_dir / "config.toml")
+    save_weights(vae, vae_dir / "model.safetensors")
+    cfg = tmp_path / "dalle.toml"
+    save_toml(CONFIG, cfg)
+    out = tmp_path / "run"
+    assert main(["train", "dalle", "--data", "shapes", "--vae", str(vae_dir), "--out", str(out),
+                 "--config", str(cfg), "--steps", "2", "--batch-size", "8"]) == 0
+    pipe = TextToImage.load(out)
+    assert pipe.model.cfg.image_inner_vocab == 4 and isinstance(pipe.model.image_head, PairHead)
+    assert len(pipe("a red circle", num_images=2, seed=0)) == 2
+    # a pair-id model with a plain tokenizer is refused with the reason
+    plain = VQVAE(VQVAEConfig(image_size=16, vocab_size=64, code_dim=8, n_hid=8, group_count=3, n_init=8))
+    with pytest.raises(UserError, match="image_inner_vocab"):
+        TextToImage(pipe.model, plain, pipe.tokenizer)

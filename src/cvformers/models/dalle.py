@@ -8,7 +8,12 @@ attention (``cvformers.nn.attention``), the text loss weighted 1/8 and the image
 
 Beyond the paper: classifier-free guidance training (the caption is replaced by the all-pad
 sequence with probability ``caption_drop_prob``), so sampling can mix conditional and
-unconditional logits (``cvformers.pipelines.text_to_image``).
+unconditional logits (``cvformers.pipelines.text_to_image``). With a factorised image tokenizer
+(``VQVAEConfig.colour_vocab_size``), ``image_inner_vocab`` makes every image id a pair (outer,
+inner): its embedding is the sum of the two parts' embeddings and its logit the sum of two heads'
+logits, so p(id) = p(outer)·p(inner) given the context, and a pair never seen in training is
+scored from parts that were (the paper has one joint vocabulary; this is a departure for
+compositional generalisation on small data).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class DalleConfig:
     checkpoint_activations: bool = False  # recompute each block in backward to save memory
     text_loss_weight: float = 0.125  # §2.2: text cross-entropy weighted 1/8
     image_loss_weight: float = 0.875  # §2.2: image cross-entropy weighted 7/8
+    image_inner_vocab: int = 0  # 0: one joint image vocabulary (paper); K: ids are pairs (id // K, id % K), two heads
 
     def __post_init__(self):
         if self.num_text_tokens <= self.text_len:
@@ -52,6 +58,9 @@ class DalleConfig:
             raise ValueError(f"attention must be 'paper', one of {PATTERNS}, or a list of those; got {self.attention!r}")
         if isinstance(self.attention, list) and len(self.attention) != self.depth:
             raise ValueError(f"attention lists {len(self.attention)} patterns for depth {self.depth}")
+        if self.image_inner_vocab < 0 or (self.image_inner_vocab and self.num_image_tokens % self.image_inner_vocab):
+            raise ValueError(f"image_inner_vocab {self.image_inner_vocab} must be 0 or divide num_image_tokens "
+                             f"{self.num_image_tokens}")
 
     @property
     def seq_len(self) -> int:
@@ -75,6 +84,35 @@ PRESETS: dict[str, dict] = {
 }
 
 
+class PairEmbedding(nn.Module):
+    """Embedding of ids that are pairs, id = outer·K + inner: the sum of one embedding per part."""
+
+    def __init__(self, num_outer: int, num_inner: int, dim: int):
+        super().__init__()
+        self.num_inner = num_inner
+        self.outer = nn.Embedding(num_outer, dim)
+        self.inner = nn.Embedding(num_inner, dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.outer(ids // self.num_inner) + self.inner(ids % self.num_inner)
+
+
+class PairHead(nn.Module):
+    """Logits over pair ids as the sum of two heads: softmax of the sum = product of two softmaxes.
+
+    Returns the joint logits [..., outer·K] (id = outer·K + inner), so sampling, top-k and
+    guidance work unchanged on it; the cross-entropy of a pair is the sum of the parts'.
+    """
+
+    def __init__(self, dim: int, num_outer: int, num_inner: int):
+        super().__init__()
+        self.outer = nn.Linear(dim, num_outer, bias=False)
+        self.inner = nn.Linear(dim, num_inner, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return (self.outer(h)[..., :, None] + self.inner(h)[..., None, :]).flatten(-2)
+
+
 @register_kind("dalle", DalleConfig)
 class DALLE(nn.Module):
     def __init__(self, cfg: DalleConfig):
@@ -83,7 +121,8 @@ class DALLE(nn.Module):
         T, G, dim = cfg.text_len, cfg.grid_size, cfg.dim
         # separate input embeddings for the two vocabularies, and positions per modality (§2.2)
         self.text_emb = nn.Embedding(cfg.num_text_tokens, dim)
-        self.image_emb = nn.Embedding(cfg.num_image_tokens, dim)
+        K = cfg.image_inner_vocab
+        self.image_emb = PairEmbedding(cfg.num_image_tokens // K, K, dim) if K else nn.Embedding(cfg.num_image_tokens, dim)
         self.text_pos = nn.Embedding(T, dim)
         self.image_row = nn.Embedding(G, dim)
         self.image_col = nn.Embedding(G, dim)
@@ -96,7 +135,8 @@ class DALLE(nn.Module):
         self.norm = nn.LayerNorm(dim)
         # separate heads: a text position predicts only text ids, an image position only image ids
         self.text_head = nn.Linear(dim, cfg.num_text_tokens, bias=False)
-        self.image_head = nn.Linear(dim, cfg.num_image_tokens, bias=False)
+        self.image_head = (PairHead(dim, cfg.num_image_tokens // K, K) if K
+                           else nn.Linear(dim, cfg.num_image_tokens, bias=False))
 
         ids = torch.arange(G * G)
         self.register_buffer("image_rows", ids // G, persistent=False)

@@ -198,8 +198,9 @@ def model_config_from(args: TaskArgs, text_len: int, num_text_tokens: int, vae) 
     preset = args.model or table.pop("preset", None) or "small"
     if preset not in PRESETS:
         raise ConfigError(f"unknown dalle preset {preset!r}; known: {', '.join(PRESETS)}")
+    factors = getattr(vae, "code_factors", None)  # (outer, inner) when the tokenizer's ids are pairs
     fixed = dict(text_len=text_len, num_text_tokens=num_text_tokens, num_image_tokens=vae.num_tokens,
-                 grid_size=vae.grid_size)
+                 grid_size=vae.grid_size, image_inner_vocab=factors[1] if factors else 0)
     for k, v in fixed.items():
         if k in table and table[k] != v:
             raise ConfigError(f"model.{k} = {table[k]} but the tokenizers fix it to {v}; remove it from [model]")

@@ -239,10 +239,10 @@ class Group(nn.Module):
 class Encoder(nn.Module):
     """Mapped pixels [B,C,H,W] -> code logits [B,K,h,w] (or ``n_out`` features, for the VQ-VAE)."""
 
-    def __init__(self, cfg: DVAEConfig, n_out: int | None = None):
+    def __init__(self, cfg: DVAEConfig, n_out: int | None = None, n_in: int | None = None):
         super().__init__()
         widths = [2**i * cfg.n_hid for i in range(cfg.group_count)]
-        self.stem = conv(cfg.channels, cfg.n_hid, 7)
+        self.stem = conv(n_in or cfg.channels, cfg.n_hid, 7)
         self.groups = nn.ModuleList(
             Group(widths[i - 1] if i else cfg.n_hid, widths[i], cfg, kernels=(3, 3, 3, 1))
             for i in range(cfg.group_count)

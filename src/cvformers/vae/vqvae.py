@@ -13,6 +13,14 @@ encoder vector is replaced by its nearest codebook vector:
   (Dhariwal et al. 2020, Jukebox §3.2 / appendix), which keeps the codebook alive on small data.
   The codebook is also first initialised from encoder outputs, not noise.
 
+Beyond the paper, ``colour_vocab_size > 0`` factorises each id into (structure, colour), for
+flat-colour images (shapes, clip art): a structure code from an encoder that sees only the
+luminance divided by its maximum in each cell (so a red and a blue triangle give the same
+input), and a colour code from a small per-cell colour encoder, each with its own codebook; the
+decoder reads both. The id is ``structure · colour_vocab_size + colour``. A DALL-E over these ids
+(``DalleConfig.image_inner_vocab``) predicts the two parts with two heads, so it can draw a
+colour–shape pair that never occurred in training from the parts that did.
+
 Buffers (codebook, EMA counts and sums) live in the state dict, so a checkpoint resumes exactly.
 Under DDP the batch statistics are summed over processes and restarts are broadcast from rank 0,
 so every replica keeps the same codebook.
@@ -48,6 +56,9 @@ class VQVAEConfig:
     ema_decay: float = 0.99  # decay of the codebook moving averages (paper appendix A.1)
     ema_eps: float = 1e-5  # Laplace smoothing of the EMA code counts (avoids division by zero)
     dead_code_threshold: float = 1.0  # restart a code whose EMA count of assignments per batch drops below this (0: never)
+    colour_vocab_size: int = 0  # 0: one codebook (the paper's tokenizer); K > 0: ids factorised into structure × K colours
+    colour_dim: int = 8  # dimension of each colour codebook vector (factorised ids only)
+    luminance_floor: float = 0.1  # the structure input divides luminance by max(cell maximum, this)
 
     def __post_init__(self) -> None:
         for name in ("image_size", "channels", "vocab_size", "code_dim", "n_hid", "n_blk_per_group", "group_count", "n_init"):
@@ -59,10 +70,17 @@ class VQVAEConfig:
             raise ConfigError(f"model.image_size {self.image_size} is not divisible by 2^(group_count-1)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"model.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.colour_vocab_size < 0 or self.colour_dim < 1 or self.luminance_floor <= 0:
+            raise ConfigError("model.colour_vocab_size must be >= 0, colour_dim >= 1 and luminance_floor > 0")
 
     @property
     def grid_size(self) -> int:
         return self.image_size // 2 ** (self.group_count - 1)
+
+    @property
+    def cell(self) -> int:
+        """Pixels per id along each side."""
+        return 2 ** (self.group_count - 1)
 
 
 def _distributed() -> bool:
@@ -142,6 +160,42 @@ class EMAQuantizer(nn.Module):
         return z_q, rearrange(ids, "(b h w) -> b h w", b=b, h=h, w=w), commitment
 
 
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights
+
+
+def cell_normalised_luminance(images: torch.Tensor, cell: int, floor: float) -> torch.Tensor:
+    """Images [B,C,H,W] in [0,1] -> luminance / max(its maximum in each cell×cell block, floor), [B,1,H,W].
+
+    On a flat-coloured object this is 1 whatever the colour, so the structure encoder that reads
+    it cannot tell colours apart: colour has to travel through the colour code.
+    """
+    if images.shape[1] == 3:
+        luma = torch.einsum("bchw,c->bhw", images, images.new_tensor(_LUMA))[:, None]
+    else:
+        luma = images.mean(1, keepdim=True)
+    peak = F.max_pool2d(luma, cell).clamp_min(floor)
+    return luma / F.interpolate(peak, scale_factor=cell, mode="nearest")
+
+
+class CellColourEncoder(nn.Module):
+    """Pixels [B,C,H,W] in [-1,1] -> one colour vector per cell [B,colour_dim,h,w].
+
+    Two pointwise-ish convolutions then a max over the cell: the brightest features win, so a
+    cell half covered by an object reports the object's colour, not a mix with the background.
+    """
+
+    def __init__(self, channels: int, width: int, colour_dim: int, cell: int):
+        super().__init__()
+        self.cell = cell
+        self.conv1 = nn.Conv2d(channels, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 1)
+        self.out = nn.Conv2d(width, colour_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.out(F.max_pool2d(x, self.cell))
+
+
 @register_kind("vqvae", VQVAEConfig)
 class VQVAE(nn.Module):
     """VQ-VAE with the image-tokenizer face: encode(images)->ids[B,h,w], decode(ids)->images."""
@@ -149,48 +203,75 @@ class VQVAE(nn.Module):
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg, n_out=cfg.code_dim)
-        self.quantizer = EMAQuantizer(cfg.vocab_size, cfg.code_dim, cfg.ema_decay, cfg.ema_eps, cfg.dead_code_threshold)
-        self.decoder = Decoder(cfg, n_in=cfg.code_dim, n_out=cfg.channels)
-        self.num_tokens = cfg.vocab_size
+        K_c = cfg.colour_vocab_size
+        quantizer_args = (cfg.ema_decay, cfg.ema_eps, cfg.dead_code_threshold)
+        # factorised ids: the structure encoder reads one channel (cell-normalised luminance)
+        self.encoder = Encoder(cfg, n_out=cfg.code_dim, n_in=1 if K_c else cfg.channels)
+        self.quantizer = EMAQuantizer(cfg.vocab_size, cfg.code_dim, *quantizer_args)
+        if K_c:
+            self.colour_encoder = CellColourEncoder(cfg.channels, cfg.n_hid, cfg.colour_dim, cfg.cell)
+            self.colour_quantizer = EMAQuantizer(K_c, cfg.colour_dim, *quantizer_args)
+        self.decoder = Decoder(cfg, n_in=cfg.code_dim + (cfg.colour_dim if K_c else 0), n_out=cfg.channels)
+        self.num_tokens = cfg.vocab_size * max(K_c, 1)
+        # (structure codes, colour codes) when ids are pairs, read by the DALL-E task
+        self.code_factors = (cfg.vocab_size, K_c) if K_c else None
         self.grid_size = cfg.grid_size
         self.image_size = cfg.image_size
         self.channels = cfg.channels
 
     # images live in [0,1]; the networks see and emit [-1, 1]
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder outputs, one [B,D,h,w] per codebook (structure first)."""
         if images.dim() != 4 or images.shape[1] != self.channels:
             raise ValueError(f"expected images [B,{self.channels},H,W], got {tuple(images.shape)}")
-        return self.encoder(images * 2 - 1)
+        if self.code_factors is None:
+            return [self.encoder(images * 2 - 1)]
+        structure = cell_normalised_luminance(images, self.cfg.cell, self.cfg.luminance_floor)
+        return [self.encoder(structure * 2 - 1), self.colour_encoder(images * 2 - 1)]
+
+    def quantizers(self) -> list[EMAQuantizer]:
+        return [self.quantizer] + ([self.colour_quantizer] if self.code_factors else [])
 
     def to_images(self, out: torch.Tensor) -> torch.Tensor:
         return ((out + 1) / 2).clamp(0, 1)
 
+    def join_ids(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return parts[0] if len(parts) == 1 else parts[0] * self.cfg.colour_vocab_size + parts[1]
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        z_e = self.features(images)
-        flat = rearrange(z_e, "b d h w -> (b h w) d").float()
-        return rearrange(self.quantizer.nearest(flat), "(b h w) -> b h w", b=z_e.shape[0], h=z_e.shape[2])
+        parts = []
+        for z_e, quantizer in zip(self.features(images), self.quantizers()):
+            flat = rearrange(z_e, "b d h w -> (b h w) d").float()
+            parts.append(rearrange(quantizer.nearest(flat), "(b h w) -> b h w", b=z_e.shape[0], h=z_e.shape[2]))
+        return self.join_ids(parts)
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.dim() != 3:
             raise ValueError(f"decode expects ids [B,h,w], got {tuple(ids.shape)}")
-        z_q = rearrange(self.quantizer.codebook[ids.long()], "b h w d -> b d h w")
+        ids = ids.long()
+        parts = [ids] if self.code_factors is None else [ids // self.cfg.colour_vocab_size,
+                                                          ids % self.cfg.colour_vocab_size]
+        vectors = [quantizer.codebook[part] for part, quantizer in zip(parts, self.quantizers())]
+        z_q = rearrange(torch.cat(vectors, dim=-1), "b h w d -> b d h w")
         return self.to_images(self.decoder(z_q))
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         images = batch["image"] if isinstance(batch, dict) else batch
-        z_q, ids, commitment = self.quantizer(self.features(images))
-        out = self.decoder(z_q)
+        quantized = [q(z_e) for z_e, q in zip(self.features(images), self.quantizers())]
+        out = self.decoder(torch.cat([z_q for z_q, _, _ in quantized], dim=1))
         recon = F.mse_loss(out.float(), images.float() * 2 - 1)
+        commitment = sum(c for _, _, c in quantized)
         loss = recon + self.cfg.commitment_weight * commitment
         with torch.no_grad():
             metrics = {
                 "recon_mse": recon.item(),
                 "commitment": commitment.item(),
                 "psnr": psnr(self.to_images(out.float()), images.float()).item(),
-                "perplexity": code_perplexity(ids, self.num_tokens),
-                "restarts": float(self.quantizer.last_restarts),
+                "perplexity": code_perplexity(self.join_ids([ids for _, ids, _ in quantized]), self.num_tokens),
+                "restarts": float(sum(q.last_restarts for q in self.quantizers())),
             }
+            if self.code_factors:
+                metrics["colour_perplexity"] = code_perplexity(quantized[1][1], self.cfg.colour_vocab_size)
         return loss, metrics
