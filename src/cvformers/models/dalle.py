@@ -251,6 +251,12 @@ class DALLE(nn.Module):
         return self.image_head(self.norm(x))
 
 
+def tokenizer_inner_vocab(vae) -> int:
+    """The ``image_inner_vocab`` a DALL-E over this image tokenizer's ids needs (0: plain ids)."""
+    factors = getattr(vae, "code_factors", None)  # (outer, inner) when the ids are pairs
+    return factors[1] if factors else 0
+
+
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

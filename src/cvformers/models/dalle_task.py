@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from cvformers.config import ConfigError, from_dict, to_dict
 from cvformers.errors import UserError
-from cvformers.models.dalle import DALLE, PRESETS, DalleConfig
+from cvformers.models.dalle import DALLE, PRESETS, DalleConfig, tokenizer_inner_vocab
 from cvformers.train.tasks import TaskArgs, TaskSetup, data_config_from, register_task
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -198,9 +198,8 @@ def model_config_from(args: TaskArgs, text_len: int, num_text_tokens: int, vae) 
     preset = args.model or table.pop("preset", None) or "small"
     if preset not in PRESETS:
         raise ConfigError(f"unknown dalle preset {preset!r}; known: {', '.join(PRESETS)}")
-    factors = getattr(vae, "code_factors", None)  # (outer, inner) when the tokenizer's ids are pairs
     fixed = dict(text_len=text_len, num_text_tokens=num_text_tokens, num_image_tokens=vae.num_tokens,
-                 grid_size=vae.grid_size, image_inner_vocab=factors[1] if factors else 0)
+                 grid_size=vae.grid_size, image_inner_vocab=tokenizer_inner_vocab(vae))
     for k, v in fixed.items():
         if k in table and table[k] != v:
             raise ConfigError(f"model.{k} = {table[k]} but the tokenizers fix it to {v}; remove it from [model]")

@@ -35,6 +35,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from cvformers.errors import UserError
+from cvformers.models.dalle import tokenizer_inner_vocab
 from cvformers.utils import atomic_write_bytes
 
 DEFAULT_NAME = "default"
@@ -232,10 +233,9 @@ class TextToImage:
         if vae.num_tokens != cfg.num_image_tokens or vae.grid_size != cfg.grid_size:
             raise UserError(f"image tokenizer ({vae.num_tokens} ids, grid {vae.grid_size}) does not match the "
                             f"model ({cfg.num_image_tokens}, grid {cfg.grid_size})")
-        factors = getattr(vae, "code_factors", None)
-        if (factors[1] if factors else 0) != cfg.image_inner_vocab:
-            raise UserError(f"image tokenizer's ids are {'pairs of ' + str(factors) if factors else 'not pairs'} "
-                            f"but the model was trained with image_inner_vocab = {cfg.image_inner_vocab}")
+        if tokenizer_inner_vocab(vae) != cfg.image_inner_vocab:
+            raise UserError(f"image tokenizer's ids have inner vocabulary {tokenizer_inner_vocab(vae)} (0: not "
+                            f"pairs) but the model was trained with image_inner_vocab = {cfg.image_inner_vocab}")
         self.model, self.vae, self.tokenizer = model.eval(), vae.eval(), tokenizer
         self.reranker = reranker
         self.defaults = {"temperature": 1.0, "top_k": None, "top_p": None, "guidance": 1.0, **(defaults or {})}

@@ -56,7 +56,7 @@ class VQVAEConfig:
     ema_decay: float = 0.99  # decay of the codebook moving averages (paper appendix A.1)
     ema_eps: float = 1e-5  # Laplace smoothing of the EMA code counts (avoids division by zero)
     dead_code_threshold: float = 1.0  # restart a code whose EMA count of assignments per batch drops below this (0: never)
-    colour_vocab_size: int = 0  # 0: one codebook (the paper's tokenizer); K > 0: ids factorised into structure × K colours
+    colour_vocab_size: int = 0  # 0: one codebook, one id per cell; K > 0: ids factorised into structure × K colours
     colour_dim: int = 8  # dimension of each colour codebook vector (factorised ids only)
     luminance_floor: float = 0.1  # the structure input divides luminance by max(cell maximum, this)
 
