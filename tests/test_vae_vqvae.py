@@ -82,27 +82,31 @@ def test_codebook_starts_on_encoder_outputs_and_straight_through_gradient():
     assert flat.shape[0] == 64 and commitment.item() >= 0
 
 
-def test_tiny_vqvae_learns_one_batch():
+def fit_one_batch(m: VQVAE, x: torch.Tensor, steps: int = 100) -> tuple[float, float, dict, float]:
+    """Train on one batch (1 thread) -> (PSNR before, PSNR after, last metrics, restarts in all)."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        m = tiny(ema_decay=0.9)  # a fast EMA so that dead codes are found within the short run
-        x = squares(8)
         m.eval()
         start = float(psnr(m.decode(m.encode(x)), x))
         m.train()
         opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
         restarts = 0.0
-        for _ in range(100):
+        for _ in range(steps):
             loss, metrics = m.loss({"image": x})
             restarts += metrics["restarts"]
             opt.zero_grad()
             loss.backward()
             opt.step()
         m.eval()
-        end = float(psnr(m.decode(m.encode(x)), x))
+        return start, float(psnr(m.decode(m.encode(x)), x)), metrics, restarts
     finally:
         torch.set_num_threads(old)
+
+
+def test_tiny_vqvae_learns_one_batch():
+    m = tiny(ema_decay=0.9)  # a fast EMA so that dead codes are found within the short run
+    start, end, metrics, restarts = fit_one_batch(m, squares(8))
     assert set(metrics) == {"recon_mse", "commitment", "psnr", "perplexity", "restarts"}
     assert end > start + 9, (start, end)  # measured: 6.4 -> 18.8 dB
     assert restarts > 0 and metrics["perplexity"] > 8  # restarts keep the codebook in use (measured 19.7)
@@ -152,22 +156,11 @@ def test_factorised_structure_id_ignores_colour_and_colour_id_sees_it():
 def test_factorised_vqvae_learns_one_batch_and_round_trips(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    torch.set_num_threads(1)
     m = tiny(colour_vocab_size=4, ema_decay=0.9)
     x = torch.cat([flat_square((0.86, 0.12, 0.12)), flat_square((0.16, 0.31, 0.9), lo=5, hi=9), squares(6)])
-    m.eval()
-    start = float(psnr(m.decode(m.encode(x)), x))
-    m.train()
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    for _ in range(100):
-        loss, metrics = m.loss({"image": x})
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    m.eval()
-    end = float(psnr(m.decode(m.encode(x)), x))
+    start, end, metrics, _ = fit_one_batch(m, x)
     assert "colour_perplexity" in metrics and metrics["colour_perplexity"] > 1.5
-    assert end > start + 8, (start, end)
+    assert end > start + 8, (start, end)  # measured: 8.8 -> 20.1 dB
     save_file(m.state_dict(), tmp_path / "m.safetensors")
     again = build_model("vqvae", to_dict(m.cfg))
     again.load_state_dict(load_file(tmp_path / "m.safetensors"))
