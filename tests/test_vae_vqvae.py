@@ -144,7 +144,8 @@ def test_factorised_structure_id_ignores_colour_and_colour_id_sees_it():
     m.eval()
     ids = m.encode(images)
     assert int(ids.max()) < m.num_tokens
-    structure, colour = ids // 4, ids % 4
+    structure, colour = m.split_ids(ids)
+    assert torch.equal(m.join_ids([structure, colour]), ids) and torch.equal(structure, ids // 4)
     # a red and a blue square in the same place: the structure encoder gets the same input
     assert torch.equal(structure[0], structure[1])
     assert not torch.equal(colour[0], colour[1])  # the colour code tells them apart

@@ -74,13 +74,13 @@ class VQVAEConfig:
             raise ConfigError("model.colour_vocab_size must be >= 0, colour_dim >= 1 and luminance_floor > 0")
 
     @property
-    def grid_size(self) -> int:
-        return self.image_size // 2 ** (self.group_count - 1)
-
-    @property
     def cell(self) -> int:
         """Pixels per id along each side."""
         return 2 ** (self.group_count - 1)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.cell
 
 
 def _distributed() -> bool:
@@ -180,7 +180,7 @@ def cell_normalised_luminance(images: torch.Tensor, cell: int, floor: float) -> 
 class CellColourEncoder(nn.Module):
     """Pixels [B,C,H,W] in [-1,1] -> one colour vector per cell [B,colour_dim,h,w].
 
-    Two pointwise-ish convolutions then a max over the cell: the brightest features win, so a
+    A 3×3 and a 1×1 convolution, then a max over the cell: the brightest features win, so a
     cell half covered by an object reports the object's colour, not a mix with the background.
     """
 
@@ -236,7 +236,13 @@ class VQVAE(nn.Module):
         return ((out + 1) / 2).clamp(0, 1)
 
     def join_ids(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """One id tensor per codebook -> the ids DALL-E sees (structure · K + colour when factorised)."""
         return parts[0] if len(parts) == 1 else parts[0] * self.cfg.colour_vocab_size + parts[1]
+
+    def split_ids(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """The inverse of ``join_ids``."""
+        K = self.cfg.colour_vocab_size
+        return [ids] if self.code_factors is None else [ids // K, ids % K]
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -250,9 +256,7 @@ class VQVAE(nn.Module):
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.dim() != 3:
             raise ValueError(f"decode expects ids [B,h,w], got {tuple(ids.shape)}")
-        ids = ids.long()
-        parts = [ids] if self.code_factors is None else [ids // self.cfg.colour_vocab_size,
-                                                          ids % self.cfg.colour_vocab_size]
+        parts = self.split_ids(ids.long())
         vectors = [quantizer.codebook[part] for part, quantizer in zip(parts, self.quantizers())]
         z_q = rearrange(torch.cat(vectors, dim=-1), "b h w d -> b d h w")
         return self.to_images(self.decoder(z_q))
