@@ -172,3 +172,31 @@ def test_train_clip_with_hard_negatives_from_the_cli(tmp_path, capsys):
     assert main(["train", "clip", "--data", "mnist", "--out", str(tmp_path / "x"),
                  "--steps", "1", "--config", str(cfg)]) == 2
     assert "hard_negatives" in capsys.readouterr().err
+
+
+def test_colourless_captions_replace_a_fixed_share_of_training_captions(tmp_path, capsys):
+    from cvformers.cli import main
+    from cvformers.data.shapes import ShapesDataset
+    from cvformers.models.clip_task import ColourlessCaptions
+
+    data = ShapesDataset("train", size=400)
+    wrapped = ColourlessCaptions(data, 0.5)
+    changed = [i for i in range(len(data)) if wrapped[i]["caption"] != data[i]["caption"]]
+    assert 150 < len(changed) < 250
+    assert [wrapped[i]["caption"] for i in changed[:5]] == [wrapped[i]["caption"] for i in changed[:5]]  # every epoch
+    i = changed[0]
+    assert torch.equal(wrapped[i]["image"], data[i]["image"]) and wrapped[i]["record"] == data[i]["record"]
+    assert all(wrapped[i]["caption"] == data[i]["caption"] for i in range(len(data)) if i not in changed)
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[data]\nsize = 32\neval_size = 16\n[text]\nbpe_train_captions = 200\ncolourless_captions = 0.5\n"
+                   "[train]\neval_every = 0\n")
+    assert main(["train", "clip", "--data", "shapes", "--out", str(tmp_path / "run"), "--steps", "2",
+                 "--batch-size", "8", "--config", str(cfg)]) == 0
+    assert main(["train", "clip", "--data", "mnist", "--out", str(tmp_path / "x"),
+                 "--steps", "1", "--config", str(cfg)]) == 2
+    assert "colourless_captions" in capsys.readouterr().err
+    cfg.write_text("[text]\ncolourless_captions = 1.5\n")
+    assert main(["train", "clip", "--data", "shapes", "--out", str(tmp_path / "y"),
+                 "--steps", "1", "--config", str(cfg)]) == 2
+    assert "between 0 and 1" in capsys.readouterr().err

@@ -173,3 +173,34 @@ def test_hard_negative_captions_are_wrong_and_name_no_heldout_pair():
         verdict = check_image(item["image"], stated)
         # the picture fails the negative: the checker sees it, or (sizes are outside its verdict) the size
         assert not verdict["all_correct"] or not all(o["size_ok"] for o in verdict["objects"]), negative
+
+
+def test_captions_are_those_of_every_release():
+    # DALL-E codes, BPE merges and every figure in the README depend on these exact strings
+    assert ShapesDataset("train").item(0)["caption"] == "an image of a big orange plus sign above a huge purple block"
+    assert ShapesDataset("heldout").item(1)["caption"] == "a tiny green cross in the upper left"
+
+
+def test_colourless_captions_drop_colours_keep_shapes_and_use_only_training_words():
+    import random
+    import re
+
+    from cvformers.data.shapes import _COLOUR_WORDS, _SHAPE_WORDS, colourless_caption
+
+    data = ShapesDataset("train", size=300)
+    words = {w for c in data.captions() for w in c.split()}
+    colour_words = {w for ws in _COLOUR_WORDS.values() for w in ws}
+    dropped_one = dropped_all = 0
+    for i in range(len(data)):
+        record = data.record(i)
+        text = colourless_caption(record, random.Random(i))
+        assert text == colourless_caption(record, random.Random(i))  # seeded
+        assert set(text.split()) <= words, text  # nothing the BPE was not trained on
+        named = [w for w in text.split() if w in colour_words]
+        kept = {o["colour"] for o in record["objects"] if any(w in _COLOUR_WORDS[o["colour"]] for w in named)}
+        assert len(named) == len(kept) < len(record["objects"]), text  # at least one colour left out
+        dropped_all += not named
+        dropped_one += bool(named)
+        for obj in record["objects"]:  # every object is still named by one of its shape's words
+            assert re.search("|".join(_SHAPE_WORDS[obj["shape"]]), text), text
+    assert dropped_all > 100 and dropped_one > 30

@@ -138,29 +138,52 @@ def _a(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def _describe(obj: dict, rng: random.Random, with_size: bool = True) -> str:
+def _describe(obj: dict, rng: random.Random, with_size: bool = True, with_colour: bool = True) -> str:
     words = []
     if with_size:
         words.append(rng.choice(_SIZE_WORDS[obj["size"]]))
-    words.append(rng.choice(_COLOUR_WORDS[obj["colour"]]))
+    if with_colour:
+        words.append(rng.choice(_COLOUR_WORDS[obj["colour"]]))
     words.append(rng.choice(_SHAPE_WORDS[obj["shape"]]))
     return _a(" ".join(words))
 
 
-def caption_for(record: dict, rng: random.Random) -> str:
-    """One caption for a scene record, with templates and synonyms drawn from ``rng``."""
+def caption_for(record: dict, rng: random.Random, uncoloured: tuple[int, ...] = ()) -> str:
+    """One caption for a scene record, with templates and synonyms drawn from ``rng``.
+
+    ``uncoloured``: indices of objects whose colour the caption leaves out (see
+    ``colourless_caption``); with the default, the draws from ``rng`` are those of every release.
+    """
     objs = record["objects"]
     if record["relation"] is None:
-        text = _describe(objs[0], rng)
+        text = _describe(objs[0], rng, with_colour=0 not in uncoloured)
         if objs[0]["position_stated"]:
             text += " " + rng.choice(_POSITION_PHRASES[objs[0]["position"]])
     else:
         with_size = rng.random() < 0.75  # sometimes sizes are left for the model to choose
-        a, b, rel = objs[0], objs[1], record["relation"]
+        (a, a_col), (b, b_col), rel = (objs[0], 0 not in uncoloured), (objs[1], 1 not in uncoloured), record["relation"]
         if rng.random() < 0.5:  # say it the other way round: "B below A" == "A above B"
-            a, b, rel = b, a, _INVERSE[rel]
-        text = f"{_describe(a, rng, with_size)} {rng.choice(_RELATION_PHRASES[rel])} {_describe(b, rng, with_size)}"
+            (a, a_col), (b, b_col), rel = (b, b_col), (a, a_col), _INVERSE[rel]
+        text = (f"{_describe(a, rng, with_size, a_col)} {rng.choice(_RELATION_PHRASES[rel])} "
+                f"{_describe(b, rng, with_size, b_col)}")
     return rng.choice(_FRAMES).format(text)
+
+
+def colourless_caption(record: dict, rng: random.Random) -> str:
+    """A caption still true of ``record`` that leaves out the colour of one object or of all.
+
+    "a small triangle on the left", "a red circle above a square". A contrastive model trained
+    with some of these (``[text] colourless_captions`` of a CLIP run) must match a triangle's
+    shape whatever its colour, so its shape features cannot lean on the colours a shape was
+    seen in: what lets it read a colour–shape pair it never saw (the held-out split). Only
+    words of the training captions are used, and no held-out pair is ever drawn or named.
+    """
+    n = len(record["objects"])
+    if n == 1 or rng.random() < 0.5:
+        uncoloured = tuple(range(n))
+    else:
+        uncoloured = (rng.randrange(n),)
+    return caption_for(record, rng, uncoloured)
 
 
 def hard_negative_caption(record: dict, rng: random.Random) -> str:

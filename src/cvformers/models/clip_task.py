@@ -35,6 +35,10 @@ class ClipTextConfig:
     # Each image is also scored against a caption wrong in one detail (NegCLIP; only `shapes`,
     # whose records say what a scene is): teaches colour-to-object binding and relations.
     hard_negatives: bool = False
+    # Share of training captions replaced by a true caption that leaves out object colours
+    # (only `shapes`; cvformers.data.shapes.colourless_caption): shape features that cannot lean
+    # on the colours a shape was seen in, so unseen colour-shape pairs are read by their shape.
+    colourless_captions: float = 0.0
 
 
 # --- tokenizers -------------------------------------------------------------------------
@@ -152,7 +156,15 @@ def clip_task(args: TaskArgs) -> TaskSetup:
     if text_cfg.hard_negatives and data_cfg.name != "shapes":
         raise ConfigError(f"text.hard_negatives needs the shapes data (its scenes say what a wrong caption is), "
                           f"not {data_cfg.name!r}: set hard_negatives = false")
+    if not 0.0 <= text_cfg.colourless_captions <= 1.0:
+        raise ConfigError(f"text.colourless_captions is a share between 0 and 1, got {text_cfg.colourless_captions}")
+    if text_cfg.colourless_captions and data_cfg.name != "shapes":
+        raise ConfigError(f"text.colourless_captions needs the shapes data (its scenes say what each object is), "
+                          f"not {data_cfg.name!r}: set colourless_captions = 0")
     train_data, eval_data = train_and_eval_data(data_cfg)
+    bpe_data = train_data  # merges are learnt from the full captions (a colourless one uses no new word)
+    if text_cfg.colourless_captions:
+        train_data = ColourlessCaptions(train_data, text_cfg.colourless_captions)
 
     extra_files: dict[str, bytes] = {}
     if cfg.tokenizer == "clip":
@@ -163,7 +175,7 @@ def clip_task(args: TaskArgs) -> TaskSetup:
         if args.resume and saved.is_file():
             tokenizer = load_text_tokenizer(cfg, args.out)
         else:
-            tokenizer = train_bpe(_captions(train_data, text_cfg.bpe_train_captions),
+            tokenizer = train_bpe(_captions(bpe_data, text_cfg.bpe_train_captions),
                                   text_cfg.bpe_vocab_size, cfg.context_length)
         # per-position pad ids vocab_size + i live in the same embedding table (DALL-E §2.2)
         cfg = replace(cfg, vocab_size=tokenizer.vocab_size + cfg.context_length,
@@ -187,6 +199,26 @@ def clip_task(args: TaskArgs) -> TaskSetup:
         train_data=train_data, eval_data=eval_data, collate=clip_collate,
         extra_config={"data": to_dict(data_cfg), "text": to_dict(text_cfg)}, extra_files=extra_files,
     )
+
+
+class ColourlessCaptions(torch.utils.data.Dataset):
+    """Training items of which a fixed ``share`` (chosen per index, the same in every epoch and on
+    resume) carry a caption without object colours in place of their own."""
+
+    def __init__(self, data, share: float):
+        self.data, self.share = data, share
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict:
+        from cvformers.data.shapes import colourless_caption
+
+        item = self.data[index]
+        rng = random.Random(f"colourless/{index}")
+        if rng.random() < self.share:
+            item = {**item, "caption": colourless_caption(item["record"], rng)}
+        return item
 
 
 def _captions(dataset, limit: int) -> list[str]:
