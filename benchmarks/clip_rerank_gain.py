@@ -8,6 +8,13 @@ captions with at least one faithful candidate (the ceiling of any reranker), and
 ``clip_top1 - random`` in points.
 
     python benchmarks/clip_rerank_gain.py --dalle runs/dalle --clip runs/clip-shapes [--captions 100] [--candidates 32]
+    python benchmarks/clip_rerank_gain.py --dalle default --clip runs/a,runs/b --cache runs/heldout_candidates.pt
+
+``--cache FILE`` keeps the candidates and the checker's verdicts: the first run draws and saves
+them, later runs (with the same split, captions, candidates and seed) load them, so several
+CLIPs (comma-separated ``--clip``) are compared on exactly the same pictures in seconds. The
+candidates are those of ``cvformers eval fidelity --rerank K`` (the same seeds), so the figures
+match that command's.
 
 ``--proxy`` replaces DALL-E by a stand-in generator — each candidate is the caption's own
 scene with probability 1/4, else another scene of the same split — to exercise the
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,21 +37,27 @@ from cvformers.eval.fidelity import check_image
 from cvformers.pipelines.rerank import ClipReranker
 
 
-def rerank_gain(generate: Callable[[str, int, int], torch.Tensor], reranker: ClipReranker,
-                scenes: list[dict], candidates: int) -> dict[str, float]:
-    """``generate(caption, k, seed) -> [k, C, H, W]``; ``scenes``: shapes records with captions."""
-    random_pick = top1 = oracle = 0.0
+def draw_candidates(generate: Callable[[str, int, int], torch.Tensor], scenes: list[dict],
+                    candidates: int) -> dict:
+    """``generate(caption, k, seed) -> [k, C, H, W]`` for every scene (seed = its index), with the
+    checker's verdict on each: {"images": [n, k, C, H, W], "ok": [n, k], "captions": [...]}."""
+    images, ok = [], []
     for i, record in enumerate(scenes):
-        images = generate(record["caption"], candidates, i)
-        ok = torch.tensor([check_image(im, record)["all_correct"] for im in images], dtype=torch.float)
-        scores = reranker.score(images, record["caption"])
-        random_pick += ok.mean().item()
-        top1 += ok[scores.argmax()].item()
-        oracle += float(ok.any())
-    n = len(scenes)
-    return {"captions": n, "candidates": candidates, "random": round(random_pick / n, 4),
-            "clip_top1": round(top1 / n, 4), "oracle": round(oracle / n, 4),
-            "gain_points": round(100 * (top1 - random_pick) / n, 1)}
+        drawn = generate(record["caption"], candidates, i)
+        images.append(drawn)
+        ok.append(torch.tensor([check_image(im, record)["all_correct"] for im in drawn], dtype=torch.float))
+    return {"images": torch.stack(images), "ok": torch.stack(ok), "captions": [r["caption"] for r in scenes]}
+
+
+def rerank_gain(drawn: dict, reranker: ClipReranker) -> dict[str, float]:
+    """Fidelity of a random candidate, of the reranker's top-1, and of the best (oracle)."""
+    ok = drawn["ok"]
+    scores = torch.stack([reranker.score(images, caption) for images, caption in zip(drawn["images"], drawn["captions"])])
+    top1 = ok.gather(1, scores.argmax(1, keepdim=True)).mean().item()
+    n, k = ok.shape
+    return {"captions": n, "candidates": k, "random": round(ok.mean().item(), 4),
+            "clip_top1": round(top1, 4), "oracle": round(ok.amax(1).mean().item(), 4),
+            "gain_points": round(100 * (top1 - ok.mean().item()), 1)}
 
 
 def proxy_generator(split: str, image_size: int, pool: int = 500):
@@ -62,36 +76,54 @@ def proxy_generator(split: str, image_size: int, pool: int = 500):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clip", required=True, help="CLIP run folder")
+    parser.add_argument("--clip", required=True, help="CLIP run folder(s), comma-separated")
     parser.add_argument("--dalle", default=None, help="DALL-E run folder (or --proxy)")
     parser.add_argument("--proxy", action="store_true", help="stand-in generator instead of DALL-E (see above)")
     parser.add_argument("--split", default="heldout", help="shapes split whose captions are used")
     parser.add_argument("--captions", type=int, default=100)
     parser.add_argument("--candidates", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the scenes and of sampling")
+    parser.add_argument("--cache", default=None, help="file to keep the candidates in (see above)")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    reranker = ClipReranker.load(args.clip)
+    torch.set_num_threads(args.threads)
+    rerankers = {path: ClipReranker.load(path) for path in args.clip.split(",")}
+    key = {"split": args.split, "captions": args.captions, "candidates": args.candidates, "seed": args.seed,
+           "generator": "proxy" if args.proxy else args.dalle}
+    if args.cache and Path(args.cache).is_file():
+        drawn = torch.load(args.cache, weights_only=True)
+        if drawn["key"] != key:
+            parser.error(f"{args.cache} holds candidates for {drawn['key']}, not {key}: give another --cache")
+        return report(drawn, rerankers, key)
+    image_size = next(iter(rerankers.values())).model.cfg.image_size
     if args.proxy:
-        generate, by_caption = proxy_generator(args.split, reranker.model.cfg.image_size)
-        image_size = reranker.model.cfg.image_size
+        generate, by_caption = proxy_generator(args.split, image_size)
     elif args.dalle:
         from cvformers.pipelines.text_to_image import TextToImage
 
         pipe = TextToImage.load(args.dalle)
         image_size = pipe.vae.image_size
+        pipe.reranker = None  # the candidates unsorted, as drawn
 
         def generate(caption: str, k: int, seed: int) -> torch.Tensor:
-            return pipe.generate(caption, num_images=k, seed=seed).images
+            return pipe.generate(caption, num_images=k, seed=args.seed + seed).images
 
         by_caption = {}
     else:
         parser.error("give --dalle RUN or --proxy")
-    scenes = [ShapesDataset(args.split, image_size=image_size, size=args.captions).item(i)["record"]
+    scenes = [ShapesDataset(args.split, image_size=image_size, seed=args.seed).item(i)["record"]
               for i in range(args.captions)]
     for record in scenes:
         by_caption[record["caption"]] = record
-    print(json.dumps({"split": args.split, "generator": "proxy" if args.proxy else args.dalle,
-                      **rerank_gain(generate, reranker, scenes, args.candidates)}))
+    drawn = draw_candidates(generate, scenes, args.candidates)
+    if args.cache:
+        torch.save({**drawn, "key": key}, args.cache)
+    report(drawn, rerankers, key)
+
+
+def report(drawn: dict, rerankers: dict[str, ClipReranker], key: dict) -> None:
+    for path, reranker in rerankers.items():
+        print(json.dumps({**key, "clip": path, **rerank_gain(drawn, reranker)}))
 
 
 if __name__ == "__main__":
