@@ -14,7 +14,9 @@ captions with at least one faithful candidate (the ceiling of any reranker), and
 them, later runs (with the same split, captions, candidates and seed) load them, so several
 CLIPs (comma-separated ``--clip``) are compared on exactly the same pictures in seconds. The
 candidates are those of ``cvformers eval fidelity --rerank K`` (the same seeds), so the figures
-match that command's.
+match that command's. ``--show-misses DIR`` draws, for each CLIP, the captions it misses: the
+candidate it kept (left) beside the faithful one it scored highest (right), to see whether a miss
+is the reranker's or the checker's.
 
 ``--proxy`` replaces DALL-E by a stand-in generator — each candidate is the caption's own
 scene with probability 1/4, else another scene of the same split — to exercise the
@@ -49,10 +51,28 @@ def draw_candidates(generate: Callable[[str, int, int], torch.Tensor], scenes: l
     return {"images": torch.stack(images), "ok": torch.stack(ok), "captions": [r["caption"] for r in scenes]}
 
 
-def rerank_gain(drawn: dict, reranker: ClipReranker) -> dict[str, float]:
+def candidate_scores(drawn: dict, reranker: ClipReranker) -> torch.Tensor:
+    """[n, k]: the reranker's score of every candidate for its caption."""
+    return torch.stack([reranker.score(images, caption) for images, caption in zip(drawn["images"], drawn["captions"])])
+
+
+def misses_grid(drawn: dict, scores: torch.Tensor) -> torch.Tensor | None:
+    """One row per caption whose kept candidate fails the checker: the kept candidate, then the
+    best-scored faithful one (a black square when there is none). [3, rows·H, 2·W] or None."""
+    rows = []
+    for images, ok, s in zip(drawn["images"], drawn["ok"], scores):
+        kept = int(s.argmax())
+        if ok[kept]:
+            continue
+        faithful = torch.where(ok == 1)[0]
+        best = images[faithful[s[faithful].argmax()]] if len(faithful) else torch.zeros_like(images[kept])
+        rows.append(torch.cat([images[kept], best], dim=-1))
+    return torch.cat(rows, dim=-2) if rows else None
+
+
+def rerank_gain(drawn: dict, scores: torch.Tensor) -> dict[str, float]:
     """Fidelity of a random candidate, of the reranker's top-1, and of the best (oracle)."""
     ok = drawn["ok"]
-    scores = torch.stack([reranker.score(images, caption) for images, caption in zip(drawn["images"], drawn["captions"])])
     top1 = ok.gather(1, scores.argmax(1, keepdim=True)).mean().item()
     n, k = ok.shape
     return {"captions": n, "candidates": k, "random": round(ok.mean().item(), 4),
@@ -85,6 +105,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the scenes and of sampling")
     parser.add_argument("--cache", default=None, help="file to keep the candidates in (see above)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--show-misses", default=None, metavar="DIR",
+                        help="write DIR/misses_N.png for the N-th --clip: each missed caption's kept "
+                             "candidate beside the best-scored faithful one")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rerankers = {path: ClipReranker.load(path) for path in args.clip.split(",")}
@@ -94,7 +117,7 @@ def main() -> None:
         drawn = torch.load(args.cache, weights_only=True)
         if drawn["key"] != key:
             parser.error(f"{args.cache} holds candidates for {drawn['key']}, not {key}: give another --cache")
-        return report(drawn, rerankers, key)
+        return report(drawn, rerankers, key, args.show_misses)
     image_size = next(iter(rerankers.values())).model.cfg.image_size
     if args.proxy:
         generate, by_caption = proxy_generator(args.split, image_size)
@@ -118,12 +141,21 @@ def main() -> None:
     drawn = draw_candidates(generate, scenes, args.candidates)
     if args.cache:
         torch.save({**drawn, "key": key}, args.cache)
-    report(drawn, rerankers, key)
+    report(drawn, rerankers, key, args.show_misses)
 
 
-def report(drawn: dict, rerankers: dict[str, ClipReranker], key: dict) -> None:
-    for path, reranker in rerankers.items():
-        print(json.dumps({**key, "clip": path, **rerank_gain(drawn, reranker)}))
+def report(drawn: dict, rerankers: dict[str, ClipReranker], key: dict, show_misses: str | None) -> None:
+    for n, (path, reranker) in enumerate(rerankers.items()):
+        scores = candidate_scores(drawn, reranker)
+        print(json.dumps({**key, "clip": path, **rerank_gain(drawn, scores)}))
+        grid = misses_grid(drawn, scores) if show_misses else None
+        if grid is not None:
+            from PIL import Image
+
+            Path(show_misses).mkdir(parents=True, exist_ok=True)
+            pixels = (grid.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+            image = Image.fromarray(pixels)
+            image.resize((image.width * 4, image.height * 4), Image.NEAREST).save(Path(show_misses) / f"misses_{n}.png")
 
 
 if __name__ == "__main__":

@@ -161,11 +161,11 @@ def caption_for(record: dict, rng: random.Random, uncoloured: tuple[int, ...] = 
             text += " " + rng.choice(_POSITION_PHRASES[objs[0]["position"]])
     else:
         with_size = rng.random() < 0.75  # sometimes sizes are left for the model to choose
-        (a, a_col), (b, b_col), rel = (objs[0], 0 not in uncoloured), (objs[1], 1 not in uncoloured), record["relation"]
+        a, b, rel = 0, 1, record["relation"]
         if rng.random() < 0.5:  # say it the other way round: "B below A" == "A above B"
-            (a, a_col), (b, b_col), rel = (b, b_col), (a, a_col), _INVERSE[rel]
-        text = (f"{_describe(a, rng, with_size, a_col)} {rng.choice(_RELATION_PHRASES[rel])} "
-                f"{_describe(b, rng, with_size, b_col)}")
+            a, b, rel = b, a, _INVERSE[rel]
+        first = _describe(objs[a], rng, with_size, a not in uncoloured)  # draws in the order of the words
+        text = f"{first} {rng.choice(_RELATION_PHRASES[rel])} {_describe(objs[b], rng, with_size, b not in uncoloured)}"
     return rng.choice(_FRAMES).format(text)
 
 
