@@ -219,11 +219,15 @@ class DALLE(nn.Module):
         return loss, metrics
 
     # --- sampling with a KV cache -------------------------------------------------------------
-    def new_caches(self, batch: int, device=None, dtype=None) -> list[KVCache]:
-        """Preallocated key/value buffers for the whole sequence, one per layer."""
+    def new_caches(self, batch: int, packed: bool = True, device=None, dtype=None) -> list[KVCache]:
+        """Preallocated key/value buffers for the whole sequence, one per layer.
+
+        ``packed``: each cache also holds its layer's weights reordered for ``batch``-row products
+        (oneDNN, fp32 CPU; ``cvformers.nn.decode_linear``), a copy made once per sampling run.
+        """
         p = next(self.parameters())
-        return [KVCache.empty(batch, self.cfg.heads, self.cfg.seq_len, self.cfg.dim_head,
-                              device=device or p.device, dtype=dtype or p.dtype) for _ in self.blocks]
+        return [block.new_cache(batch, self.cfg.seq_len, packed, device=device or p.device, dtype=dtype or p.dtype)
+                for block in self.blocks]
 
     @torch.no_grad()
     def prefill(self, text: torch.Tensor, caches: list[KVCache], codes: torch.Tensor | None = None) -> torch.Tensor:

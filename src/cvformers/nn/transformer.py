@@ -10,13 +10,25 @@ from einops import rearrange
 from torch import nn
 
 from cvformers.nn.attention import AttentionPattern
+from cvformers.nn.decode_linear import DecodeLinear
 from cvformers.nn.layers import Mlp
 
 
 @dataclass
+class DecodeWeights:
+    """A block's four products prepared for decode steps of a fixed number of rows (decode_linear)."""
+
+    qkv: DecodeLinear
+    proj: DecodeLinear
+    fc1: DecodeLinear
+    fc2: DecodeLinear
+
+
+@dataclass
 class KVCache:
-    """Preallocated keys and values for one layer, ``kv`` [2, B, heads, S, d]; filled by prefill,
-    then one slot a step.
+    """One layer's state for a sampling run: preallocated keys and values ``kv`` [2, B, heads, S, d],
+    filled by prefill, then one slot a step; and, when built by ``Block.new_cache``, the layer's
+    weights prepared for B-row products (``weights``), which live exactly as long as the run.
 
     ``k``/``v`` are its two halves [B, heads, S, d]; ``k3``/``v3`` the same memory seen as
     [B·heads, S, d], the layout the decode step reads. Keys and values share one buffer so that a
@@ -24,6 +36,7 @@ class KVCache:
     """
 
     kv: torch.Tensor
+    weights: DecodeWeights | None = None
 
     def __post_init__(self):
         _, B, heads, S, d = self.kv.shape
@@ -31,8 +44,9 @@ class KVCache:
         self.k3, self.v3 = self.k.view(B * heads, S, d), self.v.view(B * heads, S, d)
 
     @classmethod
-    def empty(cls, batch: int, heads: int, seq_len: int, dim_head: int, device=None, dtype=None):
-        return cls(torch.zeros(2, batch, heads, seq_len, dim_head, device=device, dtype=dtype))
+    def empty(cls, batch: int, heads: int, seq_len: int, dim_head: int, device=None, dtype=None,
+              weights: DecodeWeights | None = None):
+        return cls(torch.zeros(2, batch, heads, seq_len, dim_head, device=device, dtype=dtype), weights)
 
 
 class SelfAttention(nn.Module):
@@ -57,18 +71,21 @@ class SelfAttention(nn.Module):
         q, k, v = rearrange(self.qkv(x), "b s (three n d) -> three b n s d", three=3, n=self.heads)
         return q, k, v
 
-    def decode(self, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
-        """One token x [B, dim] at ``pos`` -> [B, dim] (inference: no dropout).
+    def decode(self, x: torch.Tensor, cache: KVCache, pos: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """One token x [B, dim] at ``pos`` -> [B, dim], plus ``residual`` if given (inference: no dropout).
 
         Written with functional calls on 2-D tensors: it runs once per layer per sampled token,
-        and at small widths module-call and reshape overhead is a visible share of a step.
+        and at small widths module-call and reshape overhead is a visible share of a step. The
+        products use the cache's prepared weights when it has them.
         """
         B, heads, d = x.shape[0], self.heads, self.dim_head
-        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).view(B, 3, heads, d)
+        w = cache.weights
+        qkv_w, proj_w = (w.qkv, w.proj) if w is not None else (DecodeLinear(self.qkv), DecodeLinear(self.proj))
+        qkv = qkv_w(x).view(B, 3, heads, d)
         cache.kv.select(3, pos).copy_(qkv[:, 1:].transpose(0, 1))  # [2, B, heads, d]: k and v in one copy
         q = (qkv[:, 0] * d**-0.5).view(B * heads, 1, d)  # the scale, and the copy to [B·heads, 1, d], in one op
-        out = self.pattern.decode_attend(q, cache.k3, cache.v3, pos)  # [B·heads, 1, d]
-        return F.linear(out.view(B, heads * d), self.proj.weight, self.proj.bias)
+        out = self.pattern.decode_attend(q, cache.k3, cache.v3, pos).view(B, heads * d)  # [B·heads, 1, d] in
+        return proj_w(out) if residual is None else proj_w.add(out, residual)
 
     def store(self, x: torch.Tensor, cache: KVCache) -> None:
         """Only the keys and values of x [B, L, dim] (positions 0..L-1) into ``cache``: for a layer
@@ -116,9 +133,22 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), cache, pos)
         return x + self.mlp(self.norm2(x))
 
+    def decode_weights(self, rows: int | None) -> DecodeWeights:
+        """The block's products prepared for ``rows``-row decode steps (None: plain F.linear)."""
+        attn, mlp = self.attn, self.mlp
+        return DecodeWeights(*(DecodeLinear(m, rows) for m in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)))
+
+    def new_cache(self, batch: int, seq_len: int, packed: bool = True, device=None, dtype=None) -> KVCache:
+        """An empty cache for ``batch`` sequences, with the weights packed for ``batch`` rows if ``packed``."""
+        return KVCache.empty(batch, self.attn.heads, seq_len, self.attn.dim_head, device=device, dtype=dtype,
+                             weights=self.decode_weights(batch if packed else None))
+
     def decode(self, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
         """``forward`` for one token x [B, dim] at ``pos`` against ``cache`` (inference: no dropout)."""
         n1, n2, mlp = self.norm1, self.norm2, self.mlp
-        x = x + self.attn.decode(F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps), cache, pos)
-        h = F.linear(F.layer_norm(x, n2.normalized_shape, n2.weight, n2.bias, n2.eps), mlp.fc1.weight, mlp.fc1.bias)
-        return x + F.linear(mlp.act(h), mlp.fc2.weight, mlp.fc2.bias)
+        w = cache.weights if cache.weights is not None else self.decode_weights(None)
+        x = self.attn.decode(F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps), cache, pos, x)
+        h = F.layer_norm(x, n2.normalized_shape, n2.weight, n2.bias, n2.eps)
+        # the fused GELU is the exact one: any other activation runs on its own
+        exact_gelu = type(mlp.act) is nn.GELU and mlp.act.approximate == "none"
+        return w.fc2.add(w.fc1.gelu(h) if exact_gelu else mlp.act(w.fc1(h)), x)

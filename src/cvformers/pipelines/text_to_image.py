@@ -86,21 +86,24 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> tor
 def sample_codes(model, text: torch.Tensor, *, prompt_codes: torch.Tensor | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  guidance: float = 1.0, generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> torch.Tensor:
+                 use_cache: bool = True, packed: bool = True) -> torch.Tensor:
     """Sample the image ids of a DALLE for text ids [B, T] -> LongTensor[B, grid, grid].
 
     ``prompt_codes`` [B, r·grid] fixes the first r rows (image prompt, §3.3). ``guidance`` != 1
     appends the unconditional (all-pad) rows to the batch, so both run in one forward per step.
-    ``use_cache=False`` recomputes the whole prefix every step (the slow baseline, for benchmarks).
+    ``use_cache=False`` recomputes the whole prefix every step (the slow baseline, for benchmarks);
+    ``packed=False`` keeps the decode step's products on ``F.linear`` instead of oneDNN's packed
+    weights (``cvformers.nn.decode_linear``; the same ids up to float rounding, for A/B timing).
     """
     # inference mode skips autograd's bookkeeping (version counters, views' metadata) on every op,
     # which shows in a loop of ~80 small ops per token
     with torch.inference_mode():
-        codes = _sample_codes(model, text, prompt_codes, temperature, top_k, top_p, guidance, generator, use_cache)
+        codes = _sample_codes(model, text, prompt_codes, temperature, top_k, top_p, guidance, generator, use_cache,
+                              packed)
     return codes.clone()  # a normal tensor again: callers may edit it or feed it to autograd
 
 
-def _sample_codes(model, text, prompt_codes, temperature, top_k, top_p, guidance, generator, use_cache):
+def _sample_codes(model, text, prompt_codes, temperature, top_k, top_p, guidance, generator, use_cache, packed):
     cfg = model.cfg
     B, T, n, G = text.shape[0], cfg.text_len, cfg.grid_size**2, cfg.grid_size
     guided = guidance != 1.0
@@ -123,7 +126,7 @@ def _sample_codes(model, text, prompt_codes, temperature, top_k, top_p, guidance
     if start >= n:
         return codes.view(B, G, G)
     if use_cache:
-        caches = model.new_caches(text.shape[0])
+        caches = model.new_caches(text.shape[0], packed=packed)
         logits = model.prefill(text, caches, both(codes[:, :start]) if start else None)
         for i in range(start, n):
             codes[:, i] = pick(logits)
