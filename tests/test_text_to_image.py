@@ -67,6 +67,28 @@ def test_kv_cache_sampling_equals_recomputing_the_prefix(pipe):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("prompt_rows", [0, 1])
+def test_noise_drawn_a_row_ahead_gives_the_ids_of_one_draw_per_step(pipe, prompt_rows):
+    """sample_codes draws each grid row's Gumbel noise at once: the same ids as a plain loop that
+    calls sample_from_logits (one draw of the generator) at every step, from the same seed."""
+    model, G = pipe.model, pipe.model.cfg.grid_size
+    text = pipe.encode_prompt("a red circle").expand(3, -1)
+    prompt = torch.randint(0, model.cfg.num_image_tokens, (3, prompt_rows * G)) if prompt_rows else None
+    got = sample_codes(model, text, prompt_codes=prompt, top_k=8, generator=torch.Generator().manual_seed(7))
+    g, T, start = torch.Generator().manual_seed(7), model.cfg.text_len, prompt_rows * G
+    want = torch.zeros(3, G * G, dtype=torch.long)
+    if prompt is not None:
+        want[:, :start] = prompt
+    with torch.no_grad():
+        caches = model.new_caches(3)
+        logits = model.prefill(text, caches, want[:, :start] if start else None)
+        for i in range(start, G * G):
+            want[:, i] = sample_from_logits(logits, 1.0, top_k=8, generator=g)
+            if i + 1 < G * G:
+                logits = model.decode_step(want[:, i], T + i, caches)
+    assert torch.equal(got.flatten(1), want)
+
+
 def test_guidance_scale_one_is_plain_conditional(pipe):
     a = pipe.generate("a red circle", num_images=3, seed=5, guidance=1.0).codes
     b = pipe.generate("a red circle", num_images=3, seed=5).codes

@@ -166,6 +166,12 @@ class DALLE(nn.Module):
         pos = self.image_row(self.image_rows[idx]) + self.image_col(self.image_cols[idx])
         return self.image_emb(codes) + pos
 
+    def embed_image_id(self, code: torch.Tensor, index: int) -> torch.Tensor:
+        """``embed_image`` of one id per sequence, code [B] at raster position ``index`` -> [B, dim]
+        (the decode step's input: rows of plain tensors, half the small ops of the general form)."""
+        row, col = divmod(index, self.cfg.grid_size)
+        return self.image_emb(code) + (self.image_row.weight[row] + self.image_col.weight[col])
+
     def embed(self, text: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
         """[text | image ids] -> the blocks' input [B, T + n, dim] (embedding dropout included)."""
         x = self.embed_text(text)
@@ -249,7 +255,7 @@ class DALLE(nn.Module):
     @torch.no_grad()
     def decode_step(self, code: torch.Tensor, pos: int, caches: list[KVCache]) -> torch.Tensor:
         """Feed image id ``code`` [B] at sequence position ``pos`` -> logits [B, image vocab] of the next id."""
-        x = self.embed_image(code[:, None], pos - self.cfg.text_len)[:, 0]  # [B, dim]: the blocks' decode path
+        x = self.embed_image_id(code, pos - self.cfg.text_len)  # [B, dim]: the blocks' decode path
         for block, cache in zip(self.blocks, caches):
             x = block.decode(x, cache, pos)
         return self.image_head(self.norm(x))

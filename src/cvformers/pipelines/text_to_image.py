@@ -66,16 +66,28 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def gumbel_noise(shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """-log(-log U) for U uniform: argmax(logits + noise) is an exact draw from softmax(logits)."""
+    uniform = torch.rand(shape, generator=generator, device=device).clamp_(min=1e-20)
+    return uniform.log_().neg_().log_().neg_()
+
+
 def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                       top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[B, V] logits -> [B] ids. temperature 0 is greedy."""
+                       top_p: float | None = None, generator: torch.Generator | None = None,
+                       noise: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, V] logits -> [B] ids. temperature 0 is greedy. ``noise``: this draw's ``gumbel_noise``
+    [B, V] made ahead (the same numbers the generator would give here), else drawn now."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logits = filter_logits(logits, top_k, top_p)
     # Gumbel-max: argmax(logits + Gumbel noise) is an exact draw from softmax(logits), and costs a
     # third of torch.multinomial per decode step on CPU; filtered ids stay at -inf
-    uniform = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(min=1e-20)
-    return (logits - torch.log(-torch.log(uniform))).argmax(-1)
+    if noise is None:
+        noise = gumbel_noise(logits.shape, generator, logits.device)
+    return (logits + noise).argmax(-1)
 
 
 def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -113,10 +125,19 @@ def _sample_codes(model, text, prompt_codes, temperature, top_k, top_p, guidance
     def both(c: torch.Tensor) -> torch.Tensor:  # the same ids go to the conditional and unconditional rows
         return torch.cat([c, c]) if guided else c
 
-    def pick(logits: torch.Tensor) -> torch.Tensor:
+    # The Gumbel noise of a whole grid row's steps is drawn at once: the generator gives the same
+    # numbers in the same order as one draw per step, with a fifth of the small ops per step.
+    V, noise = cfg.num_image_tokens, None
+
+    def pick(logits: torch.Tensor, i: int) -> torch.Tensor:
+        nonlocal noise
         if guided:
             logits = guided_logits(*logits.chunk(2), guidance)
-        return sample_from_logits(logits, temperature, top_k, top_p, generator)
+        if temperature == 0:
+            return logits.argmax(-1)
+        if (i - start) % G == 0:
+            noise = gumbel_noise((min(G, n - i), B, V), generator, logits.device)
+        return sample_from_logits(logits, temperature, top_k, top_p, noise=noise[(i - start) % G])
 
     codes = torch.zeros(B, n, dtype=torch.long, device=text.device)
     start = 0
@@ -129,13 +150,13 @@ def _sample_codes(model, text, prompt_codes, temperature, top_k, top_p, guidance
         caches = model.new_caches(text.shape[0], packed=packed)
         logits = model.prefill(text, caches, both(codes[:, :start]) if start else None)
         for i in range(start, n):
-            codes[:, i] = pick(logits)
+            codes[:, i] = pick(logits, i)
             if i + 1 < n:
                 logits = model.decode_step(both(codes[:, i]), T + i, caches)
     else:
         for i in range(start, n):
             h = model(text, both(codes[:, :i]) if i else None)
-            codes[:, i] = pick(model.image_head(h[:, -1]))
+            codes[:, i] = pick(model.image_head(h[:, -1]), i)
     return codes.view(B, G, G)
 
 
