@@ -11,7 +11,9 @@ whole 10k test split is scored.
 
 Next to our families, lucidrains' ``vit-pytorch`` ViT at the parameter count of our ViT (±10%,
 checked), trained in the same run with the same data, augmentation, loss, optimizer and budget:
-its backbone replaces ours inside the same ``ImageClassifier``.
+its backbone replaces ours inside the same ``ImageClassifier``. ``peer_small`` is vit-pytorch's
+``vit_for_small_dataset.ViT`` (its shifted patch tokens and locality self-attention, Lee et al.
+2021) in the same way: the fair peer for our ViT with ``shifted_patches`` / ``locality_attention``.
 
     python benchmarks/classifiers_fmnist.py --minutes 20 --threads 1 --jobs 2
     python benchmarks/classifiers_fmnist.py --speed-only --threads 1 --out runs/speeds   # on an idle machine
@@ -46,6 +48,7 @@ from cvformers.train.trainer import Trainer
 FAMILY_PRESETS = [
     "vit_nano_patch4_28",
     "peer",  # lucidrains vit-pytorch ViT at vit_nano_patch4_28's size
+    # also available: "peer_small", vit-pytorch's ViT for small datasets (SPT + LSA) at that size
     "mixer_nano_patch4_28",
     "convmixer_256_8_ks3_p4_28",
     "swin_pico_patch2_window7_28",
@@ -55,22 +58,25 @@ FAMILY_PRESETS = [
 PEER_LIKE = "vit_nano_patch4_28"
 
 
-def load_peer_vit():
-    """vit-pytorch's ``ViT`` class without importing the package ``__init__`` (it pulls in
-    torchvision for its DINO module, which this environment does not need)."""
+PEERS = {"peer": "vit.py", "peer_small": "vit_for_small_dataset.py"}  # name -> vit-pytorch module file
+
+
+def load_peer_vit(module_file: str = "vit.py"):
+    """vit-pytorch's ``ViT`` class of one module file without importing the package ``__init__``
+    (it pulls in torchvision for its DINO module, which this environment does not need)."""
     spec = importlib.util.find_spec("vit_pytorch")
     if spec is None:
         raise SystemExit("vit-pytorch is not installed: pip install --no-deps vit-pytorch")
-    path = Path(spec.submodule_search_locations[0]) / "vit.py"
+    path = Path(spec.submodule_search_locations[0]) / module_file
     module_spec = importlib.util.spec_from_file_location("vit_pytorch_vit", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.ViT
 
 
-def peer_backbone(ours_cfg: dict):
+def peer_backbone(ours_cfg: dict, name: str = "peer"):
     """vit-pytorch ViT with our ViT's patch size, width, depth, heads and MLP width."""
-    vit_cls = load_peer_vit()
+    vit_cls = load_peer_vit(PEERS[name])
     d = ours_cfg["embed_dim"]
     return vit_cls(image_size=ours_cfg["image_size"], patch_size=ours_cfg["patch_size"],
                    num_classes=ours_cfg["num_classes"], dim=d, depth=ours_cfg["depth"],
@@ -93,16 +99,16 @@ def images_per_second(model, batch: dict, steps: int = 3, warmup: int = 2) -> fl
 
 
 def build_setup(name: str, args, out: Path):
-    """The classifier task of ``name`` (a preset, or "peer": vit-pytorch inside the same wrapper)."""
-    preset = PEER_LIKE if name == "peer" else name
+    """The classifier task of ``name`` (a preset, or a peer: vit-pytorch inside the same wrapper)."""
+    preset = PEER_LIKE if name in PEERS else name
     task_args = TaskArgs(out=out, data=args.data, model=preset, batch_size=args.batch_size, lr=args.lr,
                          config={"train": {"eval_every": 0, "checkpoint_every": 10**9, "log_every": 50,
                                            "seed": args.seed},
                                  "model": json.loads(args.model_table)})
     setup = classifier_task(task_args)
     ours_params = count_parameters(setup.model)
-    if name == "peer":
-        setup.model.backbone = peer_backbone(setup.model_config.backbone)
+    if name in PEERS:
+        setup.model.backbone = peer_backbone(setup.model_config.backbone, name)
         peer_params = count_parameters(setup.model)
         if abs(peer_params - ours_params) > 0.1 * ours_params:
             raise SystemExit(f"peer has {peer_params} parameters, ours {ours_params}: not within 10%")
@@ -118,7 +124,7 @@ def calibrate(name: str, args) -> dict:
     batch = collate([setup.train_data[i] for i in range(args.batch_size)])
     speed = images_per_second(setup.model, batch, steps=args.speed_steps)
     print(f"[{name}] {count_parameters(setup.model) / 1e6:.2f}M params, {speed:.0f} img/s", file=sys.stderr, flush=True)
-    return {"model": name, "family": "vit-pytorch" if name == "peer" else setup.model_config.family,
+    return {"model": name, "family": "vit-pytorch" if name in PEERS else setup.model_config.family,
             "params": count_parameters(setup.model), "calibrated_images_per_s": speed}
 
 
@@ -139,7 +145,7 @@ def run_one(name: str, args, out_root: Path, speed: float) -> dict:
     train_seconds = time.perf_counter() - start
     result = accuracy(setup.model, setup.eval_data, batch_size=256, limit=args.eval_limit)
     return {
-        "model": name, "family": "vit-pytorch" if name == "peer" else setup.model_config.family,
+        "model": name, "family": "vit-pytorch" if name in PEERS else setup.model_config.family,
         "params": count_parameters(setup.model), "steps": steps, "train_images": steps * args.batch_size,
         "train_minutes": train_seconds / 60, "train_images_per_s": steps * args.batch_size / train_seconds,
         "test_accuracy": result["accuracy"], "test_images": result["n"], "calibrated_images_per_s": speed,

@@ -18,7 +18,7 @@ from cvformers.models.vision import (
     random_crop,
 )
 from cvformers.models.vit import resize_pos_embed
-from cvformers.nn.vision_layers import Attention, Block
+from cvformers.nn.vision_layers import Attention, Block, shift_diagonally
 from cvformers.registry import build_model
 
 torch.set_num_threads(1)
@@ -100,6 +100,53 @@ def test_attention_sdpa_equals_explicit_weights(bias):
     torch.testing.assert_close(fast_grad, slow_grad, atol=1e-5, rtol=1e-5)
     assert weights.shape == (3, 4, 10, 10)
     torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4, 10))
+
+
+def test_locality_attention_masks_the_diagonal_and_learns_its_temperature():
+    """LSA (Lee et al. 2021 §3.2): SDPA and the explicit path agree, no token attends to itself,
+    and the temperature gets a gradient."""
+    torch.manual_seed(0)
+    attn = Attention(32, 4, locality=True).eval()
+    x = torch.randn(3, 10, 32)
+    fast = attn(x)
+    slow, weights = attn(x, return_weights=True)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert weights.diagonal(dim1=-2, dim2=-1).abs().max() == 0
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4, 10))
+    torch.testing.assert_close(attn.log_scale.exp(), torch.tensor(8**-0.5))  # starts at 1/sqrt(d)
+    fast.square().sum().backward()
+    assert attn.log_scale.grad is not None and attn.log_scale.grad != 0
+
+
+def test_shifted_patches_see_the_image_moved_along_each_diagonal():
+    image = torch.zeros(1, 1, 8, 8)
+    image[0, 0, 4, 4] = 1.0
+    image[0, 0, 0, 0] = 2.0  # moves out of the frame in three of the four copies
+    out = shift_diagonally(image, 2)
+    assert out.shape == (1, 5, 8, 8)
+    ones = sorted(tuple(i.tolist()) for i in (out[0] == 1.0).nonzero())
+    assert ones == [(0, 4, 4), (1, 6, 6), (2, 6, 2), (3, 2, 6), (4, 2, 2)]
+    assert (out[0] == 2.0).nonzero().tolist() == [[0, 0, 0], [1, 2, 2]]
+    with pytest.raises(ValueError, match="patch_norm"):
+        build_backbone("vit", {**TINY["vit"], "shifted_patches": True})
+
+
+def test_small_data_vit_overfits_one_batch():
+    torch.manual_seed(0)
+    cfg = classifier_config("vit_nano_patch4_28")
+    cfg.backbone = {**TINY["vit"], "patch_norm": True, "shifted_patches": True, "locality_attention": True}
+    cfg.crop_padding, cfg.hflip, cfg.label_smoothing = 0, False, 0.0
+    model = ImageClassifier(cfg).train()
+    assert model.backbone.patch_embed.proj.in_features == 5 * 4 * 4  # the image and its 4 shifted copies
+    batch = {"image": torch.rand(8, 1, 16, 16), "label": torch.arange(8) % 4}
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss, _ = model.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    loss, metrics = model.eval().loss(batch)
+    assert metrics["acc"] == 1.0 and loss.item() < 0.1, loss.item()
 
 
 def test_vit_forward_equals_attention_path():

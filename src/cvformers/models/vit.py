@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvformers.nn.vision_layers import Block, PatchEmbed, drop_path_rates, init_vit_weights, layer_norm
+from cvformers.nn.vision_layers import (Block, PatchEmbed, drop_path_rates, init_vit_weights, layer_norm,
+                                        shift_diagonally)
 
 
 @dataclass
@@ -53,6 +54,8 @@ class ViTConfig:
     # Small-data options (not the paper; off for the timm-compatible presets, see the module doc):
     patch_norm: bool = False  # LayerNorm each flattened patch before the projection and after it
     init: Literal["timm", "pytorch"] = "timm"  # trunc-normal(0.02) weights, or PyTorch's defaults
+    shifted_patches: bool = False  # SPT (Lee et al. 2021 §3.1): patches of the image + 4 diagonal half-patch shifts
+    locality_attention: bool = False  # LSA (Lee et al. 2021 §3.2): learned temperature, no attention to self
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
@@ -83,13 +86,17 @@ class VisionTransformer(nn.Module):
         self.grid_size = cfg.image_size // cfg.patch_size
         num_patches = self.grid_size**2
         d = cfg.embed_dim
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, d, norm=cfg.patch_norm)
+        if cfg.shifted_patches and not cfg.patch_norm:
+            raise ValueError("shifted_patches needs patch_norm = true (SPT normalises each patch, §3.1)")
+        in_chans = cfg.in_chans * (5 if cfg.shifted_patches else 1)
+        self.patch_embed = PatchEmbed(cfg.patch_size, in_chans, d, norm=cfg.patch_norm)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, d))
         self.pos_drop = nn.Dropout(cfg.dropout)
         rates = drop_path_rates(cfg.drop_path, cfg.depth)
         self.blocks = nn.ModuleList(
-            Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.dropout, cfg.attn_dropout, rate)
+            Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.dropout, cfg.attn_dropout, rate,
+                  cfg.locality_attention)
             for rate in rates
         )
         self.norm = layer_norm(d)
@@ -118,6 +125,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(
                 f"a ViT with patch size {p} needs an image whose sides are multiples of {p}, got {h}x{w}"
             )
+        if self.cfg.shifted_patches:
+            images = shift_diagonally(images, p // 2)
         x = self.patch_embed(images)
         pos = self.pos_embed
         if (h // p, w // p) != (self.grid_size, self.grid_size):
