@@ -155,3 +155,21 @@ def test_pair_head_draws_a_pair_never_seen_in_training_and_a_joint_head_does_not
 
     assert first_ids(4) == [0, 5, 10, 15]
     assert not set(first_ids(0)) & {0, 5, 10, 15}
+
+
+def test_bf16_autocast_agrees_with_fp32():
+    """The trainer's ``amp = "bf16"`` option: under bf16 autocast the DALL-E loss is within 0.1% of
+    fp32 and the gradient points the same way (cosine > 0.999; here 8e-6 relative and 0.99999), so it is
+    a safe speed option on GPUs (on this CPU bf16 products are far slower than fp32)."""
+    model = tiny(caption_drop_prob=0.0)
+    data = batch(model, b=4)
+    results = []
+    for amp in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss, _ = model.loss(data)
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (loss32, grad32), (loss16, grad16) = results
+    assert abs(loss16 - loss32) < 1e-3 * loss32
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.999

@@ -84,7 +84,7 @@ class SelfAttention(nn.Module):
         qkv = qkv_w(x).view(B, 3, heads, d)
         cache.kv.select(3, pos).copy_(qkv[:, 1:].transpose(0, 1))  # [2, B, heads, d]: k and v in one copy
         q = (qkv[:, 0] * d**-0.5).view(B * heads, 1, d)  # the scale, and the copy to [B·heads, 1, d], in one op
-        out = self.pattern.decode_attend(q, cache.k3, cache.v3, pos).view(B, heads * d)  # [B·heads, 1, d] in
+        out = self.pattern.decode_attend(q, cache.k3, cache.v3, pos).view(B, heads * d)  # from [B·heads, 1, d]
         return proj_w(out) if residual is None else proj_w.add(out, residual)
 
     def store(self, x: torch.Tensor, cache: KVCache) -> None:
