@@ -13,6 +13,7 @@ Attention has two paths that compute the same function:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -117,6 +118,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     return dropped @ v, weights
 
 
+@functools.lru_cache(maxsize=16)
+def diagonal_mask(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[n, n] additive mask, -inf on the diagonal: LSA's "no token attends to itself". Made once
+    per size (a float mask goes to SDPA as it is; a boolean one is converted on every call)."""
+    with torch.inference_mode(False):  # a normal tensor even when first made under inference mode
+        return torch.zeros(n, n, dtype=dtype, device=device).fill_diagonal_(float("-inf"))
+
+
 class Attention(nn.Module):
     """Multi-head self-attention (Vaswani et al. §3.2.2; ViT eq. 2) with one fused qkv Linear.
 
@@ -148,7 +157,7 @@ class Attention(nn.Module):
             if bias is not None:
                 raise ValueError("locality attention takes no extra bias")
             q, scale = q * self.log_scale.exp(), 1.0
-            bias = ~torch.eye(x.shape[1], dtype=torch.bool, device=x.device)  # diagonal masking
+            bias = diagonal_mask(x.shape[1], x.device, q.dtype)
         out, weights = attention(q, k, v, bias, dropout, return_weights, scale)
         out = self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
         return (out, weights) if return_weights else out
