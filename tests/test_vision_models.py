@@ -1,6 +1,8 @@
 """Vision backbones: key layout, fast path == explicit path, Swin's shifted-window mask, the
 registry, input-size handling, and that each family can fit one batch."""
 
+import math
+
 import pytest
 import torch
 
@@ -104,7 +106,7 @@ def test_attention_sdpa_equals_explicit_weights(bias):
 
 def test_locality_attention_masks_the_diagonal_and_learns_its_temperature():
     """LSA (Lee et al. 2021 §3.2): SDPA and the explicit path agree, no token attends to itself,
-    and the temperature gets a gradient."""
+    the temperature gets a gradient, and the output is the definition written out."""
     torch.manual_seed(0)
     attn = Attention(32, 4, locality=True).eval()
     x = torch.randn(3, 10, 32)
@@ -116,6 +118,12 @@ def test_locality_attention_masks_the_diagonal_and_learns_its_temperature():
     torch.testing.assert_close(attn.log_scale.exp(), torch.tensor(8**-0.5))  # starts at 1/sqrt(d)
     fast.square().sum().backward()
     assert attn.log_scale.grad is not None and attn.log_scale.grad != 0
+    with torch.no_grad():  # the definition, written out: softmax(q kᵀ · e^t, diagonal masked) v
+        attn.log_scale.fill_(0.3)
+        q, k, v = attn.qkv(x).view(3, 10, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-2, -1) * math.exp(0.3)).masked_fill(torch.eye(10, dtype=torch.bool), -math.inf)
+        want = attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(3, 10, 32))
+        torch.testing.assert_close(attn(x), want, atol=1e-5, rtol=1e-5)
 
 
 def test_shifted_patches_see_the_image_moved_along_each_diagonal():

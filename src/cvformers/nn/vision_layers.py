@@ -149,15 +149,21 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, return_weights: bool = False):
         """x [B, N, dim] -> [B, N, dim]; with ``return_weights`` -> (out, weights [B, heads, N, N])."""
-        # timm's layout of the fused projection: output features ordered (qkv, head, head_dim).
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        dropout = self.attn_dropout if self.training else 0.0
         scale = None
-        if self.log_scale is not None:  # LSA: the learned temperature goes into q (SDPA takes a float scale)
+        if self.log_scale is None:
+            qkv = self.qkv(x)
+        else:  # LSA: the learned temperature scales q (SDPA takes only a float scale), folded into
+            # q's rows of the weight and bias, which costs a weight-sized product, not a q-sized one
             if bias is not None:
                 raise ValueError("locality attention takes no extra bias")
-            q, scale = q * self.log_scale.exp(), 1.0
-            bias = diagonal_mask(x.shape[1], x.device, q.dtype)
+            dim = x.shape[-1]
+            rows = torch.cat([self.log_scale.exp().expand(dim), self.log_scale.new_ones(2 * dim)])
+            b = None if self.qkv.bias is None else self.qkv.bias * rows
+            qkv, scale = F.linear(x, self.qkv.weight * rows[:, None], b), 1.0
+            bias = diagonal_mask(x.shape[1], x.device, x.dtype)
+        # timm's layout of the fused projection: output features ordered (qkv, head, head_dim).
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        dropout = self.attn_dropout if self.training else 0.0
         out, weights = attention(q, k, v, bias, dropout, return_weights, scale)
         out = self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
         return (out, weights) if return_weights else out
