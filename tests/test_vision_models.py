@@ -146,15 +146,8 @@ def test_small_data_vit_overfits_one_batch():
     cfg.crop_padding, cfg.hflip, cfg.label_smoothing = 0, False, 0.0
     model = ImageClassifier(cfg).train()
     assert model.backbone.patch_embed.proj.in_features == 5 * 4 * 4  # the image and its 4 shifted copies
-    batch = {"image": torch.rand(8, 1, 16, 16), "label": torch.arange(8) % 4}
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        loss, _ = model.loss(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    loss, metrics = model.eval().loss(batch)
-    assert metrics["acc"] == 1.0 and loss.item() < 0.1, loss.item()
+    loss, metrics = fit_one_batch(model)
+    assert metrics["acc"] == 1.0 and loss < 0.1, loss
 
 
 def test_vit_forward_equals_attention_path():
@@ -235,17 +228,21 @@ def test_each_family_overfits_one_batch(family):
     cfg = classifier_config("vit_nano_patch4_28")
     cfg.family, cfg.backbone = family, dict(TINY[family])
     cfg.crop_padding, cfg.hflip, cfg.label_smoothing = 0, False, 0.0
-    model = ImageClassifier(cfg).train()
+    loss, metrics = fit_one_batch(ImageClassifier(cfg).train())
+    assert metrics["acc"] == 1.0 and loss < 0.1, (family, loss)
+
+
+def fit_one_batch(model, steps: int = 60) -> tuple[float, dict]:
+    """Adam on one batch of 8 random images, 4 labels -> (eval loss, eval metrics) on it."""
     batch = {"image": torch.rand(8, 1, 16, 16), "label": torch.arange(8) % 4}
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        loss, metrics = model.loss(batch)
+    for _ in range(steps):
+        loss, _ = model.loss(batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
-    loss, metrics = model.loss(batch)
-    assert metrics["acc"] == 1.0 and loss.item() < 0.1, (family, loss.item())
+    loss, metrics = model.eval().loss(batch)
+    return loss.item(), metrics
 
 
 def test_hybrid_split_is_a_config_value():
