@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from _common import median, times
 from cvformers.models.dalle import DALLE, DalleConfig
 from cvformers.pipelines.text_to_image import sample_codes
 
@@ -77,15 +78,8 @@ def linear_sizes_table() -> None:
     """Microseconds per product of r rows, F.linear / packed oneDNN, by weight shape (median of 300)."""
     import torch.nn.functional as F
 
-    def us(fn, n=300):
-        for _ in range(30):
-            fn()
-        ts = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return 1e6 * statistics.median(ts)
+    def us(fn) -> float:
+        return 1e6 * median(times(fn, 300, warmup=30))
 
     rows = (1, 2, 8, 32)
     print("in x out (entries): " + "  ".join(f"{r} rows F.linear/packed us" for r in rows))
