@@ -14,7 +14,8 @@ import argparse
 import torch
 
 from cvformers.data import build_dataset, collate
-from cvformers.eval.fidelity import fidelity_report
+from cvformers.data.shapes import SHAPES
+from cvformers.eval.fidelity import alter_record, fidelity_report
 from cvformers.models.dalle_task import load_vae
 
 
@@ -34,6 +35,10 @@ def main() -> None:
         print(f"{split}: originals {100 * original['fidelity']:.1f}%, reconstructions {100 * rebuilt['fidelity']:.1f}% "
               f"(colour {100 * rebuilt['colour']:.1f}, shape {100 * rebuilt['shape']:.1f}, "
               f"position {100 * rebuilt['position']:.1f})")
+        # the same reconstructions against captions with one object's shape changed: want ~0
+        altered = [alter_record(rec, "shape", SHAPES, i) for i, rec in enumerate(batch["record"])]
+        print(f"{split}: reconstructions passing a caption with one wrong shape "
+              f"{100 * fidelity_report(recon, altered)['fidelity']:.1f}%")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch
 
 from cvformers.config import ConfigError
 from cvformers.data import DataConfig, build_dataset, build_from_config, collate
-from cvformers.data.shapes import HELDOUT_PAIRS, PALETTE, ShapesDataset, render
+from cvformers.data.shapes import COLOURS, HELDOUT_PAIRS, PALETTE, SHAPES, ShapesDataset, render
 from cvformers.errors import UserError
 from cvformers.eval.fidelity import check_image, fidelity, fidelity_report, gaussian_blur
 
@@ -204,3 +204,45 @@ def test_colourless_captions_drop_colours_keep_shapes_and_use_only_training_word
         for obj in record["objects"]:  # every object is still named by one of its shape's words
             assert re.search("|".join(_SHAPE_WORDS[obj["shape"]]), text), text
     assert dropped_all > 100 and dropped_one > 30
+
+
+def _small_single(shape: str, colour: str = "red") -> dict:
+    import random
+
+    from cvformers.data.shapes import _place
+
+    obj = {"colour": colour, "shape": shape, "size": "small", "position": "center", "position_stated": True}
+    _place(obj, 1, 1, 32, random.Random(0), jitter=0)
+    return {"objects": [obj], "relation": None, "image_size": 32}
+
+
+def test_checker_keeps_desaturated_edges_of_a_shape_and_drops_lone_off_palette_pixels():
+    from cvformers.eval.fidelity import classify_pixels
+
+    for shape in SHAPES:
+        rec = _small_single(shape)
+        img = render(rec)
+        inside = img.sum(0) > 0
+        left_edge = inside & ~torch.roll(inside, 1, dims=1)  # shape pixels with background on their left
+        pink = torch.tensor([195, 80, 65]) / 255  # a tokenizer's pale rim: off every palette ray
+        img[:, left_edge] = pink[:, None]
+        labels = classify_pixels(img)
+        rim_is_red = labels[left_edge.numpy()] == COLOURS.index("red")
+        assert rim_is_red.mean() >= 0.75, shape  # a rim pixel needs three confident red neighbours
+        assert check_image(img, rec)["all_correct"], shape
+    lone = torch.zeros(3, 32, 32)
+    lone[:, 5, 5] = torch.tensor([195, 80, 65]) / 255
+    assert (classify_pixels(lone) == -1).all()
+
+
+@pytest.mark.parametrize("sigma", [0.7, 1.0, 1.3])
+def test_checker_reads_blurred_small_shapes_and_still_rejects_wrong_ones(sigma):
+    for shape in SHAPES:
+        rec = _small_single(shape)
+        img = gaussian_blur(render(rec)[None], sigma)[0].clamp(0, 1)
+        assert check_image(img, rec)["all_correct"], (shape, sigma)
+        for other in SHAPES:
+            if other != shape:
+                wrong = copy.deepcopy(rec)
+                wrong["objects"][0]["shape"] = other
+                assert not check_image(img, wrong)["all_correct"], (shape, other, sigma)

@@ -4,12 +4,14 @@ Built for imperfect pictures — dVAE reconstructions and DALL-E samples are blu
 colours drift — so every step tolerates a little of both:
 
 1. each pixel goes to the nearest palette colour, or to the background when it is nearer
-   to black or farther than ``COLOUR_TOLERANCE`` (RGB units) from every palette colour;
+   to black or farther than ``COLOUR_TOLERANCE`` (RGB units) from every palette colour; a
+   bright pixel off every colour (a decoder's pale rim) joins the colour its neighbours agree on;
 2. pixels of one colour are grouped into 8-connected components; the largest component of
    an object's colour is that object (scenes never repeat a colour);
 3. shape: the component's bounding-box crop, pooled to an 8×8 occupancy grid, is matched to
-   the nearest template of the four shapes rendered at several sides (corners, fill and
-   symmetry all show up in that grid: a triangle's empty top corners, a plus's four);
+   the nearest template of the four shapes rendered at several sides, sharp and blurred (corners,
+   fill and symmetry all show up in that grid: a triangle's empty top corners, a plus's four; the
+   blurred templates are a 9-pixel triangle with its base corners rounded off by a decoder);
 4. position: for a stated slot, the component centroid's nearest slot column and row; for a
    relation ("A above B"), the centroids must be ordered along that axis by a clear margin.
 
@@ -30,7 +32,9 @@ from cvformers.errors import UserError
 
 COLOUR_TOLERANCE = 45.0  # max RGB distance (0..255 scale) from a palette colour's ray through black
 GRID = 8  # side of the occupancy grid a shape is compared on
-SHAPE_TOLERANCE = 0.3  # max mean |occupancy - template| for any shape to be recognised
+UNSURE_MIN_VOTES = 2  # neighbours of one colour (and none of another) that an off-palette pixel joins
+SHAPE_TOLERANCE = 0.3
+TEMPLATE_BLURS = (0.0, 0.8, 1.2)  # Gaussian σ (px) of the template variants a shape is matched against  # max mean |occupancy - template| for any shape to be recognised
 
 _PALETTE_ARRAY = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)  # [8, 3]
 
@@ -42,7 +46,8 @@ def classify_pixels(image: torch.Tensor) -> np.ndarray:
     to that colour. So each pixel is projected onto every palette ray: it belongs to the
     colour whose ray is nearest, when it is at least half as bright as that colour (the
     half-intensity contour is where the sharp edge was) and within ``COLOUR_TOLERANCE``
-    of the ray.
+    of the ray. A bright pixel farther off every ray is unsure: it takes the one colour its
+    confident neighbours have (at least two, none of another colour), and stays background alone.
     """
     if image.ndim != 3 or image.shape[0] != 3:
         raise UserError(f"fidelity checker wants an RGB image [3,H,W], got shape {tuple(image.shape)}")
@@ -52,8 +57,28 @@ def classify_pixels(image: torch.Tensor) -> np.ndarray:
     residual = np.linalg.norm(rgb[:, :, None, :] - alpha[..., None] * _PALETTE_ARRAY, axis=-1)
     nearest = residual.argmin(-1)
     best_alpha = np.take_along_axis(alpha, nearest[..., None], -1)[..., 0]
-    ok = (best_alpha >= 0.5) & (residual.min(-1) <= COLOUR_TOLERANCE)
-    return np.where(ok, nearest, -1)
+    bright = best_alpha >= 0.5
+    ok = bright & (residual.min(-1) <= COLOUR_TOLERANCE)
+    labels = np.where(ok, nearest, -1)
+    # A bright pixel off every ray (a tokenizer's pale rim, e.g. pink on a red shape) takes the
+    # colour of its 8-neighbours when at least two of them have it and none has another colour.
+    # Two passes, so a rim two pixels thick is taken in from the inside out.
+    h, w = labels.shape
+    for _ in range(2):
+        unsure = bright & (labels < 0)
+        if not unsure.any():
+            break
+        padded = np.pad(labels, 1, constant_values=-1)
+        votes = np.zeros((h, w, len(COLOURS)), dtype=np.int32)
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                if dy != 1 or dx != 1:
+                    nb = padded[dy:dy + h, dx:dx + w]
+                    votes += nb[..., None] == np.arange(len(COLOURS))
+        winner, count = votes.argmax(-1), votes.max(-1)
+        agreed = (count >= UNSURE_MIN_VOTES) & ((votes > 0).sum(-1) == 1)
+        labels = np.where(unsure & agreed, winner, labels)
+    return labels
 
 
 def components(mask: np.ndarray) -> list[np.ndarray]:
@@ -94,9 +119,21 @@ def _templates(image_size: int) -> tuple[list[str], torch.Tensor]:
     names, grids = [], []
     for shape in SHAPES:
         for side in sides:
-            names.append(shape)
-            grids.append(_occupancy(shape_mask(shape, side)))
+            sharp = shape_mask(shape, side)
+            for sigma in TEMPLATE_BLURS:  # also as a blurry decoder draws it: corners rounded off
+                mask = sharp if sigma == 0 else _blurred_mask(sharp, sigma)
+                names.append(shape)
+                grids.append(_occupancy(mask))
     return names, torch.stack(grids)
+
+
+def _blurred_mask(mask: np.ndarray, sigma: float) -> np.ndarray:
+    """The mask blurred by a Gaussian and cut again at half intensity, cropped to what is left."""
+    pad = max(1, int(3 * sigma + 0.5))
+    t = torch.from_numpy(np.pad(mask, pad).astype(np.float32))[None, None]
+    soft = gaussian_blur(t, sigma)[0, 0].numpy() >= 0.5
+    ys, xs = np.nonzero(soft)
+    return soft[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
 
 
 def classify_shape(pixels: np.ndarray, image_size: int) -> tuple[str | None, float]:
@@ -213,7 +250,7 @@ def validate_checker(n: int = 1000, image_size: int = 32, split: str = "train", 
     images, records = batch["image"], batch["record"]
     g = torch.Generator().manual_seed(seed)
     out = {"ground_truth": fidelity(images, records)}
-    for sigma, noise in [(0.7, 0.03), (1.0, 0.05)]:
+    for sigma, noise in [(0.7, 0.03), (1.0, 0.05), (1.3, 0.05)]:
         x = gaussian_blur(images, sigma) + noise * torch.randn(images.shape, generator=g)
         x = x * (1 + 0.08 * (2 * torch.rand(len(x), 3, 1, 1, generator=g) - 1))  # ±8% colour drift
         out[f"blur{sigma}_noise{noise}"] = fidelity(x.clamp(0, 1), records)
@@ -223,7 +260,25 @@ def validate_checker(n: int = 1000, image_size: int = 32, split: str = "train", 
         (o["colour"], o["shape"]) for o in b["objects"])
     keep = [i for i in range(n) if not same(records[i], records[(i + 1) % n])]
     out["wrong_captions"] = fidelity(images[keep], [records[(i + 1) % n] for i in keep])
+    # each image against its own record with one attribute of one object changed: the checker
+    # must notice a single wrong shape or colour, also through blur (want ~0)
+    blurred = gaussian_blur(images, 1.0).clamp(0, 1)
+    for attribute, values in (("shape", SHAPES), ("colour", COLOURS)):
+        altered = [alter_record(rec, attribute, values, i) for i, rec in enumerate(records)]
+        out[f"one_wrong_{attribute}"] = fidelity(images, altered)
+        out[f"one_wrong_{attribute}_blur1.0"] = fidelity(blurred, altered)
     return out
+
+
+def alter_record(record: dict, attribute: str, values: tuple[str, ...], index: int) -> dict:
+    """A copy of ``record`` whose object ``index % len`` has another ``attribute`` value, one not
+    used by the scene's other objects (so the altered caption is never true of the image)."""
+    objects = [dict(o) for o in record["objects"]]
+    target = objects[index % len(objects)]
+    taken = {o[attribute] for o in objects}
+    choices = [v for v in values if v not in taken]
+    target[attribute] = choices[index % len(choices)]
+    return {**record, "objects": objects}
 
 
 if __name__ == "__main__":
