@@ -9,6 +9,7 @@ captions with at least one faithful candidate (the ceiling of any reranker), and
 
     python benchmarks/clip_rerank_gain.py --dalle runs/dalle --clip runs/clip-shapes [--captions 100] [--candidates 32]
     python benchmarks/clip_rerank_gain.py --dalle default --clip runs/a,runs/b --cache runs/heldout_candidates.pt
+    python benchmarks/clip_rerank_gain.py --dalle default --clip ... --temperature 1 --guidance 1   # plainer sampling
 
 ``--cache FILE`` keeps the candidates and the checker's verdicts: the first run draws and saves
 them, later runs (with the same split, captions, candidates and seed) load them, so several
@@ -105,6 +106,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the scenes and of sampling")
     parser.add_argument("--cache", default=None, help="file to keep the candidates in (see above)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="DALL-E sampling temperature (default: the run's own default)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the run's own default)")
     parser.add_argument("--show-misses", default=None, metavar="DIR",
                         help="write DIR/misses_N.png for the N-th --clip: each missed caption's kept "
                              "candidate beside the best-scored faithful one")
@@ -113,6 +118,8 @@ def main() -> None:
     rerankers = {path: ClipReranker.load(path) for path in args.clip.split(",")}
     key = {"split": args.split, "captions": args.captions, "candidates": args.candidates, "seed": args.seed,
            "generator": "proxy" if args.proxy else args.dalle}
+    sampling = {k: v for k, v in (("temperature", args.temperature), ("guidance", args.guidance)) if v is not None}
+    key.update(sampling)  # only when given, so caches of the defaults keep their key
     if args.cache and Path(args.cache).is_file():
         drawn = torch.load(args.cache, weights_only=True)
         if drawn["key"] != key:
@@ -129,7 +136,7 @@ def main() -> None:
         pipe.reranker = None  # the candidates unsorted, as drawn
 
         def generate(caption: str, k: int, seed: int) -> torch.Tensor:
-            return pipe.generate(caption, num_images=k, seed=args.seed + seed).images
+            return pipe.generate(caption, num_images=k, seed=args.seed + seed, **sampling).images
 
         by_caption = {}
     else:
