@@ -162,7 +162,10 @@ class Attention(nn.Module):
             qkv, scale = F.linear(x, self.qkv.weight * rows[:, None], b), 1.0
             bias = diagonal_mask(x.shape[1], x.device, x.dtype)
         # timm's layout of the fused projection: output features ordered (qkv, head, head_dim).
-        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        # Split on the qkv axis before moving the heads forward: the backward then stacks the three
+        # gradients straight into qkv's layout, one copy instead of a stack plus a permuted copy.
+        qkv = qkv.unflatten(-1, (3, self.num_heads, -1))
+        q, k, v = (rearrange(t, "b n h d -> b h n d") for t in qkv.unbind(2))
         dropout = self.attn_dropout if self.training else 0.0
         out, weights = attention(q, k, v, bias, dropout, return_weights, scale)
         out = self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
