@@ -20,7 +20,8 @@ from cvformers.models.vision import (
     random_crop,
 )
 from cvformers.models.vit import resize_pos_embed
-from cvformers.nn.vision_layers import Attention, Block, shift_diagonally
+from cvformers.nn import vision_layers
+from cvformers.nn.vision_layers import Attention, Block, diagonal_mask, shift_diagonally
 from cvformers.registry import build_model
 
 torch.set_num_threads(1)
@@ -124,6 +125,35 @@ def test_locality_attention_masks_the_diagonal_and_learns_its_temperature():
         scores = (q @ k.transpose(-2, -1) * math.exp(0.3)).masked_fill(torch.eye(10, dtype=torch.bool), -math.inf)
         want = attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(3, 10, 32))
         torch.testing.assert_close(attn(x), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [None, 1.0, 0.7])
+def test_short_masked_attention_fast_path_equals_sdpa(monkeypatch, scale):
+    """The explicit path that training takes with a 2-D float mask at few tokens (LSA) computes
+    what SDPA computes, forward and gradients, through the layer and on its own."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 10, 8, requires_grad=True) for _ in range(3))
+    mask = diagonal_mask(10, q.device, q.dtype)
+    assert vision_layers._explicit_is_faster(q, mask, 0.0)
+    assert not vision_layers._explicit_is_faster(q.detach(), mask, 0.0)  # inference keeps SDPA
+    fast, _ = vision_layers.attention(q, k, v, mask, scale=scale)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    torch.testing.assert_close(fast, want, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(fast, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+    attn = Attention(32, 4, locality=True).train()
+    x = torch.randn(3, 10, 32, requires_grad=True)
+    outs, grads = [], []
+    for max_tokens in (64, 0):  # explicit path, then SDPA
+        monkeypatch.setattr(vision_layers, "EXPLICIT_MASKED_MAX_TOKENS", max_tokens)
+        out = attn(x)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), (x, attn.log_scale, attn.qkv.weight, attn.qkv.bias)))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_shifted_patches_see_the_image_moved_along_each_diagonal():

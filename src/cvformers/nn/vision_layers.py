@@ -9,6 +9,9 @@ Attention has two paths that compute the same function:
   the N×N matrix when it can avoid it);
 - ``return_weights=True`` computes softmax(QKᵀ/√d + bias) explicitly and also returns it, for
   attention maps and rollout (``cvformers.pipelines.attention``). Tests hold the two equal.
+One case takes an explicit path without returning weights: training on CPU with a 2-D float
+mask over a short sequence (LSA's diagonal mask at 50 tokens), where q kᵀ + mask as one batched
+product, softmax and @ v beat SDPA's masked kernel forward + backward (see ``attention``).
 """
 
 from __future__ import annotations
@@ -106,6 +109,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     Returns ``(out, weights or None)``.
     """
     if not return_weights:
+        if _explicit_is_faster(q, bias, dropout):
+            return _masked_attention_short(q, k, v, bias, scale), None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
         return out, None
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
@@ -116,6 +121,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     weights = scores.softmax(dim=-1)
     dropped = F.dropout(weights, dropout) if dropout > 0 else weights
     return dropped @ v, weights
+
+
+# Up to this many tokens, training with a 2-D float mask goes the explicit way: on one CPU thread
+# at 50 tokens, 4 heads of 32, batch 64, forward + backward took 9.7 ms against SDPA's 11.6 ms
+# (median of 21 alternating rounds). Without a mask SDPA was as fast (12.2 against 12.8 ms), and
+# inference (no backward) was faster with SDPA, so both keep it.
+EXPLICIT_MASKED_MAX_TOKENS = 64
+
+
+def _explicit_is_faster(q: torch.Tensor, bias: torch.Tensor | None, dropout: float) -> bool:
+    return (bias is not None and bias.ndim == 2 and bias.is_floating_point() and dropout == 0.0
+            and q.device.type == "cpu" and q.shape[-2] <= EXPLICIT_MASKED_MAX_TOKENS and q.requires_grad)
+
+
+def _masked_attention_short(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                            scale: float | None) -> torch.Tensor:
+    """softmax(q kᵀ · scale + mask) v with the [N, N] float mask added inside one batched product
+    (``baddbmm``) over [B·heads, N, d]; the same function as SDPA with ``attn_mask=mask``."""
+    b, h, n, d = q.shape
+    q, k, v = (t.reshape(b * h, n, d) for t in (q, k, v))
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scale)
+    return torch.bmm(scores.softmax(dim=-1), v).view(b, h, n, d)
 
 
 @functools.lru_cache(maxsize=16)
