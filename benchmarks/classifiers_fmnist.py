@@ -115,6 +115,36 @@ def build_setup(name: str, args, out: Path):
     return setup
 
 
+def interleaved_speeds(names: list[str], args) -> list[dict]:
+    """Training images/s of every model with single steps alternated A, B, A, B, ... for
+    ``args.interleave_steps`` steps each (after 3 warm-up steps), so slow drifts of a shared
+    machine land on every model alike. Keeps the median and the mean step time of each."""
+    from cvformers.data import collate
+
+    runs, batch = [], None
+    for name in names:
+        setup = build_setup(name, args, Path(args.out) / name)
+        if batch is None:
+            batch = collate([setup.train_data[i] for i in range(args.batch_size)])
+        model = copy.deepcopy(setup.model).train()
+        runs.append((name, setup, model, torch.optim.AdamW(model.parameters(), lr=1e-4)))
+    times = {name: [] for name in names}
+    for i in range(3 + args.interleave_steps):
+        for name, _, model, opt in runs:
+            start = time.perf_counter()
+            loss, _ = model.loss(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i >= 3:
+                times[name].append(time.perf_counter() - start)
+    n = args.batch_size
+    return [{"model": name, "family": "vit-pytorch" if name in PEERS else setup.model_config.family,
+             "params": count_parameters(model), "calibrated_images_per_s": n / statistics.median(times[name]),
+             "mean_images_per_s": n * len(times[name]) / sum(times[name])}
+            for name, setup, model, _ in runs]
+
+
 def calibrate(name: str, args) -> dict:
     """Training images/s of one model, measured before any training runs (so on an idle machine
     the budgets do not depend on what else the benchmark is running)."""
@@ -177,6 +207,9 @@ def main(argv=None) -> int:
     p.add_argument("--speed-steps", type=int, default=3, help="timed training steps per speed measurement")
     p.add_argument("--speed-rounds", type=int, default=1,
                    help="with --speed-only: measure every model this many times, alternating, and keep the median")
+    p.add_argument("--interleave-steps", type=int, default=0,
+                   help="with --speed-only: alternate single training steps of the models this many times "
+                        "each and report the median and mean (steadier than --speed-rounds on a noisy machine)")
     p.add_argument("--calibration", default=None,
                    help="speeds.json of an earlier --speed-only run to size the budgets from, instead of measuring")
     p.add_argument("--jobs", type=int, default=1,
@@ -195,6 +228,8 @@ def main(argv=None) -> int:
         if missing:
             raise SystemExit(f"{args.calibration} has no speed for {', '.join(missing)}")
         speeds = [known[n] for n in names]
+    elif args.speed_only and args.interleave_steps:
+        speeds = interleaved_speeds(names, args)
     else:
         rounds = [[calibrate(name, args) for name in names] for _ in range(args.speed_rounds)]
         speeds = [dict(runs[0], calibrated_images_per_s=statistics.median(r["calibrated_images_per_s"] for r in runs))
@@ -203,8 +238,11 @@ def main(argv=None) -> int:
         (out_root / "speeds.json").write_text(json.dumps(speeds, indent=1))
         print(f"\ntraining images/s (forward, backward, AdamW; batch {args.batch_size}, "
               f"{torch.get_num_threads()} threads)")
+        first = speeds[0]["calibrated_images_per_s"]
         for r in speeds:
-            print(f"{r['model']:32s} {r['family']:16s} {r['params'] / 1e6:7.2f}M {r['calibrated_images_per_s']:7.1f}")
+            mean = f"  mean {r['mean_images_per_s']:7.1f}" if "mean_images_per_s" in r else ""
+            print(f"{r['model']:32s} {r['family']:16s} {r['params'] / 1e6:7.2f}M {r['calibrated_images_per_s']:7.1f}"
+                  f"{mean}  ({r['calibrated_images_per_s'] / first:.3f}x the first)")
         return 0
     rates = [r["calibrated_images_per_s"] for r in speeds]
     if args.jobs > 1:
