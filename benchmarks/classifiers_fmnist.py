@@ -103,7 +103,7 @@ def build_setup(name: str, args, out: Path):
     preset = PEER_LIKE if name in PEERS else name
     task_args = TaskArgs(out=out, data=args.data, model=preset, batch_size=args.batch_size, lr=args.lr,
                          config={"train": {"eval_every": 0, "checkpoint_every": 10**9, "log_every": 50,
-                                           "seed": args.seed},
+                                           "seed": args.seed, **json.loads(args.train_table)},
                                  "model": json.loads(args.model_table)})
     setup = classifier_task(task_args)
     ours_params = count_parameters(setup.model)
@@ -200,6 +200,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-table", default="{}",
                    help='JSON of [model] settings for every model, e.g. \'{"crop_padding": 0}\' (augmentation off)')
+    p.add_argument("--train-table", default="{}",
+                   help='JSON of [train] settings for every model, e.g. \'{"weight_decay": 0.05}\'')
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--steps", type=int, default=0, help="a fixed step count for every model instead of the budget")
     p.add_argument("--speed-only", action="store_true",
