@@ -84,17 +84,26 @@ def peer_backbone(ours_cfg: dict, name: str = "peer"):
                    channels=ours_cfg["in_chans"], dim_head=d // ours_cfg["num_heads"], pool="cls")
 
 
+def trainable_copy(model):
+    """A copy of ``model`` in training mode with its own AdamW, so timing leaves the original alone."""
+    model = copy.deepcopy(model).train()
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def train_step(model, opt, batch: dict) -> None:
+    loss, _ = model.loss(batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def images_per_second(model, batch: dict, steps: int = 3, warmup: int = 2) -> float:
     """Training speed (forward + backward + AdamW) of a copy of ``model`` on one batch."""
-    model = copy.deepcopy(model).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model, opt = trainable_copy(model)
     for i in range(warmup + steps):
         if i == warmup:
             start = time.perf_counter()
-        loss, _ = model.loss(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, opt, batch)
     return steps * len(batch["label"]) / (time.perf_counter() - start)
 
 
@@ -121,28 +130,24 @@ def interleaved_speeds(names: list[str], args) -> list[dict]:
     machine land on every model alike. Keeps the median and the mean step time of each."""
     from cvformers.data import collate
 
-    runs, batch = [], None
-    for name in names:
-        setup = build_setup(name, args, Path(args.out) / name)
-        if batch is None:
-            batch = collate([setup.train_data[i] for i in range(args.batch_size)])
-        model = copy.deepcopy(setup.model).train()
-        runs.append((name, setup, model, torch.optim.AdamW(model.parameters(), lr=1e-4)))
-    times = {name: [] for name in names}
+    setups = [build_setup(name, args, Path(args.out) / name) for name in names]
+    batch = collate([setups[0].train_data[i] for i in range(args.batch_size)])
+    runs = [trainable_copy(setup.model) for setup in setups]
+    times = [[] for _ in names]
     for i in range(3 + args.interleave_steps):
-        for name, _, model, opt in runs:
+        for (model, opt), taken in zip(runs, times):
             start = time.perf_counter()
-            loss, _ = model.loss(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            train_step(model, opt, batch)
             if i >= 3:
-                times[name].append(time.perf_counter() - start)
+                taken.append(time.perf_counter() - start)
     n = args.batch_size
-    return [{"model": name, "family": "vit-pytorch" if name in PEERS else setup.model_config.family,
-             "params": count_parameters(model), "calibrated_images_per_s": n / statistics.median(times[name]),
-             "mean_images_per_s": n * len(times[name]) / sum(times[name])}
-            for name, setup, model, _ in runs]
+    return [speed_record(name, setup, n / statistics.median(taken), mean_images_per_s=n * len(taken) / sum(taken))
+            for name, setup, taken in zip(names, setups, times)]
+
+
+def speed_record(name: str, setup, speed: float, **extra) -> dict:
+    return {"model": name, "family": "vit-pytorch" if name in PEERS else setup.model_config.family,
+            "params": count_parameters(setup.model), "calibrated_images_per_s": speed, **extra}
 
 
 def calibrate(name: str, args) -> dict:
@@ -154,8 +159,7 @@ def calibrate(name: str, args) -> dict:
     batch = collate([setup.train_data[i] for i in range(args.batch_size)])
     speed = images_per_second(setup.model, batch, steps=args.speed_steps)
     print(f"[{name}] {count_parameters(setup.model) / 1e6:.2f}M params, {speed:.0f} img/s", file=sys.stderr, flush=True)
-    return {"model": name, "family": "vit-pytorch" if name in PEERS else setup.model_config.family,
-            "params": count_parameters(setup.model), "calibrated_images_per_s": speed}
+    return speed_record(name, setup, speed)
 
 
 def run_one(name: str, args, out_root: Path, speed: float) -> dict:
@@ -210,8 +214,9 @@ def main(argv=None) -> int:
     p.add_argument("--speed-rounds", type=int, default=1,
                    help="with --speed-only: measure every model this many times, alternating, and keep the median")
     p.add_argument("--interleave-steps", type=int, default=0,
-                   help="with --speed-only: alternate single training steps of the models this many times "
-                        "each and report the median and mean (steadier than --speed-rounds on a noisy machine)")
+                   help="measure speeds by alternating single training steps of the models this many times "
+                        "each, keeping the median (steadier than --speed-rounds on a noisy machine); sizes "
+                        "the budgets too, or with --speed-only just prints them")
     p.add_argument("--calibration", default=None,
                    help="speeds.json of an earlier --speed-only run to size the budgets from, instead of measuring")
     p.add_argument("--jobs", type=int, default=1,
@@ -230,7 +235,7 @@ def main(argv=None) -> int:
         if missing:
             raise SystemExit(f"{args.calibration} has no speed for {', '.join(missing)}")
         speeds = [known[n] for n in names]
-    elif args.speed_only and args.interleave_steps:
+    elif args.interleave_steps:
         speeds = interleaved_speeds(names, args)
     else:
         rounds = [[calibrate(name, args) for name in names] for _ in range(args.speed_rounds)]
