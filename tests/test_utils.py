@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 from cvformers.utils import atomic_save, atomic_write_bytes, image_grid
@@ -23,3 +24,29 @@ def test_image_grid_places_images():
     assert g.shape == (3, 1 + 2 * 5, 1 + 2 * 6)
     assert torch.equal(g[:, 1:5, 1:6], imgs[0])
     assert torch.equal(g[:, 6:10, 1:6], imgs[2])
+
+
+def test_atomic_write_goes_through_symlinks_and_refuses_special_files(tmp_path):
+    import os
+
+    from cvformers.errors import UserError
+    from cvformers.utils import atomic_write_bytes
+
+    target = tmp_path / "real.png"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.png"
+    link.symlink_to(target)
+    atomic_write_bytes(link, b"new")
+    assert link.is_symlink() and target.read_bytes() == b"new"
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match="not a regular file"):
+        atomic_write_bytes(fifo, b"x")
+    assert fifo.is_fifo()
+    with pytest.raises(UserError, match="directory"):
+        atomic_write_bytes(tmp_path, b"x")
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(UserError, match="cannot write"):
+        atomic_write_bytes(tmp_path / "file" / "under.png", b"x")
+    assert not list(tmp_path.glob(".*.tmp"))

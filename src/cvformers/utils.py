@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from cvformers.errors import UserError
+
 
 def _umask_mode() -> int:
     # mkstemp creates files 0600; give the final file the mode a plain open() would have.
@@ -16,11 +18,31 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_save(path: Path, save_fn) -> None:
-    """Call ``save_fn(tmp_path)`` then atomically rename the result onto ``path``."""
+def write_target(path: str | Path) -> Path:
+    """The file a write to ``path`` replaces: symlinks are followed (written through, not
+    replaced), and anything that exists but is not a regular file (a directory, a device such as
+    ``/dev/null``, a pipe) is refused, so a write never swaps a special file for a plain one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    real = Path(os.path.realpath(path)) if path.is_symlink() else path
+    if real.exists() and not real.is_file():
+        what = "a directory" if real.is_dir() else "not a regular file"
+        raise UserError(f"cannot write {path}: it is {what}; give the path of a file")
+    return real
+
+
+def atomic_save(path: Path, save_fn) -> None:
+    """Call ``save_fn(tmp_path)`` then atomically rename the result onto ``path``.
+
+    A reader (or a crash) sees the old file or the new one, never half of one; a symlink at
+    ``path`` is written through; an OS failure (no such folder, no permission, disk full) is a
+    ``UserError`` naming the path.
+    """
+    path = write_target(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from e
     os.close(fd)
     try:
         save_fn(tmp)
@@ -28,10 +50,26 @@ def atomic_save(path: Path, save_fn) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from e
         raise
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside ``path`` durable (POSIX: the directory entry is data of the folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
