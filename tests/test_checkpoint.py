@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from trainer_toys import ToyConfig, ToyRegressor, toy_setup
+from trainer_toys import ToyConfig, ToyRegressor, count_checkpoint_ops, crash_config, toy_setup, train_killed_after
 
 import cvformers.train.checkpoint as ckpt
 from cvformers.errors import UserError
@@ -50,11 +57,40 @@ def test_load_weights_is_strict(tmp_path):
         load_weights(Tied(), tmp_path / "nope.safetensors")
 
 
+def _weights(run):
+    return {k: v.clone() for k, v in load_file(str(run / "model.safetensors")).items()}
+
+
+def _spawn(fn, *args):
+    ctx = multiprocessing.get_context("spawn")  # fork after torch ran threads can hang the child
+    p = ctx.Process(target=fn, args=args)
+    p.start()
+    p.join(120)
+    return p.exitcode
+
+
+def _assert_clean(run):
+    """Only the latest checkpoint folder, no temporary files, and the top weights are its weights."""
+    folders = sorted(p.name for p in (run / "checkpoints").iterdir())
+    latest = (run / "checkpoints/latest").read_text().strip()
+    assert folders == sorted([latest, "latest"])
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+    assert os.path.samefile(run / "model.safetensors", run / "checkpoints" / latest / "model.safetensors")
+
+
+def test_checkpoint_is_one_unit_under_a_pointer(tmp_path):
+    run = tmp_path / "run"
+    Trainer(toy_setup(TrainConfig(steps=4, batch_size=8, checkpoint_every=2, eval_every=0)), run).fit()
+    assert (run / "checkpoints/latest").read_text().strip() == "step-00000004"
+    assert sorted(p.name for p in (run / "checkpoints/step-00000004").iterdir()) == ["model.safetensors", "trainer_state.pt"]
+    _assert_clean(run)
+
+
 def test_crash_while_saving_keeps_old_checkpoint(tmp_path, monkeypatch):
     run = tmp_path / "run"
     cfg = TrainConfig(steps=4, batch_size=8, checkpoint_every=2, eval_every=0, log_every=2, warmup_steps=0)
     Trainer(toy_setup(cfg), run).fit(until=2)
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    before = _weights(run)
 
     def crash(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
@@ -65,17 +101,53 @@ def test_crash_while_saving_keeps_old_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         Trainer(toy_setup(cfg), run, resume=True).fit()
     monkeypatch.undo()
-    assert sorted(p.name for p in run.iterdir()) == sorted(before)  # no temp files left behind
-    assert (run / "model.safetensors").read_bytes() == before["model.safetensors"]
-    model, _ = load_run(run)
-    assert torch.load(run / "trainer_state.pt", weights_only=True)["step"] == 2
+    assert ckpt.load_trainer_state(run)["step"] == 2
+    assert all(torch.equal(v, _weights(run)[k]) for k, v in before.items())
     Trainer(toy_setup(cfg), run, resume=True).fit()  # and the run can still continue
-    assert torch.load(run / "trainer_state.pt", weights_only=True)["step"] == 4
+    assert ckpt.load_trainer_state(run)["step"] == 4
+    _assert_clean(run)
+
+
+def test_sigkill_before_every_file_operation_of_a_checkpoint_resumes_bit_exactly(tmp_path):
+    cfg = crash_config(steps=6, checkpoint_every=2)
+    Trainer(toy_setup(cfg), tmp_path / "straight").fit()
+    reference = _weights(tmp_path / "straight")
+    ops = count_checkpoint_ops(tmp_path / "count", cfg)
+    assert ops >= 8  # a folder, two files (write, fsync, rename), the pointer, the link, the cleanup
+    for kill_at in range(1, ops + 1):
+        run = tmp_path / f"kill{kill_at}"
+        Trainer(toy_setup(cfg), run).fit(until=2)
+        assert _spawn(count_checkpoint_ops, run, cfg, kill_at) == -signal.SIGKILL
+        assert ckpt.load_trainer_state(run)["step"] in (2, 4)
+        Trainer(toy_setup(cfg), run, resume=True).fit()
+        got = _weights(run)
+        assert all(torch.equal(v, got[k]) for k, v in reference.items()), f"killed before operation {kill_at}"
+        _assert_clean(run)
+
+
+def test_twenty_sigkills_at_random_times_then_resume_is_bit_exact(tmp_path):
+    cfg = crash_config(steps=60, checkpoint_every=1)  # a checkpoint every step: many kills land inside one
+    Trainer(toy_setup(cfg), tmp_path / "straight").fit()
+    reference = _weights(tmp_path / "straight")
+    run, rng = tmp_path / "run", random.Random(0)
+    kills = 0
+    while kills < 20:
+        code = _spawn(train_killed_after, run, cfg, rng.uniform(0.0, 0.4))
+        if code == 0:  # finished before its kill: start over so that every kill lands in a run
+            shutil.rmtree(run)
+            continue
+        assert code == -signal.SIGKILL
+        kills += 1
+    assert _spawn(train_killed_after, run, cfg, -1.0) == 0
+    got = _weights(run)
+    assert all(torch.equal(v, got[k]) for k, v in reference.items())
+    _assert_clean(run)
 
 
 def test_trainer_state_is_weights_only(tmp_path):
-    Trainer(toy_setup(TrainConfig(steps=2, batch_size=8, eval_every=0)), tmp_path / "run").fit()
-    state = torch.load(tmp_path / "run/trainer_state.pt", weights_only=True)
+    run = tmp_path / "run"
+    Trainer(toy_setup(TrainConfig(steps=2, batch_size=8, eval_every=0)), run).fit()
+    state = torch.load(ckpt.checkpoint_dir(run) / "trainer_state.pt", weights_only=True)
     assert set(state) == {"step", "optimizer", "rng", "data", "elapsed"}
     assert state["step"] == 2 and len(state["rng"]) == 1
     assert {"torch", "python", "numpy"} <= set(state["rng"][0])
@@ -85,9 +157,66 @@ def test_mismatched_checkpoint_pair_is_refused(tmp_path):
     run = tmp_path / "run"
     cfg = TrainConfig(steps=4, batch_size=8, checkpoint_every=2, eval_every=0)
     Trainer(toy_setup(cfg), run).fit(until=2)
-    save_weights(ToyRegressor(ToyConfig()), run / "model.safetensors", metadata={"step": "3"})
+    save_weights(ToyRegressor(ToyConfig()), ckpt.checkpoint_dir(run) / "model.safetensors", metadata={"step": "3"})
     with pytest.raises(UserError, match="stopped while saving"):
         Trainer(toy_setup(cfg), run, resume=True).fit()
+
+
+def test_flat_layout_of_older_runs_still_resumes(tmp_path):
+    cfg = TrainConfig(steps=4, batch_size=8, checkpoint_every=2, eval_every=0)
+    Trainer(toy_setup(cfg), tmp_path / "straight").fit()
+    run = tmp_path / "flat"
+    Trainer(toy_setup(cfg), run).fit(until=2)
+    step_dir = ckpt.checkpoint_dir(run)
+    os.unlink(run / "model.safetensors")
+    for f in step_dir.iterdir():
+        shutil.move(f, run / f.name)
+    shutil.rmtree(run / "checkpoints")
+    Trainer(toy_setup(cfg), run, resume=True).fit()
+    assert not (run / "trainer_state.pt").exists()
+    ref, got = _weights(tmp_path / "straight"), _weights(run)
+    assert all(torch.equal(v, got[k]) for k, v in ref.items())
+
+
+@pytest.mark.parametrize("damage", ["partial-metrics-line", "state-of-wrong-structure", "missing-pointer-target"])
+def test_damaged_run_folders(tmp_path, damage):
+    run = tmp_path / "run"
+    cfg = TrainConfig(steps=4, batch_size=8, checkpoint_every=2, eval_every=0, log_every=1)
+    Trainer(toy_setup(cfg), run).fit(until=2)
+    if damage == "partial-metrics-line":
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write('{"step": 3, "split": "tr')  # what a kill during an append leaves
+        Trainer(toy_setup(cfg), run, resume=True).fit()
+        steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2, 3, 4]
+        return
+    if damage == "state-of-wrong-structure":
+        torch.save({"step": "two", "weights": [1, 2]}, ckpt.checkpoint_dir(run) / "trainer_state.pt")
+        match = "not a cvformers trainer state"
+    else:
+        (run / "checkpoints/latest").write_text("step-00000099\n")
+        match = "not a checkpoint folder"
+    with pytest.raises(UserError, match=match):
+        Trainer(toy_setup(cfg), run, resume=True).fit()
+
+
+def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path):
+    run = tmp_path / "run"
+    with ckpt.RunLock(run):
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            message = pool.apply(_try_lock, (run,))
+    assert "in use by another training process" in message
+    with ckpt.RunLock(run):  # released: the next writer gets it
+        pass
+
+
+def _try_lock(run):
+    try:
+        with ckpt.RunLock(run):
+            return "locked"
+    except UserError as e:
+        return str(e)
 
 
 def test_load_run(tmp_path):

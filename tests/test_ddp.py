@@ -21,6 +21,7 @@ sys.path.insert(0, str(HERE))
 
 from trainer_toys import toy_setup  # noqa: E402
 
+from cvformers.train.checkpoint import load_trainer_state
 from cvformers.train import TrainConfig, Trainer  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def test_two_processes_match_one(tmp_path):
 
     torchrun(tmp_path / "ddp")
     assert (tmp_path / "ddp/model.safetensors").is_file()
-    assert torch.load(tmp_path / "ddp/trainer_state.pt", weights_only=True)["step"] == 6
+    assert load_trainer_state(tmp_path / "ddp")["step"] == 6
     lines = (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4  # rank 0 alone writes: train + eval at steps 3 and 6
 
@@ -72,7 +73,7 @@ def test_resume_under_ddp_is_bit_exact(tmp_path):
 
     torchrun(tmp_path / "straight", "allreduce", 8, "--dropout")
     torchrun(tmp_path / "split", "allreduce", 8, "--dropout", "--until", "5")
-    state = torch.load(tmp_path / "split/trainer_state.pt", weights_only=True)
+    state = load_trainer_state(tmp_path / "split")
     assert state["step"] == 5 and len(state["rng"]) == 2  # one RNG state per process
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
     torchrun(tmp_path / "split", "allreduce", 8, "--dropout", "--resume")

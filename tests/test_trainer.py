@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from trainer_toys import ToyData, toy_setup
 
+from cvformers.train.checkpoint import load_trainer_state
 from cvformers.config import ConfigError
 from cvformers.errors import UserError
 from cvformers.train import TrainConfig, Trainer, lr_at, param_groups, train_config_from
@@ -109,7 +110,7 @@ def test_resume_is_bit_exact(tmp_path, dropout):
 
     first = toy_setup(cfg, dropout=dropout)
     Trainer(first, tmp_path / "split").fit(until=11)  # stops mid-epoch 1, between checkpoints
-    assert torch.load(tmp_path / "split/trainer_state.pt", weights_only=True)["step"] == 11
+    assert load_trainer_state(tmp_path / "split")["step"] == 11
     second = toy_setup(cfg, dropout=dropout, seed=99)  # a fresh model: everything comes from the run
     Trainer(second, tmp_path / "split", resume=True).fit()
 
@@ -130,7 +131,7 @@ def test_resume_extends_steps_and_trims_stale_metrics(tmp_path):
     Trainer(toy_setup(small(steps=12, checkpoint_every=4)), run, resume=True).fit()
     steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [4, 8, 12]
-    state = torch.load(run / "trainer_state.pt", weights_only=True)
+    state = load_trainer_state(run)
     assert state["step"] == 12 and state["data"] == {"epoch": 1, "offset": 4, "items_per_step": 8}
 
 

@@ -7,6 +7,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
+from cvformers.train.checkpoint import load_trainer_state
 from cvformers import cli
 from cvformers.config import load_toml
 from cvformers.train import tasks
@@ -27,12 +28,17 @@ def test_cli_train_refuse_resume(tmp_path, monkeypatch, capsys):
     assert "pass --resume" in capsys.readouterr().err
 
     assert cli.main(["train", "toy", "--out", run, "--resume", "--steps", "8"]) == 0
-    assert torch.load(tmp_path / "run/trainer_state.pt", weights_only=True)["step"] == 8
+    assert load_trainer_state(tmp_path / "run")["step"] == 8
     assert [json.loads(ln)["step"] for ln in (tmp_path / "run/metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 8]
     assert load_file(str(tmp_path / "run/model.safetensors"))["embed.weight"].shape == (12, 8)
 
     assert cli.main(["train", "toy", "--out", str(tmp_path / "new"), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+    (tmp_path / "run/config.toml").rename(tmp_path / "kept.toml")
+    assert cli.main(["train", "toy", "--out", run, "--resume", "--steps", "10"]) == 2
+    assert "config.toml is missing" in capsys.readouterr().err
+    assert not (tmp_path / "run/config.toml").exists() and load_trainer_state(tmp_path / "run")["step"] == 8
 
     bad = tmp_path / "bad.toml"
     bad.write_text('[train]\nwarmup = 3\n')
@@ -45,7 +51,7 @@ def test_cli_until_then_resume_equals_straight_run(tmp_path, monkeypatch):
     straight, pieces = str(tmp_path / "straight"), str(tmp_path / "pieces")
     assert cli.main(["train", "toy", "--data", "toy", "--out", straight, "--steps", "6"]) == 0
     assert cli.main(["train", "toy", "--data", "toy", "--out", pieces, "--steps", "6", "--until", "3"]) == 0
-    assert torch.load(tmp_path / "pieces/trainer_state.pt", weights_only=True)["step"] == 3
+    assert load_trainer_state(tmp_path / "pieces")["step"] == 3
     assert cli.main(["train", "toy", "--out", pieces, "--resume"]) == 0
     a = load_file(str(tmp_path / "straight/model.safetensors"))
     b = load_file(str(tmp_path / "pieces/model.safetensors"))

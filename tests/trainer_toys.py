@@ -98,3 +98,77 @@ def _register_toy_task():
 
 
 _register_toy_task()
+
+
+# --- crash tests: training in a child process that is killed with SIGKILL -----------------------
+
+CRASH_OPS = ("rename", "replace", "link", "unlink", "fsync", "mkdir", "rmdir")
+
+
+def crash_config(steps: int = 6, checkpoint_every: int = 2):
+    from cvformers.train.trainer import TrainConfig
+
+    return TrainConfig(steps=steps, batch_size=8, checkpoint_every=checkpoint_every, eval_every=0,
+                       log_every=1, warmup_steps=1)
+
+
+def count_checkpoint_ops(run_dir, train_config, kill_at: int | None = None, step: int = 4) -> int:
+    """Train (resuming if there is a checkpoint); inside the save of checkpoint ``step`` count the
+    file operations in ``CRASH_OPS`` and, when ``kill_at`` is given, SIGKILL this process just
+    before operation number ``kill_at`` (1-based). Returns the count when not killed."""
+    import os
+    import signal
+
+    import cvformers.train.checkpoint as ckpt
+    from cvformers.train.checkpoint import has_checkpoint
+    from cvformers.train.trainer import Trainer
+
+    torch.set_num_threads(1)  # as the test process (conftest): the same reduction order, the same bits
+    count = [0]
+    armed = [False]
+    originals = {name: getattr(os, name) for name in CRASH_OPS}
+
+    def counting(name):
+        def op(*args, **kwargs):
+            if armed[0]:
+                count[0] += 1
+                if kill_at is not None and count[0] == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return originals[name](*args, **kwargs)
+        return op
+
+    save = ckpt.save_checkpoint
+
+    def watched_save(run, model, state, *rest):
+        armed[0] = state["step"] == step
+        try:
+            return save(run, model, state, *rest)
+        finally:
+            armed[0] = False
+
+    for name in CRASH_OPS:
+        setattr(os, name, counting(name))
+    ckpt.save_checkpoint = watched_save
+    try:
+        Trainer(toy_setup(train_config), run_dir, resume=has_checkpoint(run_dir)).fit()
+    finally:
+        for name, fn in originals.items():
+            setattr(os, name, fn)
+        ckpt.save_checkpoint = save
+    return count[0]
+
+
+def train_killed_after(run_dir, train_config, delay: float) -> None:
+    """Train (resuming if there is a checkpoint) and SIGKILL this process ``delay`` s after the
+    trainer starts (never, for a negative delay)."""
+    import os
+    import signal
+    import threading
+
+    from cvformers.train.checkpoint import has_checkpoint
+    from cvformers.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    if delay >= 0:
+        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
+    Trainer(toy_setup(train_config), run_dir, resume=has_checkpoint(run_dir)).fit()

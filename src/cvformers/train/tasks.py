@@ -9,7 +9,9 @@ the CLI stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -63,6 +65,7 @@ class TaskSetup:
     extra_files: dict[str, bytes] = field(default_factory=dict)  # e.g. {"tokenizer.json": b"..."}
     # called by rank 0 after each checkpoint, e.g. to write a reconstruction / sample grid
     on_checkpoint: Callable[[nn.Module, Path, int], None] | None = None
+    hooks: list = field(default_factory=list)  # cvformers.train.hooks.TrainerHook: EMA, teachers, ...
 
 
 def register_task(name: str):
@@ -82,8 +85,15 @@ def get_task(name: str) -> Callable[[TaskArgs], TaskSetup]:
 
 def task_args_from_cli(args) -> TaskArgs:
     saved = Path(args.out) / "config.toml"
-    if args.resume and saved.is_file():
-        # A resumed run rebuilds exactly what it saved; a new --config would change the model.
+    if args.resume:
+        from cvformers.train.checkpoint import check_run_folder
+
+        check_run_folder(args.out, resume=True)
+        # A resumed run rebuilds exactly what it saved; a new --config would change the model,
+        # and task defaults in place of a lost config.toml would train something else.
+        if not saved.is_file():
+            raise UserError(f"--resume: {saved} is missing, so the run cannot be rebuilt as it was; "
+                            "restore it or start a new run with another --out")
         config = load_toml(saved)
     else:
         config = load_toml(args.config) if args.config else {}
@@ -129,9 +139,15 @@ def run_task(args) -> None:
 
     from cvformers.train.trainer import Trainer
 
+    from cvformers.train.checkpoint import RunLock
+
     task_args = task_args_from_cli(args)
-    # The task builds the model: seed first so that the same config gives the same initial weights.
-    seed = task_args.config.get("train", {}).get("seed", 0)
-    torch.manual_seed(seed if isinstance(seed, int) else 0)
-    setup = get_task(args.task)(task_args)
-    Trainer.from_setup(setup, task_args).fit(until=getattr(args, "until", None))
+    # One writer per run folder, from before the task writes its caches into it (rank 0 only:
+    # under torchrun the other ranks share the folder with it).
+    main = os.environ.get("RANK", "0") == "0"
+    with RunLock(task_args.out) if main else contextlib.nullcontext():
+        # The task builds the model: seed first so that the same config gives the same initial weights.
+        seed = task_args.config.get("train", {}).get("seed", 0)
+        torch.manual_seed(seed if isinstance(seed, int) else 0)
+        setup = get_task(args.task)(task_args)
+        Trainer.from_setup(setup, task_args).fit(until=getattr(args, "until", None))

@@ -28,6 +28,7 @@ from cvformers.config import from_dict, to_dict
 from cvformers.errors import UserError
 from cvformers.train import checkpoint as ckpt
 from cvformers.train import distributed
+from cvformers.train.hooks import CheckpointCallback, TrainerHook
 from cvformers.train.schedule import EpochBatchSampler, lr_at, steps_per_epoch
 
 
@@ -140,6 +141,28 @@ def _float(v: Any) -> float:
     return float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
 
 
+class _MetricsWindow:
+    """Sums of step metrics since the last log line, and the time they took."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+
+    def flush(self, items_per_step: int) -> tuple[dict[str, float], float]:
+        """(mean of each metric, items per second) over the window; starts a new window."""
+        now = time.perf_counter()
+        means = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+        speed = self.steps * items_per_step / max(now - self.start, 1e-9)
+        self.sums, self.steps, self.start = {}, 0, now
+        return means, speed
+
+
 class Trainer:
     """Trains ``setup.model`` into the run folder ``out``; ``fit()`` runs to ``steps``."""
 
@@ -150,6 +173,12 @@ class Trainer:
         self.out = Path(out)
         self.resume = resume
         self.device_name = device
+        self.hooks: list[TrainerHook] = list(getattr(setup, "hooks", []))
+        if setup.on_checkpoint is not None:
+            self.hooks.append(CheckpointCallback(setup.on_checkpoint))
+        names = [h.name for h in self.hooks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"trainer hooks need distinct names (their checkpoint files), got {names}")
 
     @classmethod
     def from_setup(cls, setup, task_args) -> "Trainer":
@@ -244,7 +273,8 @@ class Trainer:
         """
         self.dist, self.device = distributed.setup(self.device_name)
         try:
-            return self._fit(until)
+            with ckpt.RunLock(self.out) if self.dist.is_main else contextlib.nullcontext():
+                return self._fit(until)
         finally:
             distributed.teardown(self.dist)
 
@@ -264,10 +294,13 @@ class Trainer:
         start, elapsed_before = self._restore(model, optimizer) if self.resume else (0, 0.0)
         if not self.resume:
             self._seed(cfg.seed)
+        for hook in self.hooks:
+            hook.on_fit_start(model)
         if is_main:
             ckpt.write_run_files(self.out, self._run_config(), setup.extra_files)
             if self.resume:
                 ckpt.trim_metrics(self.out, start)
+                ckpt.remove_stale(self.out)
         distributed.barrier(self.dist)
         if is_main and cfg.warmup_steps >= cfg.steps:
             print(f"warning: warmup_steps ({cfg.warmup_steps}) >= steps ({cfg.steps}): the learning rate "
@@ -282,11 +315,9 @@ class Trainer:
         )
         params = [p for g in optimizer.param_groups for p in g["params"]]
         batches = self._micro_batches(start)
-        items_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
-        bar = self._progress_bar(start)
+        self._bar = self._progress_bar(start)
+        self._window = _MetricsWindow()
         result: dict[str, float] = {}
-        window: dict[str, float] = {}
-        window_steps, window_start = 0, time.perf_counter()
         t0 = time.perf_counter()
         on_train_step = getattr(model, "on_train_step", None)
         for step in range(start, end):
@@ -295,43 +326,55 @@ class Trainer:
             lr = lr_at(step, lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_metrics = self._train_step(forward, optimizer, params, batches, step)
+            self._window.add(self._train_step(forward, optimizer, params, batches, step))
+            for hook in self.hooks:
+                hook.after_step(model, step)
             done = step + 1
-            for k, v in step_metrics.items():
-                window[k] = window.get(k, 0.0) + v
-            window_steps += 1
-            if bar is not None:
-                bar.update(1)
+            if self._bar is not None:
+                self._bar.update(1)
             if done % cfg.log_every == 0 or done == cfg.steps:
-                now = time.perf_counter()
-                speed = window_steps * items_per_step / max(now - window_start, 1e-9)
-                result = {"step": done, "split": "train", **{k: v / window_steps for k, v in window.items()},
-                          "lr": lr, "items_per_s": speed, "elapsed": elapsed_before + now - t0}
-                if is_main:
-                    ckpt.append_metrics(self.out, result)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}", items_s=f"{speed:.1f}")
-                elif is_main:  # no terminal (a log file, a job scheduler): one line per log step
-                    print(f"step {done}/{cfg.steps} loss {result['loss']:.4f} lr {lr:.2e} items/s {speed:.1f}",
-                          file=sys.stderr, flush=True)
-                window, window_steps, window_start = {}, 0, time.perf_counter()
+                result = self._log_train(done, lr, elapsed_before + time.perf_counter() - t0)
             if setup.eval_data is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-                if is_main:
-                    ev = self.evaluate()
-                    ckpt.append_metrics(self.out, {"step": done, "split": "eval", **ev})
-                    line = f"eval step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items())
-                    if bar is not None:
-                        bar.write(line)
-                    else:
-                        print(line, file=sys.stderr, flush=True)
-                    result.update({f"eval_{k}": v for k, v in ev.items()})
-                distributed.barrier(self.dist)
+                result.update(self._evaluate_and_log(model, done))
             if done % cfg.checkpoint_every == 0 or done == end:
                 self._checkpoint(model, optimizer, done, elapsed_before + time.perf_counter() - t0)
-        if bar is not None:
-            bar.close()
+        if self._bar is not None:
+            self._bar.close()
         result["step"] = end
         return {k: v for k, v in result.items() if k != "split"}
+
+    def _say(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def _log_train(self, done: int, lr: float, elapsed: float) -> dict[str, float]:
+        """The mean metrics since the last log line -> metrics.jsonl and the progress bar."""
+        cfg = self.config
+        items_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
+        means, speed = self._window.flush(items_per_step)
+        result = {"step": done, "split": "train", **means, "lr": lr, "items_per_s": speed, "elapsed": elapsed}
+        if self.dist.is_main:
+            ckpt.append_metrics(self.out, result)
+            if self._bar is not None:
+                self._bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}", items_s=f"{speed:.1f}")
+            else:  # no terminal (a log file, a job scheduler): one line per log step
+                self._say(f"step {done}/{cfg.steps} loss {result['loss']:.4f} lr {lr:.2e} items/s {speed:.1f}")
+        return result
+
+    def _evaluate_and_log(self, model: nn.Module, done: int) -> dict[str, float]:
+        """Evaluate on the main process (plus what hooks measure); the others wait."""
+        result: dict[str, float] = {}
+        if self.dist.is_main:
+            ev = self.evaluate()
+            for hook in self.hooks:
+                ev.update(hook.on_evaluate(model, done))
+            ckpt.append_metrics(self.out, {"step": done, "split": "eval", **ev})
+            self._say(f"eval step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+            result = {f"eval_{k}": v for k, v in ev.items()}
+        distributed.barrier(self.dist)
+        return result
 
     def _train_step(self, forward, optimizer, params, batches, step: int) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns their mean metrics."""
@@ -360,8 +403,13 @@ class Trainer:
     def _restore(self, model: nn.Module, optimizer) -> tuple[int, float]:
         """Load the checkpoint in the run folder: weights, optimizer, this process's RNG."""
         cfg = self.config
-        state = ckpt.load_checkpoint(self.out, model)
-        optimizer.load_state_dict(state["optimizer"])
+        state, hook_state = ckpt.load_checkpoint(self.out, model)
+        for hook in self.hooks:
+            hook.load_state_dict(hook_state.get(hook.name))
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{self.out}: the checkpoint's optimizer state does not fit this model ({e})") from e
         start = int(state["step"])
         saved_per_step = state.get("data", {}).get("items_per_step")
         per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
@@ -404,10 +452,11 @@ class Trainer:
                 "data": {"epoch": epoch, "offset": offset, "items_per_step": per_step},
                 "elapsed": elapsed,
             }
-            ckpt.save_checkpoint(self.out, model, state)
-            if self.setup.on_checkpoint is not None:
-                was_training = model.training
-                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                    self.setup.on_checkpoint(model, self.out, step)
-                model.train(was_training)
+            hook_state = {h.name: sd for h in self.hooks if (sd := h.state_dict())}
+            ckpt.save_checkpoint(self.out, model, state, hook_state)
+            was_training = model.training
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                for hook in self.hooks:
+                    hook.on_checkpoint(model, self.out, step)
+            model.train(was_training)
         distributed.barrier(self.dist)
