@@ -194,3 +194,67 @@ def test_loader_workers_are_seeded_deterministically(tmp_path):
     clean = toy_setup(small(steps=10, num_workers=2))
     Trainer(clean, tmp_path / "clean").fit()
     assert not torch.equal(weights(tmp_path / "clean")["head.weight"], runs[0]["head.weight"])
+
+
+# --- hooks ----------------------------------------------------------------------------------
+
+
+def test_hook_state_is_saved_and_resumed_bit_exactly(tmp_path):
+    from cvformers.train.checkpoint import checkpoint_dir
+    from cvformers.train.hooks import EMA, EMAConfig, TrainerHook
+
+    class Calls(TrainerHook):
+        name = "calls"
+
+        def __init__(self):
+            self.steps, self.evals, self.saved = [], [], []
+
+        def after_step(self, model, step):
+            self.steps.append(step)
+
+        def on_evaluate(self, model, step):
+            self.evals.append(step)
+            return {"seen": float(len(self.steps))}
+
+        def on_checkpoint(self, model, run_dir, step):
+            self.saved.append(step)
+
+    cfg = small(steps=12, checkpoint_every=4, eval_every=6)
+    straight_ema = EMA(EMAConfig(decay=0.9))
+    Trainer(toy_setup(cfg, dropout=0.3, hooks=[straight_ema]), tmp_path / "straight").fit()
+
+    first_ema, calls = EMA(EMAConfig(decay=0.9)), Calls()
+    Trainer(toy_setup(cfg, dropout=0.3, hooks=[first_ema, calls]), tmp_path / "split").fit(until=8)
+    assert calls.steps == list(range(8)) and calls.evals == [6] and calls.saved == [4, 8]
+    assert sorted(p.name for p in checkpoint_dir(tmp_path / "split").iterdir()) == [
+        "ema.safetensors", "model.safetensors", "trainer_state.pt"]
+    resumed_ema = EMA(EMAConfig(decay=0.9))
+    Trainer(toy_setup(cfg, dropout=0.3, seed=5, hooks=[resumed_ema]), tmp_path / "split", resume=True).fit()
+
+    assert resumed_ema.updates == straight_ema.updates == 12
+    for k, v in straight_ema.shadow.items():
+        assert torch.equal(v, resumed_ema.shadow[k]), k
+    # the average differs from the weights, and trails them
+    final = weights(tmp_path / "straight")
+    assert not torch.equal(straight_ema.shadow["head.weight"], final["head.weight"])
+    evals = [json.loads(ln) for ln in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
+    assert [e.get("seen") for e in evals if e["split"] == "eval"] == [6.0, None]  # hook metrics are logged
+
+
+def test_ema_warmup_and_copy():
+    from torch import nn
+
+    from cvformers.train.hooks import EMA, EMAConfig
+
+    model = nn.Linear(2, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    ema = EMA(EMAConfig(decay=0.99))
+    ema.on_fit_start(model)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.after_step(model, 0)  # first decay min(0.99, 1/10) = 0.1: the average moves 90% of the way
+    assert torch.allclose(ema.shadow["weight"], torch.full((1, 2), 0.9))
+    copy = ema.averaged(model)
+    assert torch.allclose(copy.weight, torch.full((1, 2), 0.9)) and torch.equal(model.weight, torch.ones(1, 2))
+    with pytest.raises(ValueError, match="ema.decay"):
+        EMAConfig(decay=1.0)
