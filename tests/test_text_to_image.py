@@ -234,3 +234,37 @@ def test_bundle_export_loads_and_samples_the_same(run, tmp_path):
     assert next(small.model.parameters()).dtype == torch.float32  # fp16 on disk, fp32 in memory
     assert (half / "model.safetensors").stat().st_size < 0.6 * (exact / "model.safetensors").stat().st_size
     assert main(["bundle", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+
+
+def _tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_bundle_never_deletes_what_it_did_not_write(run, tmp_path, capsys):
+    """--out equal to, above or inside an input, or a folder that is not a bundle, is refused
+    before anything is written; a bad --clip leaves the previous bundle whole."""
+    runs = tmp_path / "runs"
+    dalle = runs / "dalle"
+    shutil.copytree(run, dalle)
+    (runs / "other").mkdir()
+    (runs / "other" / "notes.txt").write_text("keep me")
+    before = _tree(runs)
+    for out in (dalle, runs, dalle / "inside", tmp_path):
+        assert main(["bundle", str(dalle), "--out", str(out)]) == 2
+        assert "overlaps the input" in capsys.readouterr().err
+    assert main(["bundle", str(dalle), "--out", str(runs / "other")]) == 2
+    assert "is not a bundle" in capsys.readouterr().err
+    assert _tree(runs) == before
+
+    bundle = tmp_path / "out" / "bundle"
+    assert main(["bundle", str(dalle), "--out", str(bundle)]) == 0
+    first = _tree(bundle)
+    bad_clip = tmp_path / "badclip"
+    bad_clip.mkdir()
+    (bad_clip / "config.toml").write_text('kind = "clip"\n')
+    assert main(["bundle", str(dalle), "--clip", str(bad_clip), "--out", str(bundle)]) == 2
+    assert "model.safetensors is missing" in capsys.readouterr().err
+    assert _tree(bundle) == first  # untouched
+    assert main(["bundle", str(dalle), "--out", str(bundle), "--fp32"]) == 0  # a bundle is replaced whole
+    assert _tree(bundle) != first and sorted(p.name for p in bundle.parent.iterdir()) == ["bundle"]
+    assert _tree(runs) == before

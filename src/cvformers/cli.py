@@ -295,7 +295,7 @@ def _add_bundle(sub) -> None:
     p = sub.add_parser("bundle", help="export a dalle run (+ its vae, + a CLIP) as one model folder for generate")
     p.add_argument("dalle", help="dalle run folder (with vae/ and tokenizer.json)")
     p.add_argument("--clip", default=None, help="CLIP run folder to include as the reranker")
-    p.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
+    p.add_argument("--out", required=True, help="folder to write: new, empty, or a bundle written before (replaced whole)")
     p.add_argument("--fp32", action="store_true", help="keep fp32 weights (default: fp16, half the size)")
     p.set_defaults(func=_cmd_bundle)
 
