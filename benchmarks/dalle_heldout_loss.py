@@ -61,9 +61,9 @@ def encode_split(vae, spec: str, split: str, count: int, holdout: float):
     else:
         data = build_dataset(spec, split=split, image_size=vae.image_size, holdout=holdout)
         data = torch.utils.data.Subset(data, range(min(count, len(data))))
-    captions = [data[i]["caption"] for i in range(len(data))]
-    codes = encode_dataset(vae, data, desc=f"encode {split}").long().flatten(1)
-    return captions, codes
+    codes, index = encode_dataset(vae, data, desc=f"encode {split}")
+    captions = [data[int(i)]["caption"] for i in index]
+    return captions, codes.long().flatten(1)
 
 
 def batch_order(n: int, steps: int, batch: int, seed: int) -> list[torch.Tensor]:

@@ -69,11 +69,70 @@ def test_cached_ids_equal_encoding(vae_run, tmp_path):
     from cvformers.data import build_dataset
 
     data = build_dataset("shapes", "test", 16, size=8)
-    codes = dalle_task.cached_codes(vae, data, tmp_path / "c.safetensors", key="k1")
+    codes, index = dalle_task.cached_codes(vae, data, tmp_path / "c.safetensors", key="k1")
     images = torch.stack([data[i]["image"] for i in range(8)])
-    assert torch.equal(codes.long(), vae.encode(images))
-    again = dalle_task.cached_codes(vae, data, tmp_path / "c.safetensors", key="k1")
+    assert torch.equal(codes.long(), vae.encode(images)) and torch.equal(index, torch.arange(8))
+    again, _ = dalle_task.cached_codes(vae, data, tmp_path / "c.safetensors", key="k1")
     assert torch.equal(again, codes)
+    (tmp_path / "c.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{torn")  # a torn cache
+    rebuilt, _ = dalle_task.cached_codes(vae, data, tmp_path / "c.safetensors", key="k1")
+    assert torch.equal(rebuilt, codes)
+
+
+def _png_with_bad_pixels(image) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    w, h = image.size
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"not zlib data" * 4) + chunk(b"IEND", b"")
+
+
+class _RedTokenizer(torch.nn.Module):
+    """A stand-in image tokenizer whose id is the red level of a solid image: shows which image a row came from."""
+
+    num_tokens = 256
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, images):
+        return (images[:, 0, :1, :1] * 255).round().long()
+
+
+def test_folder_with_undecodable_images_keeps_each_caption_with_its_image(tmp_path):
+    """A file that passes the header check but fails to decode is left out of the ids; every
+    remaining row's caption is the caption of the file its image came from."""
+    import io
+
+    from PIL import Image as PILImage
+
+    from cvformers.data import build_dataset
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    broken = {2, 3, 6}
+    for i in range(9):
+        buf = io.BytesIO()
+        PILImage.new("RGB", (64, 64), (20 * i, 0, 0)).save(buf, format="PNG")
+        data = buf.getvalue()
+        if i in broken:  # valid chunks and CRCs (the header check passes), pixel data that does not inflate
+            image = PILImage.new("RGB", (64, 64), (20 * i, 0, 0))
+            data = _png_with_bad_pixels(image)
+        (folder / f"{i}.png").write_bytes(data)
+        (folder / f"{i}.txt").write_text(f"item {i}")
+    source = build_dataset(f"folder:{folder}", image_size=8)
+    assert len(source) == 9  # the broken files only fail while decoding
+    codes, index = dalle_task.cached_codes(_RedTokenizer(), source, tmp_path / "codes.safetensors", key="k", desc="")
+    assert index.tolist() == [i for i in range(9) if i not in broken]
+    pairs = dalle_task.CaptionCodesDataset(source, codes, index)
+    for row in range(len(pairs)):
+        level = int(pairs[row]["codes"].flatten()[0])
+        assert pairs[row]["caption"] == f"item {round(level / 20)}"
 
 
 def test_needs_a_vae(tmp_path):

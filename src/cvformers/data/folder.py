@@ -6,8 +6,8 @@ resized so the shorter side is ``image_size`` and centre-cropped to a square.
 Broken files never stop a run. At index time every image's header is parsed and PNG chunks
 are CRC-checked (``PIL.Image.verify``, no pixel decoding), and the failures are skipped and
 counted. Some breakage only shows while decoding (a truncated JPEG); then ``__getitem__``
-logs and counts it and returns the next good item instead, deterministically, so an epoch
-never crashes half way. ``dataset.skipped`` is the count (per process: DataLoader workers
+logs and counts it and returns the next good item instead (image and caption of that same
+file, ``record["index"]`` saying which), deterministically, so an epoch never crashes half way. ``dataset.skipped`` is the count (per process: DataLoader workers
 keep their own).
 
 A file with several captions gives one of them per epoch, chosen from (index, epoch): call
@@ -180,5 +180,5 @@ class FolderDataset(Dataset):
             if self.channels == 1:
                 image = image.mean(0, keepdim=True)
             return {"image": image, "caption": self.caption(i), "label": -1,
-                    "record": {"path": str(self.files[i].relative_to(self.root))}}
+                    "record": {"path": str(self.files[i].relative_to(self.root)), "index": i}}
         raise UserError(f"every image under {self.root} failed to decode")

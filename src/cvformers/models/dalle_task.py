@@ -86,56 +86,77 @@ def file_hash(path: Path) -> str:
 
 
 @torch.no_grad()
-def encode_dataset(vae, dataset, batch_size: int = 256, desc: str = "") -> torch.Tensor:
-    """All images of ``dataset`` -> ids [N, h, w] (int16 when the codebook fits)."""
+def encode_dataset(vae, dataset, batch_size: int = 256, desc: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of ``dataset`` -> (ids [N', h, w] (int16 when the codebook fits), source index [N']).
+
+    An item whose own image failed to decode (a folder dataset then hands over the next file's
+    item, saying so in ``record["index"]``) is left out, so that row ``i`` of the ids always
+    belongs to item ``index[i]`` and to its caption.
+    """
     from torch.utils.data import DataLoader
 
     from cvformers.data import collate
 
     device = next(vae.parameters()).device
-    out = []
+    out, kept = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     for i, batch in enumerate(loader):
-        out.append(vae.encode(batch["image"].to(device)).cpu())
+        first = i * batch_size
+        asked = torch.arange(first, first + len(batch["image"]))
+        got = torch.tensor([r["index"] if isinstance(r, dict) and "index" in r else int(a)
+                            for r, a in zip(batch["record"], asked)])
+        own = got == asked
+        out.append(vae.encode(batch["image"][own].to(device)).cpu())
+        kept.append(asked[own])
         if desc and (i % 20 == 0 or (i + 1) * batch_size >= len(dataset)):
             print(f"{desc}: {min((i + 1) * batch_size, len(dataset))}/{len(dataset)} images", file=sys.stderr)
     codes = torch.cat(out)
-    return codes.to(torch.int16) if vae.num_tokens <= 2**15 else codes.to(torch.int32)
+    codes = codes.to(torch.int16) if vae.num_tokens <= 2**15 else codes.to(torch.int32)
+    return codes, torch.cat(kept)
 
 
-def cached_codes(vae, dataset, path: Path, key: str, desc: str = "") -> torch.Tensor:
-    """The ids of ``dataset`` from ``path`` when its key matches, else encode once and save."""
+def cached_codes(vae, dataset, path: Path, key: str, desc: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, source index) of ``dataset`` from ``path`` when its key matches, else encode once and
+    save. A cache that cannot be read or does not fit the dataset is rebuilt, with a warning."""
     from safetensors import safe_open
     from safetensors.torch import save
 
     from cvformers.utils import atomic_write_bytes
 
     if path.is_file():
-        with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("key") == key:
-                codes = f.get_tensor("codes")
-                if len(codes) == len(dataset):
-                    return codes
-    codes = encode_dataset(vae, dataset, desc=desc)
-    atomic_write_bytes(path, save({"codes": codes.contiguous()}, metadata={"key": key}))
-    return codes
+        try:
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}).get("key") == key:
+                    codes, index = f.get_tensor("codes"), f.get_tensor("index")
+                    if (len(codes) == len(index) and index.ndim == 1
+                            and (len(index) == 0 or (0 <= int(index.min()) and int(index.max()) < len(dataset)))):
+                        return codes, index.long()
+        except Exception as e:  # a torn or foreign file: safetensors raises several types
+            print(f"warning: {path} is unreadable ({type(e).__name__}); encoding again", file=sys.stderr)
+    codes, index = encode_dataset(vae, dataset, desc=desc)
+    atomic_write_bytes(path, save({"codes": codes.contiguous(), "index": index.contiguous()}, metadata={"key": key}))
+    return codes, index
 
 
 class CaptionCodesDataset(Dataset):
     """(caption, cached image ids) items -> {"caption", "codes"}; the collate tokenizes captions.
 
-    A source with ``caption(i)`` and ``set_epoch`` (folders with several captions per image) is
-    asked each time, so each epoch can see other captions; otherwise captions are read once.
+    ``index[i]`` is the source item whose image gave ``codes[i]``, so each caption is read from
+    the same item as its image. A source with ``caption(i)`` and ``set_epoch`` (folders with
+    several captions per image) is asked each time, so each epoch can see other captions;
+    otherwise captions are read once.
     """
 
-    def __init__(self, source, codes: torch.Tensor):
+    def __init__(self, source, codes: torch.Tensor, index: torch.Tensor | None = None):
         self.source, self.codes = source, codes
+        self.index = torch.arange(len(codes)) if index is None else index.long()
         if hasattr(source, "caption") and hasattr(source, "set_epoch"):
             self._captions = None
         elif hasattr(source, "captions"):
-            self._captions = list(source.captions())
+            every = list(source.captions())
+            self._captions = [every[int(i)] for i in self.index]
         else:
-            self._captions = [source[i]["caption"] for i in range(len(source))]
+            self._captions = [source[int(i)]["caption"] for i in self.index]
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -145,7 +166,7 @@ class CaptionCodesDataset(Dataset):
             self.source.set_epoch(epoch)
 
     def caption(self, index: int) -> str:
-        return self.source.caption(index) if self._captions is None else self._captions[index]
+        return self.source.caption(int(self.index[index])) if self._captions is None else self._captions[index]
 
     def captions(self, limit: int | None = None) -> list[str]:
         return [self.caption(i) for i in range(min(limit or len(self), len(self)))]
@@ -231,8 +252,10 @@ def dalle_task(args: TaskArgs) -> TaskSetup:
     def split_data(split: str):
         source = build_from_config(data_cfg, split)
         key = hashlib.sha256(json.dumps([vae_hash, to_dict(data_cfg), split], sort_keys=True).encode()).hexdigest()
-        codes = cached_codes(vae, source, out / f"codes_{split}.safetensors", key, desc=f"encoding {split}")
-        return CaptionCodesDataset(source, codes)
+        codes, index = cached_codes(vae, source, out / f"codes_{split}.safetensors", key, desc=f"encoding {split}")
+        if len(index) < len(source):
+            print(f"{split}: {len(source) - len(index)} unreadable image(s) left out", file=sys.stderr)
+        return CaptionCodesDataset(source, codes, index)
 
     train_data = split_data("train")
     try:
