@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import matmul_gflops, median, peak_rss_mb, times  # noqa: E402
 
 from cvformers.models.dalle import DALLE, DalleConfig  # noqa: E402
-from cvformers.models.model_info import model_info  # noqa: E402
+from cvformers.models.dalle_info import model_info  # noqa: E402
 from cvformers.nn.attention import build_pattern, dense_attention  # noqa: E402
 
 

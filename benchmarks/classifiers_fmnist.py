@@ -39,8 +39,8 @@ import torch
 
 from cvformers.eval.classification import accuracy
 from cvformers.models.vision import count_parameters
-from cvformers.models.vision_task import classifier_task
-from cvformers.train.tasks import TaskArgs
+from cvformers.tasks.classifier import classifier_task
+from cvformers.tasks import TaskArgs
 from cvformers.train.trainer import Trainer
 
 # Sized for a 20-minute budget on one CPU core (several epochs each); with --jobs 2 the

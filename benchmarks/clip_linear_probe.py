@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from cvformers.data import build_dataset, collate
 from cvformers.models.clip import CLIP
-from cvformers.models.clip_task import load_clip
-from cvformers.pipelines.zero_shot import fit_images
+from cvformers.loading import load_clip
+from cvformers.images import fit_images
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import json
 import torch
 
 from cvformers.data.shapes import COLOURS, SHAPES, ShapesDataset
-from cvformers.models.clip_task import load_clip
+from cvformers.loading import load_clip
 from cvformers.pipelines.zero_shot import ZeroShotClassifier
 
 SIZES = ("small", "large")

@@ -54,7 +54,7 @@ DIM, DEPTH, HEADS, DIM_HEAD, TEXT_LEN, BPE_VOCAB = 192, 4, 6, 32, 20, 1024
 def encode_split(vae, spec: str, split: str, count: int, holdout: float):
     """(captions, image ids [n, h*w]) of the first ``count`` images of ``split`` of dataset ``spec``."""
     from cvformers.data import build_dataset
-    from cvformers.models.dalle_task import encode_dataset
+    from cvformers.tasks.dalle import encode_dataset
 
     if spec == "shapes":
         data = build_dataset(spec, split=split, image_size=vae.image_size, size=count)
@@ -186,7 +186,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)
-    from cvformers.models.dalle_task import load_vae
+    from cvformers.loading import load_vae
     from cvformers.text import BPETokenizer, CaptionTruncatedWarning
 
     vae = load_vae(args.vae)

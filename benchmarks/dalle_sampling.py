@@ -34,7 +34,7 @@ import torch
 
 from _common import median, times
 from cvformers.models.dalle import DALLE, DalleConfig
-from cvformers.pipelines.text_to_image import sample_codes
+from cvformers.models.dalle_sampling import sample_codes
 
 
 def build(grid: int, attention: str) -> DALLE:

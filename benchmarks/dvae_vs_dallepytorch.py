@@ -41,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dvae_peer import import_dalle_pytorch  # noqa: E402
 
 from cvformers.data import build_dataset  # noqa: E402
-from cvformers.eval.reconstruction import code_histogram, perplexity_of, psnr  # noqa: E402
+from cvformers.vae.metrics import code_histogram, perplexity_of, psnr  # noqa: E402
 from cvformers.train.schedule import lr_at  # noqa: E402
 from cvformers.vae.dvae import DiscreteVAE, DVAEConfig, logit_laplace_mean  # noqa: E402
-from cvformers.vae.tasks import DVAE_SMALL, dvae_train_defaults  # noqa: E402
+from cvformers.tasks.image_tokenizers import DVAE_SMALL, dvae_train_defaults  # noqa: E402
 
 DATASETS = {"shapes": dict(spec="shapes", channels=3), "fashion-mnist": dict(spec="fashion-mnist", channels=1)}
 

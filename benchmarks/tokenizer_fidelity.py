@@ -16,7 +16,7 @@ import torch
 from cvformers.data import build_dataset, collate
 from cvformers.data.shapes import SHAPES
 from cvformers.eval.fidelity import alter_record, fidelity_report
-from cvformers.models.dalle_task import load_vae
+from cvformers.loading import load_vae
 
 
 def main() -> None:

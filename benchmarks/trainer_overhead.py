@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cvformers.train import TrainConfig, Trainer
-from cvformers.train.tasks import TaskSetup
+from cvformers.train.setup import TaskSetup
 
 
 @dataclass

@@ -69,7 +69,7 @@ def test_figures_are_written(tmp_path):
 
 
 def test_attention_figure_from_preset_and_image_file(tmp_path):
-    from cvformers.utils import save_png
+    from cvformers.images import save_png
 
     image = save_png(torch.rand(3, 40, 40), tmp_path / "x.png")  # wrong size and channels: resized
     out = attention_figure("vit_nano_patch4_28", image, tmp_path / "attn.png")

@@ -15,9 +15,11 @@ from safetensors.torch import load_file
 from torch import nn
 from trainer_toys import ToyConfig, ToyRegressor, count_checkpoint_ops, crash_config, toy_setup, train_killed_after
 
+import cvformers.loading
 import cvformers.train.checkpoint as ckpt
 from cvformers.errors import UserError
-from cvformers.train import TrainConfig, Trainer, load_run, load_weights, save_weights
+from cvformers.loading import load_run, load_weights, save_weights
+from cvformers.train import TrainConfig, Trainer
 
 
 class Tied(nn.Module):
@@ -97,7 +99,7 @@ def test_crash_while_saving_keeps_old_checkpoint(tmp_path, monkeypatch):
             f.write(b"half a file")
         raise KeyboardInterrupt  # the process dies mid-write
 
-    monkeypatch.setattr(ckpt, "save_file", crash)
+    monkeypatch.setattr(cvformers.loading, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         Trainer(toy_setup(cfg), run, resume=True).fit()
     monkeypatch.undo()

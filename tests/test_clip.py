@@ -177,7 +177,7 @@ def test_train_clip_with_hard_negatives_from_the_cli(tmp_path, capsys):
 def test_colourless_captions_replace_a_fixed_share_of_training_captions(tmp_path, capsys):
     from cvformers.cli import main
     from cvformers.data.shapes import ShapesDataset
-    from cvformers.models.clip_task import ColourlessCaptions
+    from cvformers.tasks.clip import ColourlessCaptions
 
     data = ShapesDataset("train", size=400)
     wrapped = ColourlessCaptions(data, 0.5)

@@ -40,7 +40,7 @@ def reranker():
 
 
 def test_reranker_score_agrees_with_matrix_and_pil(reranker):
-    from cvformers.utils import to_pil
+    from cvformers.images import to_pil
 
     images = torch.rand(5, 3, 32, 32)
     texts = ["a red circle", "a blue square", "a green plus", "a red square", "a blue plus"]

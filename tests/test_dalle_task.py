@@ -7,10 +7,11 @@ from PIL import Image
 from cvformers.cli import main
 from cvformers.config import save_toml, to_dict
 from cvformers.errors import UserError
-from cvformers.models import dalle_task
+from cvformers.loading import load_vae
+from cvformers.tasks import dalle as dalle_task
 from cvformers.pipelines.text_to_image import TextToImage
-from cvformers.train.checkpoint import save_weights
-from cvformers.train.tasks import TaskArgs, get_task
+from cvformers.loading import save_weights
+from cvformers.tasks import TaskArgs, get_task
 from cvformers.vae.dvae import DiscreteVAE, DVAEConfig
 
 CONFIG = {
@@ -65,7 +66,7 @@ def test_train_dalle_end_to_end(vae_run, tmp_path, monkeypatch):
 
 
 def test_cached_ids_equal_encoding(vae_run, tmp_path):
-    vae = dalle_task.load_vae(vae_run)
+    vae = load_vae(vae_run)
     from cvformers.data import build_dataset
 
     data = build_dataset("shapes", "test", 16, size=8)

@@ -176,7 +176,7 @@ def test_hard_negative_captions_are_wrong_and_name_no_heldout_pair():
 
 
 def test_captions_are_those_of_every_release():
-    # DALL-E codes, BPE merges and every figure in the README depend on these exact strings
+    # DALL-E codes, BPE merges and every figure in docs/results.md depend on these exact strings
     assert ShapesDataset("train").item(0)["caption"] == "an image of a big orange plus sign above a huge purple block"
     assert ShapesDataset("heldout").item(1)["caption"] == "a tiny green cross in the upper left"
 

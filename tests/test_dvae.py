@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from cvformers.config import ConfigError, from_dict, to_dict
-from cvformers.eval.reconstruction import psnr
+from cvformers.vae.metrics import psnr
 from cvformers.registry import build_model
 from cvformers.vae.dvae import (
     DiscreteVAE,

@@ -10,10 +10,10 @@ from cvformers.cli import main
 from cvformers.config import save_toml, to_dict
 from cvformers.errors import UserError
 from cvformers.models.dalle import DALLE, DalleConfig
-from cvformers.pipelines.text_to_image import (TextToImage, filter_logits, guided_logits, sample_codes,
-                                               sample_from_logits)
+from cvformers.models.dalle_sampling import filter_logits, guided_logits, sample_codes, sample_from_logits
+from cvformers.pipelines.text_to_image import TextToImage
 from cvformers.text import BPETokenizer
-from cvformers.train.checkpoint import save_weights
+from cvformers.loading import save_weights
 from cvformers.vae.dvae import DiscreteVAE, DVAEConfig
 
 CAPTIONS = ["a red circle", "a blue square", "a small green triangle", "a large red square above a circle"]

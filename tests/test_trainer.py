@@ -15,7 +15,7 @@ from cvformers.config import ConfigError
 from cvformers.errors import UserError
 from cvformers.train import TrainConfig, Trainer, lr_at, param_groups, train_config_from
 from cvformers.train.schedule import EpochBatchSampler
-from cvformers.train.tasks import TaskArgs
+from cvformers.tasks import TaskArgs
 
 
 def small(**kw) -> TrainConfig:

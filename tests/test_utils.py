@@ -3,7 +3,8 @@ import os
 import pytest
 import torch
 
-from cvformers.utils import atomic_save, atomic_write_bytes, image_grid
+from cvformers.images import image_grid
+from cvformers.utils import atomic_save, atomic_write_bytes
 
 
 def test_atomic_write_gives_normal_permissions(tmp_path):

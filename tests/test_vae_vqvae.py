@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cvformers.config import to_dict
-from cvformers.eval.reconstruction import psnr
+from cvformers.vae.metrics import psnr
 from cvformers.registry import build_model
 from cvformers.vae.vqvae import VQVAE, EMAQuantizer, VQVAEConfig
 

@@ -76,7 +76,7 @@ def test_bad_input_is_a_user_error(tmp_path):
 
 def test_cli_zero_shot_and_errors(run_dir, tmp_path, capsys):
     from cvformers.data import build_dataset
-    from cvformers.utils import save_png
+    from cvformers.images import save_png
 
     images = []
     for i, item in enumerate(build_dataset("shapes", split="heldout", size=2)):

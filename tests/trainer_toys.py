@@ -72,7 +72,7 @@ def toy_collate(items):
 
 
 def toy_setup(train_config, n=64, dropout=0.0, eval_data=True, seed=0, **extra):
-    from cvformers.train.tasks import TaskSetup
+    from cvformers.train.setup import TaskSetup
 
     torch.manual_seed(seed)
     cfg = ToyConfig(dropout=dropout)
@@ -83,7 +83,7 @@ def toy_setup(train_config, n=64, dropout=0.0, eval_data=True, seed=0, **extra):
 
 
 def _register_toy_task():
-    from cvformers.train.tasks import TaskSetup, register_task
+    from cvformers.tasks import TaskSetup, register_task
     from cvformers.train.trainer import TrainConfig, train_config_from
 
     @register_task("toy")

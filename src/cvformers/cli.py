@@ -37,7 +37,7 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args) -> int:
-    from cvformers.train.tasks import run_task
+    from cvformers.tasks import run_task
 
     run_task(args)
     return 0
@@ -316,7 +316,7 @@ def _add_model_info(sub) -> None:
 
 
 def _cmd_model_info(args) -> int:
-    from cvformers.models.model_info import describe
+    from cvformers.models.dalle_info import describe
 
     print(describe(args.config, batch_size=args.batch_size))
     return 0

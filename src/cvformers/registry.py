@@ -2,30 +2,28 @@
 
 A run folder says ``kind = "dvae"`` and holds a ``[model]`` table; ``build_model`` turns the
 two back into a module without unpickling anything. Model files register themselves with
-``@register_kind("name", ConfigClass)``; ``cvformers.models`` / ``cvformers.vae`` import them.
+``@register_kind("name", ConfigClass)``; every module of ``cvformers.models`` and ``cvformers.vae`` is imported
+before a kind is looked up, so a new model file is found without editing a list.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any, Callable
 
 from cvformers.config import ConfigError, from_dict
 
 _KINDS: dict[str, tuple[type, type]] = {}
 
-# Modules whose import registers kinds; imported lazily so that `import cvformers` stays fast.
-_KIND_MODULES = (
-    "cvformers.vae.dvae",
-    "cvformers.vae.vqvae",
-    "cvformers.models.dalle",
-    "cvformers.models.clip",
-    "cvformers.models.vision",
-)
+# Packages whose modules register kinds; imported on first use so that `import cvformers` stays fast.
+_KIND_PACKAGES = ("cvformers.models", "cvformers.vae")
 
 
 def register_kind(name: str, config_cls: type) -> Callable[[type], type]:
     def deco(module_cls: type) -> type:
+        if name in _KINDS and _KINDS[name][1].__qualname__ != module_cls.__qualname__:
+            raise ValueError(f"model kind {name!r} is registered twice")
         _KINDS[name] = (config_cls, module_cls)
         return module_cls
 
@@ -33,12 +31,11 @@ def register_kind(name: str, config_cls: type) -> Callable[[type], type]:
 
 
 def _load_all() -> None:
-    for mod in _KIND_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # a real missing dependency inside the module: surface it
-                raise
+    """Import every module of the model packages: each registers its kinds (complete by construction)."""
+    for package in _KIND_PACKAGES:
+        pkg = importlib.import_module(package)
+        for info in pkgutil.iter_modules(pkg.__path__):
+            importlib.import_module(f"{package}.{info.name}")
 
 
 def kinds() -> dict[str, tuple[type, type]]:

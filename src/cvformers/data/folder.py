@@ -1,7 +1,7 @@
 """Image–caption folders: ``foo.png|jpg|jpeg|webp`` beside ``foo.txt`` (one caption a line), recursive.
 
-Images are converted to RGB (transparent pixels composited onto white, as clip art expects),
-resized so the shorter side is ``image_size`` and centre-cropped to a square.
+Images are read by ``cvformers.images`` (RGB, transparent pixels composited onto white, the
+shorter side scaled to ``image_size`` and the centred square cut).
 
 Broken files never stop a run. At index time every image's header is parsed and PNG chunks
 are CRC-checked (``PIL.Image.verify``, no pixel decoding), and the failures are skipped and
@@ -27,10 +27,10 @@ import torch
 from torch.utils.data import Dataset
 
 from cvformers.errors import UserError
+from cvformers.images import IMAGE_SUFFIXES, read_image, resize_center_crop
 
 log = logging.getLogger("cvformers.data")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def read_captions(path: Path) -> list[str]:
@@ -40,36 +40,6 @@ def read_captions(path: Path) -> list[str]:
     except OSError:
         return []
     return [" ".join(line.split()) for line in text.splitlines() if line.strip()]
-
-
-def load_rgb(path: str | Path, image_size: int | None = None):
-    """Open an image as RGB PIL (alpha composited onto white); optionally resize + centre-crop."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(background, im).convert("RGB")
-        else:
-            im = im.convert("RGB")
-    if image_size is not None:
-        im = resize_center_crop(im, image_size)
-    return im
-
-
-def resize_center_crop(im, size: int):
-    """Scale so the shorter side is ``size`` (antialiased), then cut the centred square."""
-    from PIL import Image
-
-    w, h = im.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return im.crop((left, top, left + size, top + size))
 
 
 def _header_ok(path: Path) -> bool:
@@ -156,7 +126,7 @@ class FolderDataset(Dataset):
     def _image(self, index: int) -> torch.Tensor:
         if self._cache is not None and index in self._cache:
             return self._cache[index]
-        im = load_rgb(self.files[index], self.image_size)
+        im = resize_center_crop(read_image(self.files[index]), self.image_size)
         image = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
         if self._cache is not None:
             self._cache[index] = image

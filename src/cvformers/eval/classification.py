@@ -63,8 +63,8 @@ def evaluate_classifier(run: str | Path, data: str | None = None, split: str | N
                         limit: int | None = None, batch_size: int = 256) -> dict[str, Any]:
     """Accuracy of the classifier in run folder ``run`` on its eval split (or ``data``/``split``)."""
     from cvformers.data import DataConfig
-    from cvformers.models.vision_task import classification_dataset
-    from cvformers.train.checkpoint import load_run
+    from cvformers.tasks.classifier import classification_dataset
+    from cvformers.loading import load_run
 
     model, cfg = load_run(run)
     if cfg.get("kind") != "classifier":

@@ -15,26 +15,7 @@ from typing import Any
 import torch
 
 from cvformers.errors import UserError
-
-
-def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB of images in [0,1], computed per image then averaged."""
-    mse = (pred - target).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return (10 * torch.log10(1.0 / mse)).mean()
-
-
-def code_histogram(ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    return torch.bincount(ids.flatten().cpu(), minlength=num_tokens).double()
-
-
-def perplexity_of(counts: torch.Tensor) -> float:
-    p = counts[counts > 0] / counts.sum()
-    return math.exp(-(p * p.log()).sum().item())
-
-
-def code_perplexity(ids: torch.Tensor, num_tokens: int) -> float:
-    """exp(entropy) of the code histogram: the effective number of codes in use."""
-    return perplexity_of(code_histogram(ids, num_tokens))
+from cvformers.vae.metrics import code_histogram, code_perplexity, perplexity_of, psnr
 
 
 @torch.no_grad()
@@ -68,7 +49,7 @@ def evaluate_reconstruction(vae: Any, dataset, num_images: int = 1000, batch_siz
 
 def reconstruction_grid(originals: torch.Tensor, recons: torch.Tensor, nrow: int = 8) -> torch.Tensor:
     """One image: the originals' grid above the reconstructions' grid, a white line between."""
-    from cvformers.utils import image_grid
+    from cvformers.images import image_grid
 
     top, bottom = image_grid(originals.cpu(), nrow=nrow), image_grid(recons.cpu(), nrow=nrow)
     line = torch.ones(top.shape[0], 2, top.shape[2])
@@ -77,14 +58,14 @@ def reconstruction_grid(originals: torch.Tensor, recons: torch.Tensor, nrow: int
 
 def save_reconstruction_grid(originals: torch.Tensor, recons: torch.Tensor, path: str | Path,
                              metadata: dict[str, str] | None = None) -> Path:
-    from cvformers.utils import save_png
+    from cvformers.images import save_png
 
     return save_png(reconstruction_grid(originals, recons), path, metadata=metadata)
 
 
 def load_tokenizer(run: str | Path, device: str | torch.device = "cpu"):
     """A trained image tokenizer (dVAE or VQ-VAE) from its run folder, in eval mode."""
-    from cvformers.train.checkpoint import load_run
+    from cvformers.loading import load_run
 
     model, cfg = load_run(run, device=device)
     if not all(hasattr(model, a) for a in ("encode", "decode", "num_tokens", "grid_size")):

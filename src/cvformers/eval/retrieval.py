@@ -47,7 +47,7 @@ def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, ks: S
 def embed_pairs(model, tokenizer, dataset, limit: int = 1000, batch_size: int = 128):
     """(image features, text features, captions) of the first ``limit`` items of ``dataset``."""
     from cvformers.data import collate
-    from cvformers.pipelines.zero_shot import fit_images
+    from cvformers.images import fit_images
 
     n = min(limit, len(dataset)) if limit else len(dataset)
     if n == 0:
@@ -71,7 +71,7 @@ def evaluate_retrieval(source, data: str | None = None, split: str = "test", lim
 
     from cvformers.config import from_dict, load_toml
     from cvformers.data import DataConfig, build_from_config
-    from cvformers.models.clip_task import load_clip
+    from cvformers.loading import load_clip
 
     model, tokenizer = load_clip(source, vocab=vocab, quick_gelu=quick_gelu)
     run_config = Path(source) / "config.toml"

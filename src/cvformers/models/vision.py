@@ -72,7 +72,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "vit_nano_patch4_28_paper": _vit(128, 6, 4, 4, _SMALL, mlp_ratio=2.0),  # the paper's embedding and init
     # + shifted patch tokens and locality self-attention (Lee et al. 2021): the ViT for small data.
     # No qkv bias, as in Lee et al.'s code: on Fashion-MNIST it trained ~3% faster and as well or
-    # better (README, "ViT for small datasets against vit-pytorch")
+    # better (docs/results.md, vision backbones against vit-pytorch)
     "vit_nano_patch4_28_spt_lsa": _vit(128, 6, 4, 4, _SMALL, mlp_ratio=2.0, patch_norm=True, init="pytorch",
                                        shifted_patches=True, locality_attention=True, qkv_bias=False),
     "vit_tiny_patch4_28": _vit(192, 12, 3, 4, _SMALL),

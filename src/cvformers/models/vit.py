@@ -18,7 +18,7 @@ LayerNorm on each flattened patch before the linear projection and another on it
 ``init = "pytorch"`` keeps PyTorch's default layer init with unit-normal position and class
 embeddings instead of the paper's / timm's truncated normal(0.02). Both are what lucidrains'
 vit-pytorch does; on Fashion-MNIST with a 20-minute CPU budget they train faster than the paper's
-setup (measured by ``benchmarks/classifiers_fmnist.py``, see the README), which is why the
+setup (measured by ``benchmarks/classifiers_fmnist.py``, see docs/results.md), which is why the
 ``vit_nano_patch4_*`` presets use them.
 """
 

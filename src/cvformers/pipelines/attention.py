@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from cvformers.errors import UserError
+from cvformers.images import load_image
 from cvformers.utils import atomic_write_bytes
 
 PANEL = 96  # pixel side of one panel in the figures
@@ -106,7 +107,7 @@ def overlay(image: torch.Tensor, heat: torch.Tensor, alpha: float = 0.6) -> torc
 
 def _panel(image: torch.Tensor) -> "object":
     """[C, h, w] in [0, 1] -> PIL image scaled (nearest) so that its longer side is ~PANEL."""
-    from cvformers.utils import to_pil
+    from cvformers.images import to_pil
 
     img = to_pil(image.expand(3, -1, -1) if image.shape[0] == 1 else image)
     scale = max(1, round(PANEL / max(img.size)))
@@ -233,32 +234,12 @@ def mixer_token_mixing_figure(mixer, blocks: list[int] | None = None, units: int
 # --- from files -------------------------------------------------------------------------
 
 
-def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
-    """An image file -> [C, size, size] in [0, 1]; a different size is resized with a notice."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"image not found: {path}")
-    try:
-        img = Image.open(path)
-        img = img.convert("L" if channels == 1 else "RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from e
-    if img.size != (size, size):
-        print(f"notice: resizing {path.name} from {img.size[0]}x{img.size[1]} to the model's {size}x{size}",
-              file=sys.stderr)
-        img = img.resize((size, size), resample=Image.BICUBIC)
-    t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).float().div(255)
-    return t.reshape(size, size, channels).permute(2, 0, 1).contiguous()
-
-
 def load_classifier(model: str | Path):
     """A trained ``ImageClassifier`` from a run folder, or an untrained one from a preset name."""
     from cvformers.models.vision import PRESETS, ImageClassifier, classifier_config
 
     if Path(model).is_dir():
-        from cvformers.train.checkpoint import load_run
+        from cvformers.loading import load_run
 
         classifier, cfg = load_run(model)
         if cfg.get("kind") != "classifier":

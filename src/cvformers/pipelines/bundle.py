@@ -28,7 +28,7 @@ _BUNDLE_ENTRIES = {"config.toml", "model.safetensors", "tokenizer.json", "vae", 
 
 def _check_run(src: Path, extra: tuple[str, ...] = ()):
     """Load the run (proving it is whole) before anything is written; return the model."""
-    from cvformers.train.checkpoint import load_run
+    from cvformers.loading import load_run
 
     for rel in _RUN_FILES + extra:
         if not (src / rel).is_file():
@@ -38,7 +38,7 @@ def _check_run(src: Path, extra: tuple[str, ...] = ()):
 
 
 def _write_run(model, src: Path, dst: Path, dtype: torch.dtype | None, extra: tuple[str, ...] = ()) -> None:
-    from cvformers.train.checkpoint import save_weights
+    from cvformers.loading import save_weights
 
     dst.mkdir(parents=True, exist_ok=True)
     for rel in ("config.toml",) + extra:

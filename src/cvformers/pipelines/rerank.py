@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from cvformers.errors import UserError
-from cvformers.pipelines.zero_shot import fit_images
+from cvformers.images import fit_images
 
 
 def pil_to_tensor(images: Sequence) -> torch.Tensor:
@@ -42,7 +42,7 @@ class ClipReranker:
     def load(cls, source: str | Path, vocab: str | Path | None = None, quick_gelu: bool = True,
              device: str = "cpu") -> "ClipReranker":
         """From a CLIP run folder or an OpenAI / open_clip weight file (see ``load_clip``)."""
-        from cvformers.models.clip_task import load_clip
+        from cvformers.loading import load_clip
 
         model, tokenizer = load_clip(source, vocab=vocab, quick_gelu=quick_gelu, device=device)
         return cls(model, tokenizer)

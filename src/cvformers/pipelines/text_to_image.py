@@ -36,6 +36,8 @@ import torch
 
 from cvformers.errors import UserError
 from cvformers.models.dalle import tokenizer_inner_vocab
+from cvformers.models.dalle_sampling import sample_codes
+from cvformers.images import load_image
 from cvformers.utils import atomic_write_bytes
 
 DEFAULT_NAME = "default"
@@ -45,119 +47,6 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p", "guidance")
 
 class Reranker(Protocol):
     def score(self, images: torch.Tensor, texts: str | Sequence[str]) -> torch.Tensor: ...
-
-
-# --- the sampling loop ------------------------------------------------------------------
-
-
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Keep the k most likely ids and/or the smallest set whose probability reaches p; -inf elsewhere."""
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        # the k-th largest is the (V-k+1)-th smallest: kthvalue is ~4x faster than topk on CPU
-        kth = logits.kthvalue(logits.shape[-1] - top_k + 1, dim=-1, keepdim=True).values
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop an id when the ids before it already reach p (the most likely id always stays)
-        drop = probs.cumsum(-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    return logits
-
-
-def gumbel_noise(shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """-log(-log U) for U uniform: argmax(logits + noise) is an exact draw from softmax(logits)."""
-    uniform = torch.rand(shape, generator=generator, device=device).clamp_(min=1e-20)
-    return uniform.log_().neg_().log_().neg_()
-
-
-def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                       top_p: float | None = None, generator: torch.Generator | None = None,
-                       noise: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, V] logits -> [B] ids. temperature 0 is greedy. ``noise``: this draw's ``gumbel_noise``
-    [B, V] made ahead (the same numbers the generator would give here), else drawn now."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logits = filter_logits(logits, top_k, top_p)
-    # Gumbel-max: argmax(logits + Gumbel noise) is an exact draw from softmax(logits), and costs a
-    # third of torch.multinomial per decode step on CPU; filtered ids stay at -inf
-    if noise is None:
-        noise = gumbel_noise(logits.shape, generator, logits.device)
-    return (logits + noise).argmax(-1)
-
-
-def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: cond + (s - 1)(cond - uncond); s = 1 is exactly the conditional logits."""
-    return cond + (scale - 1.0) * (cond - uncond)
-
-
-def sample_codes(model, text: torch.Tensor, *, prompt_codes: torch.Tensor | None = None,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 guidance: float = 1.0, generator: torch.Generator | None = None,
-                 use_cache: bool = True, packed: bool = True) -> torch.Tensor:
-    """Sample the image ids of a DALLE for text ids [B, T] -> LongTensor[B, grid, grid].
-
-    ``prompt_codes`` [B, r·grid] fixes the first r rows (image prompt, §3.3). ``guidance`` != 1
-    appends the unconditional (all-pad) rows to the batch, so both run in one forward per step.
-    ``use_cache=False`` recomputes the whole prefix every step (the slow baseline, for benchmarks);
-    ``packed=False`` keeps the decode step's products on ``F.linear`` instead of oneDNN's packed
-    weights (``cvformers.nn.decode_linear``; the same ids up to float rounding, for A/B timing).
-    """
-    # inference mode skips autograd's bookkeeping (version counters, views' metadata) on every op,
-    # which shows in a loop of ~80 small ops per token
-    with torch.inference_mode():
-        codes = _sample_codes(model, text, prompt_codes, temperature, top_k, top_p, guidance, generator, use_cache,
-                              packed)
-    return codes.clone()  # a normal tensor again: callers may edit it or feed it to autograd
-
-
-def _sample_codes(model, text, prompt_codes, temperature, top_k, top_p, guidance, generator, use_cache, packed):
-    cfg = model.cfg
-    B, T, n, G = text.shape[0], cfg.text_len, cfg.grid_size**2, cfg.grid_size
-    guided = guidance != 1.0
-    if guided:
-        text = torch.cat([text, model.unconditional_text(B)])
-
-    def both(c: torch.Tensor) -> torch.Tensor:  # the same ids go to the conditional and unconditional rows
-        return torch.cat([c, c]) if guided else c
-
-    # The Gumbel noise of a whole grid row's steps is drawn at once: the generator gives the same
-    # numbers in the same order as one draw per step, with a fifth of the small ops per step.
-    V, noise = cfg.num_image_tokens, None
-
-    def pick(logits: torch.Tensor, i: int) -> torch.Tensor:
-        nonlocal noise
-        if guided:
-            logits = guided_logits(*logits.chunk(2), guidance)
-        if temperature == 0:
-            return logits.argmax(-1)
-        if (i - start) % G == 0:
-            noise = gumbel_noise((min(G, n - i), B, V), generator, logits.device)
-        return sample_from_logits(logits, temperature, top_k, top_p, noise=noise[(i - start) % G])
-
-    codes = torch.zeros(B, n, dtype=torch.long, device=text.device)
-    start = 0
-    if prompt_codes is not None:
-        start = prompt_codes.shape[1]
-        codes[:, :start] = prompt_codes
-    if start >= n:
-        return codes.view(B, G, G)
-    if use_cache:
-        caches = model.new_caches(text.shape[0], packed=packed)
-        logits = model.prefill(text, caches, both(codes[:, :start]) if start else None)
-        for i in range(start, n):
-            codes[:, i] = pick(logits, i)
-            if i + 1 < n:
-                logits = model.decode_step(both(codes[:, i]), T + i, caches)
-    else:
-        for i in range(start, n):
-            h = model(text, both(codes[:, :i]) if i else None)
-            codes[:, i] = pick(model.image_head(h[:, -1]), i)
-    return codes.view(B, G, G)
 
 
 # --- loading a run / the shipped bundle --------------------------------------------------
@@ -189,31 +78,6 @@ def _check_files(run: Path) -> None:
             raise UserError(f"{run} is not a complete dalle run folder: {rel} is missing")
 
 
-def load_image(image: Any, size: int, channels: int) -> torch.Tensor:
-    """A path, PIL image or [C,H,W] tensor in [0,1] -> [1, channels, size, size] (centre crop, resize)."""
-    from PIL import Image
-
-    if isinstance(image, torch.Tensor):
-        x = image.float()[None] if image.dim() == 3 else image.float()
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                                            align_corners=False).clamp(0, 1)
-        return x[:, :channels] if x.shape[1] >= channels else x.expand(-1, channels, -1, -1)
-    if isinstance(image, (str, Path)):
-        if not Path(image).is_file():
-            raise UserError(f"image prompt not found: {image}")
-        try:
-            image = Image.open(image)
-            image.load()
-        except Exception as e:
-            raise UserError(f"cannot read image prompt {image}: {e}") from None
-    img = image.convert("RGB" if channels == 3 else "L")
-    side = min(img.size)
-    left, top = (img.width - side) // 2, (img.height - side) // 2
-    img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, channels)
-    return (x.permute(2, 0, 1).float() / 255.0)[None]
-
-
 @dataclass
 class Generation:
     """The result of one call: images [N, C, H, W] in [0,1], their ids, and rerank scores (best first)."""
@@ -225,13 +89,13 @@ class Generation:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def pil(self) -> list:
-        from cvformers.utils import to_pil
+        from cvformers.images import to_pil
 
         return [to_pil(im) for im in self.images]
 
     def save_grid(self, path: str | Path, nrow: int | None = None) -> Path:
         """One PNG grid; the prompt and the sampling settings go into its text metadata."""
-        from cvformers.utils import image_grid, save_png
+        from cvformers.images import image_grid, save_png
 
         n = len(self.images)
         nrow = nrow or (min(n, 4) if n <= 16 else math.ceil(math.sqrt(n)))
@@ -273,7 +137,7 @@ class TextToImage:
     def load(cls, path_or_name: str | Path = DEFAULT_NAME, device: str | torch.device = "cpu",
              reranker: Reranker | None = None) -> "TextToImage":
         from cvformers.text import BPETokenizer
-        from cvformers.train.checkpoint import load_run
+        from cvformers.loading import load_run
 
         run = resolve_model_path(path_or_name)
         _check_files(run)
@@ -330,7 +194,7 @@ class TextToImage:
             rows = G // 2 if prompt_rows is None else prompt_rows
             if not 0 <= rows <= G:
                 raise UserError(f"prompt rows must be between 0 and {G}, got {rows}")
-            image = load_image(image_prompt, self.vae.image_size, self.vae.channels).to(self.device)
+            image = load_image(image_prompt, self.vae.image_size, self.vae.channels)[None].to(self.device)
             prompt_codes = self.vae.encode(image)[:, :rows].flatten(1)
         elif prompt_rows is not None:
             raise UserError("prompt rows given without an image prompt")

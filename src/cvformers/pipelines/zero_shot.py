@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from cvformers.errors import UserError
+from cvformers.images import fit_images, load_images
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -43,32 +44,6 @@ def check_templates(templates: str | Sequence[str] | None) -> list[str]:
 
 
 # --- images at the edge -----------------------------------------------------------------------
-def load_images(paths: Sequence[str | Path], image_size: int, channels: int = 3) -> torch.Tensor:
-    """Image files -> [B, C, S, S] in [0, 1]: shorter side resized to S (bicubic), centre crop.
-
-    The same preprocessing as CLIP's; an unreadable file is a UserError naming it.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if not paths:
-        raise UserError("no images given")
-    out = []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB" if channels == 3 else "L")
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise UserError(f"cannot read image {path}: {type(e).__name__}") from e
-        w, h = im.size
-        scale = image_size / min(w, h)
-        im = im.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))), Image.BICUBIC)
-        left, top = (im.width - image_size) // 2, (im.height - image_size) // 2
-        im = im.crop((left, top, left + image_size, top + image_size))
-        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, -1)
-        out.append(x.permute(2, 0, 1).float() / 255.0)
-    return torch.stack(out)
-
-
 def check_images(paths: Sequence[str | Path]) -> None:
     """Refuse (UserError naming it) the first file that is not a readable image."""
     from PIL import Image
@@ -81,16 +56,6 @@ def check_images(paths: Sequence[str | Path]) -> None:
                 im.verify()
         except Exception as e:  # PIL raises many kinds for a bad file
             raise UserError(f"cannot read image {path}: {type(e).__name__}") from e
-
-
-def fit_images(images: torch.Tensor, image_size: int) -> torch.Tensor:
-    """A [B, C, H, W] tensor in [0, 1] at the model's resolution (bicubic, antialiased)."""
-    if images.ndim != 4:
-        raise UserError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
-    if images.shape[-2:] != (image_size, image_size):
-        images = F.interpolate(images, size=(image_size, image_size), mode="bicubic",
-                               antialias=True, align_corners=False).clamp(0, 1)
-    return images
 
 
 # --- the classifier ---------------------------------------------------------------------------
@@ -122,7 +87,7 @@ class ZeroShotClassifier:
     def load(cls, source: str | Path, labels, templates=None, vocab=None, quick_gelu: bool = True,
              device: str = "cpu") -> "ZeroShotClassifier":
         """From a CLIP run folder or an OpenAI / open_clip weight file (see ``load_clip``)."""
-        from cvformers.models.clip_task import load_clip
+        from cvformers.loading import load_clip
 
         labels, templates = parse_labels(labels), check_templates(templates)  # fail before loading
         model, tokenizer = load_clip(source, vocab=vocab, quick_gelu=quick_gelu, device=device)

@@ -1,7 +1,9 @@
-"""One training loop for every model: ``Trainer``, ``TrainConfig``, run folders (``load_run``)."""
+"""One training loop for every model: ``Trainer``, ``TrainConfig``, hooks, run-folder checkpoints."""
 
-from cvformers.train.checkpoint import load_run, load_weights, save_weights
+from cvformers.train.hooks import EMA, EMAConfig, TrainerHook
 from cvformers.train.schedule import lr_at
+from cvformers.train.setup import TaskSetup
 from cvformers.train.trainer import TrainConfig, Trainer, param_groups, train_config_from
 
-__all__ = ["TrainConfig", "Trainer", "load_run", "load_weights", "lr_at", "param_groups", "save_weights", "train_config_from"]
+__all__ = ["EMA", "EMAConfig", "TaskSetup", "TrainConfig", "Trainer", "TrainerHook", "lr_at", "param_groups",
+           "train_config_from"]

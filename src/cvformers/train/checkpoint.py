@@ -36,12 +36,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from cvformers.config import load_toml, save_toml
+from cvformers.config import save_toml
 from cvformers.errors import UserError
+from cvformers.loading import load_weights, read_weights, save_weights
 from cvformers.utils import atomic_save, atomic_write_bytes, fsync_dir
 
 CONFIG = "config.toml"
@@ -52,99 +51,6 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 LOCK = ".lock"
 
-_ALIASES = "cvformers.aliases"  # safetensors metadata key: {dropped name: stored name}
-
-
-# --- weights ------------------------------------------------------------------------------
-
-def _storage_key(t: torch.Tensor):
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-
-
-def save_weights(
-    model: nn.Module | dict[str, torch.Tensor],
-    path: str | Path,
-    *,
-    dtype: torch.dtype | None = None,
-    metadata: dict[str, str] | None = None,
-) -> Path:
-    """Write a state dict as safetensors, atomically.
-
-    Tied weights (two names, one tensor — e.g. an embedding shared with the output layer)
-    are stored once and the other name is recorded in the metadata, so ``load_weights``
-    restores both. ``dtype`` (e.g. ``torch.float16`` for a shipped bundle) casts the
-    floating-point tensors; integer buffers keep their type.
-    """
-    state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
-    stored: dict[str, torch.Tensor] = {}
-    first_name: dict[Any, str] = {}
-    aliases: dict[str, str] = {}
-    seen_storage: set[int] = set()
-    for name, t in state.items():
-        t = t.detach()
-        if t.numel() > 0:
-            key = _storage_key(t)
-            if key in first_name:
-                aliases[name] = first_name[key]
-                continue
-            first_name[key] = name
-        shares = t.numel() > 0 and t.untyped_storage().data_ptr() in seen_storage
-        if t.numel() > 0:
-            seen_storage.add(t.untyped_storage().data_ptr())
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        t = t.to("cpu").contiguous()
-        if shares:  # a view into a tensor already stored: safetensors wants its own memory
-            t = t.clone()
-        stored[name] = t
-    meta = {"format": "pt", **(metadata or {})}
-    if aliases:
-        meta[_ALIASES] = json.dumps(aliases, sort_keys=True)
-    path = Path(path)
-    atomic_save(path, lambda tmp: save_file(stored, tmp, metadata=meta))
-    return path
-
-
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(state dict with tied names restored, metadata) from a safetensors file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file not found: {path}")
-    state: dict[str, torch.Tensor] = {}
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            for k in f.keys():
-                state[k] = f.get_tensor(k)
-    except Exception as e:  # safetensors raises its own error types for a corrupt header
-        raise UserError(f"{path}: not a readable safetensors file ({e})") from e
-    for alias, name in json.loads(meta.get(_ALIASES, "{}")).items():
-        state[alias] = state[name]
-    return state, meta
-
-
-def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> dict[str, str]:
-    """Load ``path`` into ``model`` (cast to each parameter's own dtype); return the metadata.
-
-    ``strict``: every key of the model must be in the file and nothing else; a mismatch is a
-    ``UserError`` naming the file and the first keys that differ.
-    """
-    state, meta = read_weights(path)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if strict and (missing or unexpected):
-        raise UserError(
-            f"{path}: weights do not match the model "
-            f"(missing: {missing[:5]}{' …' if len(missing) > 5 else ''}; "
-            f"unexpected: {unexpected[:5]}{' …' if len(unexpected) > 5 else ''})"
-        )
-    for k, t in state.items():
-        if k in expected and tuple(t.shape) != tuple(expected[k].shape):
-            raise UserError(f"{path}: {k} has shape {tuple(t.shape)}, the model wants {tuple(expected[k].shape)}")
-    cast = {k: t.to(expected[k].dtype) if t.is_floating_point() else t for k, t in state.items() if k in expected}
-    model.load_state_dict(cast, strict=strict)
-    return meta
 
 
 # --- RNG --------------------------------------------------------------------------------
@@ -399,28 +305,3 @@ def load_checkpoint(run_dir: str | Path, model: nn.Module) -> tuple[dict[str, An
         if not top.is_file() or not os.path.samefile(top, where / WEIGHTS):
             _link_or_copy(where / WEIGHTS, top)
     return state, hooks
-
-
-# --- reading a run back -----------------------------------------------------------------
-
-def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """A trained model from its run folder, in eval mode, and the run's config as a dict.
-
-    Reads ``config.toml`` (``kind`` + ``[model]``), rebuilds the module with
-    ``cvformers.registry.build_model`` and loads ``model.safetensors`` strictly. Nothing is
-    unpickled.
-    """
-    from cvformers.registry import build_model
-
-    run_dir = Path(path)
-    if not run_dir.is_dir():
-        raise UserError(f"run folder not found: {run_dir}")
-    for name in (CONFIG, WEIGHTS):
-        if not (run_dir / name).is_file():
-            raise UserError(f"{run_dir} is not a finished run: {name} is missing")
-    cfg = load_toml(run_dir / CONFIG)
-    if "kind" not in cfg:
-        raise UserError(f"{run_dir / CONFIG} has no 'kind' (which model to build)")
-    model = build_model(cfg["kind"], cfg.get("model", {}))
-    load_weights(model, run_dir / WEIGHTS)
-    return model.to(device).eval(), cfg

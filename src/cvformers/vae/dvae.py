@@ -25,7 +25,7 @@ failed in short runs (measured on shapes, 200-400 steps): with β = 6.6 from the
 the posterior collapsed onto the prior (KL 0.002 nats a position, PSNR 12.9 dB, that of a
 black image); with β = 0, τ at 1/16 after 10 steps left one code in use (perplexity 1.0).
 
-Options that depart from the release, all off by default (README, "The image tokenizers"):
+Options that depart from the release, all off by default (docs/results.md, "Image tokenizers"):
 ``post_gain``, the residual-branch multiplier (the release's 1/n_layers² is 1/9 in a 3-block
 model and leaves the branches nearly silent in a short run), and ``recon_estimate = "mean"``,
 images from the mean of the logit-Laplace (A.3) instead of the release's sigmoid(μ), its median:
@@ -45,7 +45,7 @@ from einops import rearrange
 from torch import nn
 
 from cvformers.config import ConfigError
-from cvformers.eval.reconstruction import code_perplexity, psnr
+from cvformers.vae.metrics import code_perplexity, psnr
 from cvformers.registry import register_kind
 
 
@@ -66,7 +66,7 @@ class DVAEConfig:
     logit_laplace_eps: float = 0.1  # pixels are mapped to [ε, 1-ε] (appendix A.3)
     # reconstruction term: "logit_laplace" (the paper, A.3) or "mse" (not the paper: squared error
     # of sigmoid(μ) in the mapped pixel space, as DALLE-pytorch's DiscreteVAE trains; much sharper
-    # in short CPU runs, where the logit-Laplace median falls to the background; README, Performance)
+    # in short CPU runs, where the logit-Laplace median falls to the background; docs/results.md)
     recon_loss: str = "logit_laplace"
     kl_weight: float = 6.6  # final β of the KL term (appendix A.2)
     kl_warmup_steps: int = 5_000  # β rises 0 -> kl_weight on a cosine over these updates (A.2)
@@ -74,7 +74,7 @@ class DVAEConfig:
     tau_end: float = 1.0 / 16  # temperature after annealing (A.2)
     tau_anneal_steps: int = 150_000  # τ falls tau_start -> tau_end on a cosine over these updates (A.2)
     fit_schedules_to_run: bool = True  # a run shorter than a schedule runs that schedule over all its steps
-    # --- departures from the release for small CPU-trained models (README, "The image tokenizers") ---
+    # --- departures from the release for small CPU-trained models (docs/results.md, "Image tokenizers") ---
     post_gain: float | None = None  # residual-branch multiplier; None = the release's 1 / (group_count·n_blk_per_group)²
     # images from decoder statistics: "median" = sigmoid(μ) (the release) or "mean" = E[sigmoid(y)],
     # y ~ Laplace(μ, b), the logit-Laplace posterior mean (A.3), which minimises expected squared error

@@ -37,7 +37,7 @@ from einops import rearrange
 from torch import nn
 
 from cvformers.config import ConfigError
-from cvformers.eval.reconstruction import code_perplexity, psnr
+from cvformers.vae.metrics import code_perplexity, psnr
 from cvformers.registry import register_kind
 from cvformers.vae.dvae import Decoder, Encoder
 

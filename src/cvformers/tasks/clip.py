@@ -1,11 +1,10 @@
-"""``cvformers train clip``: CLIP on (image, caption) pairs, and reading a CLIP back.
+"""``cvformers train clip``: CLIP on (image, caption) pairs.
 
 The run folder holds, besides the trainer's files, the text tokenizer the model was trained
 with (``tokenizer.json``, cvformers' own BPE) — or, for ``tokenizer = "clip"``, nothing: CLIP's
 BPE vocabulary comes from an installed open_clip (see clip_tokenizer.py).
 
-``load_clip(source)`` returns ``(model, tokenizer)`` from either a run folder or an OpenAI /
-open_clip checkpoint file (``.pt``, ``.bin``, ``.pth``, ``.safetensors``).
+A trained CLIP is read back by ``cvformers.loading.load_clip``.
 """
 
 from __future__ import annotations
@@ -21,9 +20,9 @@ import torch
 from cvformers.config import ConfigError, from_dict, to_dict
 from cvformers.errors import UserError
 from cvformers.models.clip import CLIP, CLIPConfig, PRESETS, load_openai_state_dict
-from cvformers.train.tasks import TaskArgs, TaskSetup, data_config_from, register_task, train_and_eval_data
+from cvformers.tasks import TaskArgs, TaskSetup, data_config_from, register_task, train_and_eval_data
 
-TOKENIZER_FILE = "tokenizer.json"
+from cvformers.loading import TOKENIZER_FILE, load_text_tokenizer
 
 
 @dataclass
@@ -49,81 +48,12 @@ def train_bpe(captions: list[str], vocab_size: int, context_length: int):
     return BPETokenizer.train(captions, vocab_size=vocab_size, text_len=context_length)
 
 
-def load_text_tokenizer(cfg: CLIPConfig, run_dir: str | Path | None = None,
-                        vocab: str | Path | None = None) -> Callable[[list[str]], torch.Tensor]:
-    """The tokenizer the model config names: ``texts -> LongTensor[B, context_length]``."""
-    if cfg.tokenizer == "clip":
-        from cvformers.clip_tokenizer import ClipTokenizer
-
-        return ClipTokenizer.load(vocab, context_length=cfg.context_length)
-    from cvformers.text import BPETokenizer
-
-    path = Path(vocab) if vocab is not None else Path(run_dir or ".") / TOKENIZER_FILE
-    if not path.is_file():
-        raise UserError(f"text tokenizer not found: {path}")
-    return BPETokenizer.load(path)
-
-
 def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     """Captions -> ids with either tokenizer; long captions are cut silently, as CLIP does
     (the text tower then reads the caption at its last position)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="caption truncated")
         return tokenizer.encode(list(texts))
-
-
-# --- reading a CLIP back ------------------------------------------------------------------
-def load_clip(source: str | Path, vocab: str | Path | None = None, quick_gelu: bool = True,
-              device: str | torch.device = "cpu"):
-    """(model in eval mode, tokenizer) from a run folder or an OpenAI / open_clip weight file.
-
-    For a weight file, ``quick_gelu`` says whether it was trained with QuickGELU (OpenAI's: yes;
-    open_clip's LAION ViT-B-32: no) and ``vocab`` where CLIP's BPE merges are (default: the
-    installed open_clip's).
-    """
-    source = Path(source)
-    if source.is_dir():
-        from cvformers.train.checkpoint import load_run
-
-        model, run_cfg = load_run(source, device=device)
-        if run_cfg.get("kind") != "clip":
-            raise UserError(f"{source} holds a {run_cfg.get('kind')!r} model, not a CLIP")
-        return model, load_text_tokenizer(model.cfg, source, vocab)
-    if not source.is_file():
-        raise UserError(f"CLIP run folder or checkpoint not found: {source}")
-    model = load_openai_state_dict(read_state_dict(source), quick_gelu=quick_gelu).to(device)
-    return model, load_text_tokenizer(model.cfg, None, vocab)
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A plain state dict from safetensors, a torch.save'd dict, or OpenAI's TorchScript archive."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        if _is_torchscript(path):  # OpenAI's released .pt files are TorchScript archives
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read CLIP weights from {path}: {type(e).__name__}: {e}") from e
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]  # open_clip training checkpoints
-    if not isinstance(sd, dict):
-        raise UserError(f"{path} does not hold a state dict")
-    return sd
-
-
-def _is_torchscript(path: Path) -> bool:
-    import zipfile
-
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(name.split("/")[1:2] == ["code"] for name in z.namelist())
 
 
 # --- the training task --------------------------------------------------------------------

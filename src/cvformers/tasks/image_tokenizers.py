@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from cvformers.config import from_dict, to_dict
-from cvformers.train.tasks import TaskArgs, TaskSetup, data_config_from, register_task, train_and_eval_data
+from cvformers.tasks import TaskArgs, TaskSetup, data_config_from, register_task, train_and_eval_data
 from cvformers.vae.dvae import DiscreteVAE, DVAEConfig
 from cvformers.vae.vqvae import VQVAE, VQVAEConfig
 

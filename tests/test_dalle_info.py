@@ -13,7 +13,7 @@ from cvformers.cli import main
 from cvformers.config import ConfigError
 from cvformers.errors import UserError
 from cvformers.models.dalle import DALLE, DalleConfig
-from cvformers.models.model_info import attended_pairs, model_info, resolve_dalle_config
+from cvformers.models.dalle_info import attended_pairs, model_info, resolve_dalle_config
 from cvformers.nn.attention import build_pattern
 
 

@@ -10,8 +10,8 @@ from cvformers.cli import main
 from cvformers.config import ConfigError
 from cvformers.errors import UserError
 from cvformers.models.vision import ImageClassifier, classifier_config
-from cvformers.models.vision_task import classifier_task
-from cvformers.train.tasks import TaskArgs
+from cvformers.tasks.classifier import classifier_task
+from cvformers.tasks import TaskArgs
 
 torch.set_num_threads(1)
 
@@ -35,7 +35,7 @@ def test_train_eval_and_attention_on_shapes(tmp_path, capsys):
     assert result["n"] == 24 and 0.0 <= result["accuracy"] <= 1.0
     assert main(["eval", "classifier", str(run), "--limit", "10"]) == 0
     assert "accuracy" in capsys.readouterr().out
-    from cvformers.utils import save_png
+    from cvformers.images import save_png
 
     image = save_png(torch.rand(3, 32, 32), tmp_path / "x.png")
     assert main(["attention", str(image), "--model", str(run), "--out", str(tmp_path / "a.png"), "--query", "1,2"]) == 0
@@ -68,8 +68,8 @@ def test_mixup_loss_is_finite_and_eval_has_no_augmentation():
 
 def test_folder_classes_come_from_sub_folders(tmp_path):
     from cvformers.data import DataConfig
-    from cvformers.models.vision_task import classification_dataset, count_classes
-    from cvformers.utils import save_png
+    from cvformers.tasks.classifier import classification_dataset, count_classes
+    from cvformers.images import save_png
 
     for cls in ("boot", "shirt"):
         for i in range(10):

@@ -22,7 +22,7 @@ from cvformers.config import ConfigError, from_dict, to_dict
 from cvformers.data import DataConfig, build_dataset
 from cvformers.errors import UserError
 from cvformers.models.vision import ClassifierConfig, ImageClassifier, classifier_config
-from cvformers.train.tasks import TaskArgs, TaskSetup, register_task
+from cvformers.tasks import TaskArgs, TaskSetup, register_task
 
 DEFAULT_PRESET = "vit_nano_patch4_28"
 DEFAULT_DATA = "fashion-mnist"

@@ -25,8 +25,9 @@ from torch.utils.data import Dataset
 
 from cvformers.config import ConfigError, from_dict, to_dict
 from cvformers.errors import UserError
+from cvformers.loading import load_vae
 from cvformers.models.dalle import DALLE, PRESETS, DalleConfig, tokenizer_inner_vocab
-from cvformers.train.tasks import TaskArgs, TaskSetup, data_config_from, register_task
+from cvformers.tasks import TaskArgs, TaskSetup, data_config_from, register_task
 
 TOKENIZER_FILE = "tokenizer.json"
 VAE_DIR = "vae"
@@ -63,18 +64,6 @@ def default_train_config():
 
 
 # --- the frozen image tokenizer and its cached ids ----------------------------------------
-
-
-def load_vae(path: str | Path, device: str | torch.device = "cpu"):
-    from cvformers.train.checkpoint import load_run
-
-    vae, cfg = load_run(path, device)
-    for attr in ("encode", "decode", "num_tokens", "grid_size"):
-        if not hasattr(vae, attr):
-            raise UserError(f"{path} holds a {cfg.get('kind')!r} model, not an image tokenizer (no {attr})")
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    return vae.eval()
 
 
 def file_hash(path: Path) -> str:
@@ -194,8 +183,8 @@ def sample_writer(vae, tokenizer, prompts: list[str], per_prompt: int = 4, seed:
     """An ``on_checkpoint`` hook: ``samples.png``, one row of ``per_prompt`` samples per prompt."""
 
     def write(model, run_dir: Path, step: int) -> None:
-        from cvformers.pipelines.text_to_image import sample_codes
-        from cvformers.utils import image_grid, save_png
+        from cvformers.models.dalle_sampling import sample_codes
+        from cvformers.images import image_grid, save_png
 
         model.eval()
         device = next(model.parameters()).device

@@ -7,7 +7,7 @@ from PIL import Image
 from cvformers.cli import main
 from cvformers.config import ConfigError
 from cvformers.eval.reconstruction import evaluate_reconstruction, load_tokenizer, reconstruct_run
-from cvformers.train.tasks import TaskArgs, get_task
+from cvformers.tasks import TaskArgs, get_task
 from cvformers.train.trainer import Trainer
 
 TINY = {

@@ -1,10 +1,10 @@
 """Training tasks: what ``cvformers train TASK`` builds before handing it to the one loop.
 
-A task turns the command line (data spec, TOML config, overrides) into a ``TaskSetup``:
-the model, its datasets, and what the run folder's ``config.toml`` must record so that the
-run can be reloaded (``kind`` + ``[model]``) and resumed. Task modules register themselves
-with ``@register_task("name")``; ``TASK_MODULES`` says where each lives so that importing
-the CLI stays cheap.
+A task turns the command line (data spec, TOML config, overrides) into a ``TaskSetup``
+(``cvformers.train.setup``): the model, its datasets, trainer hooks, and what the run folder's
+``config.toml`` must record so that the run can be reloaded (``kind`` + ``[model]``) and
+resumed. Each module of this package holds one task (or a family: dvae and vqvae) and registers
+it with ``@register_task("name")``; the list of tasks is whatever the modules register.
 """
 
 from __future__ import annotations
@@ -12,24 +12,19 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from torch import nn
 from torch.utils.data import Dataset
 
 from cvformers.config import ConfigError, from_dict, load_toml
 from cvformers.errors import UserError
+from cvformers.train.setup import TaskSetup
 
-# task name -> module that registers it
-TASK_MODULES: dict[str, str] = {
-    "dvae": "cvformers.vae.tasks",
-    "vqvae": "cvformers.vae.tasks",
-    "dalle": "cvformers.models.dalle_task",
-    "clip": "cvformers.models.clip_task",
-    "classifier": "cvformers.models.vision_task",
-}
+__all__ = ["TaskArgs", "TaskSetup", "data_config_from", "get_task", "register_task", "run_task", "tasks",
+           "train_and_eval_data"]
 
 _TASKS: dict[str, Callable[["TaskArgs"], "TaskSetup"]] = {}
 
@@ -50,36 +45,41 @@ class TaskArgs:
     resume: bool = False
 
 
-@dataclass
-class TaskSetup:
-    """Everything the trainer needs; built by a task function."""
-
-    kind: str  # model kind (cvformers.registry) written to config.toml
-    model: nn.Module  # exposes loss(batch) -> (loss, metrics)
-    model_config: Any  # the model's Config dataclass, written as [model]
-    train_config: Any  # cvformers.train.trainer.TrainConfig, written as [train]
-    train_data: Dataset
-    eval_data: Dataset | None = None  # evaluated every train_config.eval_every steps
-    collate: Callable | None = None  # None: cvformers.data.collate
-    extra_config: dict[str, Any] = field(default_factory=dict)  # more tables for config.toml ([data], …)
-    extra_files: dict[str, bytes] = field(default_factory=dict)  # e.g. {"tokenizer.json": b"..."}
-    # called by rank 0 after each checkpoint, e.g. to write a reconstruction / sample grid
-    on_checkpoint: Callable[[nn.Module, Path, int], None] | None = None
-    hooks: list = field(default_factory=list)  # cvformers.train.hooks.TrainerHook: EMA, teachers, ...
-
-
 def register_task(name: str):
+    """Register ``fn(TaskArgs) -> TaskSetup`` as ``cvformers train NAME``; its docstring's first
+    line is the task's help text."""
+
     def deco(fn: Callable[[TaskArgs], TaskSetup]):
+        if name in _TASKS and _TASKS[name] is not fn:
+            raise ValueError(f"training task {name!r} is registered twice")
         _TASKS[name] = fn
         return fn
 
     return deco
 
 
+def _import_task_modules() -> None:
+    """Import every module of this package: each registers its tasks (complete by construction)."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+def tasks() -> dict[str, Callable[[TaskArgs], TaskSetup]]:
+    """Every registered training task, by name."""
+    _import_task_modules()
+    return dict(sorted(_TASKS.items()))
+
+
+def task_help(name: str) -> str:
+    doc = (tasks()[name].__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
 def get_task(name: str) -> Callable[[TaskArgs], TaskSetup]:
-    if name not in TASK_MODULES:
-        raise ConfigError(f"unknown training task {name!r}; known: {', '.join(TASK_MODULES)}")
-    importlib.import_module(TASK_MODULES[name])
+    if name not in _TASKS:
+        _import_task_modules()
+    if name not in _TASKS:
+        raise ConfigError(f"unknown training task {name!r}; known: {', '.join(sorted(_TASKS))}")
     return _TASKS[name]
 
 

@@ -1,6 +1,6 @@
 """Plan a DALL-E run before renting machines: parameters, FLOPs per token, activation memory.
 
-    from cvformers.models.model_info import model_info, resolve_dalle_config
+    from cvformers.models.dalle_info import model_info, resolve_dalle_config
     info = model_info(resolve_dalle_config("paper"))     # the 12B model of §2.2, counted on the meta device
     print(info.format())
 

@@ -1,0 +1,134 @@
+"""Image files <-> tensors, in one place.
+
+Inside the library an image is a float tensor in [0, 1], ``[C, H, W]`` (a batch ``[B, C, H, W]``).
+Files become tensors here, by one rule: **the shorter side is scaled to the model's size
+(bicubic, antialiased) and the centred square is cut** — CLIP's preprocessing, used for training
+folders, zero-shot images, image prompts and attention pictures alike. Transparent pixels are
+composited onto white (clip art and emoji are drawn on transparency). Tensors that are already
+images are only resized (``fit_images``), never cropped.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cvformers.errors import UserError
+from cvformers.utils import atomic_write_bytes
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def read_image(path: str | Path, channels: int = 3):
+    """An image file -> PIL image in RGB (``channels`` 3) or L (1), transparency composited onto white.
+
+    A missing or undecodable file is a ``UserError`` naming it.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
+                background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(background, im).convert("RGB")
+            else:
+                im = im.convert("RGB")
+    except Exception as e:  # PIL raises many types for a bad file (OSError, SyntaxError, struct.error, ...)
+        raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    return im if channels == 3 else im.convert("L")
+
+
+def resize_center_crop(im, size: int):
+    """Scale a PIL image so the shorter side is ``size`` (bicubic, antialiased), then cut the centred square."""
+    from PIL import Image
+
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def pil_to_tensor(im) -> torch.Tensor:
+    """PIL image (RGB or L) -> [C, H, W] float in [0, 1]."""
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, -1)
+    return x.permute(2, 0, 1).float().div_(255.0)
+
+
+def load_image(image: Any, size: int, channels: int = 3) -> torch.Tensor:
+    """A path, a PIL image or a [C, H, W] tensor in [0, 1] -> [channels, size, size] in [0, 1]."""
+    if isinstance(image, torch.Tensor):
+        x = fit_images(image.float()[None] if image.dim() == 3 else image.float(), size)[0]
+        return x[:channels] if x.shape[0] >= channels else x.expand(channels, -1, -1)
+    if isinstance(image, (str, Path)):
+        image = read_image(image, channels)
+    else:
+        image = image.convert("RGB" if channels == 3 else "L")
+    return pil_to_tensor(resize_center_crop(image, size))
+
+
+def load_images(paths: Sequence[str | Path], size: int, channels: int = 3) -> torch.Tensor:
+    """Image files -> [B, channels, size, size]; an unreadable file is a ``UserError`` naming it."""
+    if not paths:
+        raise UserError("no images given")
+    return torch.stack([load_image(Path(p), size, channels) for p in paths])
+
+
+def fit_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """A [B, C, H, W] tensor in [0, 1] at ``size`` x ``size`` (bicubic, antialiased; no crop)."""
+    if images.ndim != 4:
+        raise UserError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+    if images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True,
+                               align_corners=False).clamp(0, 1)
+    return images
+
+
+# --- tensors -> files ---------------------------------------------------------------------
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> torch.Tensor:
+    """[B,C,H,W] in [0,1] -> one [C, H', W'] grid image with ``pad`` pixels of black between."""
+    b, c, h, w = images.shape
+    nrow = max(1, min(nrow, b))
+    ncol = (b + nrow - 1) // nrow
+    grid = images.new_zeros(c, ncol * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i in range(b):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, y : y + h, x : x + w] = images[i]
+    return grid
+
+
+def to_pil(image: torch.Tensor):
+    """[C,H,W] float in [0,1] -> PIL image (RGB or L)."""
+    from PIL import Image
+
+    arr = (image.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    if arr.shape[0] == 1:
+        return Image.fromarray(arr[0].numpy(), mode="L")
+    return Image.fromarray(arr.permute(1, 2, 0).numpy(), mode="RGB")
+
+
+def save_png(image: torch.Tensor, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Save a [C,H,W] image as PNG atomically, with optional text chunks (e.g. the prompt)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in (metadata or {}).items():
+        info.add_text(k, v)
+    buf = BytesIO()
+    to_pil(image).save(buf, format="PNG", pnginfo=info)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)

@@ -1,0 +1,227 @@
+"""Reading finished runs and bundles back, and the weight files they hold.
+
+Below the trainer, the tasks and the pipelines: anything that needs a trained model loads it
+here, never through a training file. Nothing is unpickled: weights are safetensors, configs
+TOML, and a model is rebuilt from ``kind`` + ``[model]`` by ``cvformers.registry``.
+
+    load_run(path)   -> (module in eval mode, run config)  any run folder or bundle part
+    load_vae(path)   -> frozen image tokenizer (dvae, vqvae)
+    load_clip(path)  -> (CLIP, caption tokenizer) from a run folder or a released weight file
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from cvformers.config import load_toml
+from cvformers.errors import UserError
+from cvformers.utils import atomic_save
+
+CONFIG = "config.toml"
+WEIGHTS = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"  # a run's caption BPE (cvformers.text)
+_ALIASES = "cvformers.aliases"  # safetensors metadata key: {dropped name: stored name}
+
+
+# --- weights ------------------------------------------------------------------------------
+
+def _storage_key(t: torch.Tensor):
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def save_weights(
+    model: nn.Module | dict[str, torch.Tensor],
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write a state dict as safetensors, atomically.
+
+    Tied weights (two names, one tensor — e.g. an embedding shared with the output layer)
+    are stored once and the other name is recorded in the metadata, so ``load_weights``
+    restores both. ``dtype`` (e.g. ``torch.float16`` for a shipped bundle) casts the
+    floating-point tensors; integer buffers keep their type.
+    """
+    state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
+    stored: dict[str, torch.Tensor] = {}
+    first_name: dict[Any, str] = {}
+    aliases: dict[str, str] = {}
+    seen_storage: set[int] = set()
+    for name, t in state.items():
+        t = t.detach()
+        if t.numel() > 0:
+            key = _storage_key(t)
+            if key in first_name:
+                aliases[name] = first_name[key]
+                continue
+            first_name[key] = name
+        shares = t.numel() > 0 and t.untyped_storage().data_ptr() in seen_storage
+        if t.numel() > 0:
+            seen_storage.add(t.untyped_storage().data_ptr())
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.to("cpu").contiguous()
+        if shares:  # a view into a tensor already stored: safetensors wants its own memory
+            t = t.clone()
+        stored[name] = t
+    meta = {"format": "pt", **(metadata or {})}
+    if aliases:
+        meta[_ALIASES] = json.dumps(aliases, sort_keys=True)
+    path = Path(path)
+    atomic_save(path, lambda tmp: save_file(stored, tmp, metadata=meta))
+    return path
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict with tied names restored, metadata) from a safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}")
+    state: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            for k in f.keys():
+                state[k] = f.get_tensor(k)
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from e
+    for alias, name in json.loads(meta.get(_ALIASES, "{}")).items():
+        state[alias] = state[name]
+    return state, meta
+
+
+def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> dict[str, str]:
+    """Load ``path`` into ``model`` (cast to each parameter's own dtype); return the metadata.
+
+    ``strict``: every key of the model must be in the file and nothing else; a mismatch is a
+    ``UserError`` naming the file and the first keys that differ.
+    """
+    state, meta = read_weights(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if strict and (missing or unexpected):
+        raise UserError(
+            f"{path}: weights do not match the model "
+            f"(missing: {missing[:5]}{' …' if len(missing) > 5 else ''}; "
+            f"unexpected: {unexpected[:5]}{' …' if len(unexpected) > 5 else ''})"
+        )
+    for k, t in state.items():
+        if k in expected and tuple(t.shape) != tuple(expected[k].shape):
+            raise UserError(f"{path}: {k} has shape {tuple(t.shape)}, the model wants {tuple(expected[k].shape)}")
+    cast = {k: t.to(expected[k].dtype) if t.is_floating_point() else t for k, t in state.items() if k in expected}
+    model.load_state_dict(cast, strict=strict)
+    return meta
+
+
+# --- runs -----------------------------------------------------------------
+
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """A trained model from its run folder, in eval mode, and the run's config as a dict.
+
+    Reads ``config.toml`` (``kind`` + ``[model]``), rebuilds the module with
+    ``cvformers.registry.build_model`` and loads ``model.safetensors`` strictly. Nothing is
+    unpickled.
+    """
+    from cvformers.registry import build_model
+
+    run_dir = Path(path)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder not found: {run_dir}")
+    for name in (CONFIG, WEIGHTS):
+        if not (run_dir / name).is_file():
+            raise UserError(f"{run_dir} is not a finished run: {name} is missing")
+    cfg = load_toml(run_dir / CONFIG)
+    if "kind" not in cfg:
+        raise UserError(f"{run_dir / CONFIG} has no 'kind' (which model to build)")
+    model = build_model(cfg["kind"], cfg.get("model", {}))
+    load_weights(model, run_dir / WEIGHTS)
+    return model.to(device).eval(), cfg
+
+
+def load_vae(path: str | Path, device: str | torch.device = "cpu"):
+    vae, cfg = load_run(path, device)
+    for attr in ("encode", "decode", "num_tokens", "grid_size"):
+        if not hasattr(vae, attr):
+            raise UserError(f"{path} holds a {cfg.get('kind')!r} model, not an image tokenizer (no {attr})")
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    return vae.eval()
+
+
+# --- CLIP ------------------------------------------------------------------
+def load_text_tokenizer(cfg, run_dir: str | Path | None = None,
+                        vocab: str | Path | None = None):
+    """The tokenizer the model config names: ``texts -> LongTensor[B, context_length]``."""
+    if cfg.tokenizer == "clip":
+        from cvformers.clip_tokenizer import ClipTokenizer
+
+        return ClipTokenizer.load(vocab, context_length=cfg.context_length)
+    from cvformers.text import BPETokenizer
+
+    path = Path(vocab) if vocab is not None else Path(run_dir or ".") / TOKENIZER_FILE
+    if not path.is_file():
+        raise UserError(f"text tokenizer not found: {path}")
+    return BPETokenizer.load(path)
+
+
+def load_clip(source: str | Path, vocab: str | Path | None = None, quick_gelu: bool = True,
+              device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer) from a run folder or an OpenAI / open_clip weight file.
+
+    For a weight file, ``quick_gelu`` says whether it was trained with QuickGELU (OpenAI's: yes;
+    open_clip's LAION ViT-B-32: no) and ``vocab`` where CLIP's BPE merges are (default: the
+    installed open_clip's).
+    """
+    source = Path(source)
+    if source.is_dir():
+        model, run_cfg = load_run(source, device=device)
+        if run_cfg.get("kind") != "clip":
+            raise UserError(f"{source} holds a {run_cfg.get('kind')!r} model, not a CLIP")
+        return model, load_text_tokenizer(model.cfg, source, vocab)
+    if not source.is_file():
+        raise UserError(f"CLIP run folder or checkpoint not found: {source}")
+    from cvformers.models.clip import load_openai_state_dict
+
+    model = load_openai_state_dict(read_state_dict(source), quick_gelu=quick_gelu).to(device)
+    return model, load_text_tokenizer(model.cfg, None, vocab)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A plain state dict from safetensors, a torch.save'd dict, or OpenAI's TorchScript archive."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        if _is_torchscript(path):  # OpenAI's released .pt files are TorchScript archives
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read CLIP weights from {path}: {type(e).__name__}: {e}") from e
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]  # open_clip training checkpoints
+    if not isinstance(sd, dict):
+        raise UserError(f"{path} does not hold a state dict")
+    return sd
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.split("/")[1:2] == ["code"] for name in z.namelist())
