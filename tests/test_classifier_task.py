@@ -68,7 +68,7 @@ def test_mixup_loss_is_finite_and_eval_has_no_augmentation():
 
 def test_folder_classes_come_from_sub_folders(tmp_path):
     from cvformers.data import DataConfig
-    from cvformers.tasks.classifier import classification_dataset, count_classes
+    from cvformers.data.labels import classification_dataset, count_classes
     from cvformers.images import save_png
 
     for cls in ("boot", "shirt"):

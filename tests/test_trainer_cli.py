@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 from cvformers.train.checkpoint import load_trainer_state
 from cvformers import cli
 from cvformers.config import load_toml
-from cvformers import tasks
 
 
 def test_cli_train_refuse_resume(tmp_path, monkeypatch, capsys):

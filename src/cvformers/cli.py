@@ -19,8 +19,11 @@ from cvformers.errors import UserError
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model (dvae, vqvae, dalle, clip, classifier)")
-    p.add_argument("task", help="what to train: dvae, vqvae, dalle, clip, classifier")
+    from cvformers.tasks import task_help, tasks  # the registry: every module of cvformers/tasks
+
+    names = list(tasks())
+    p = sub.add_parser("train", help=f"train a model ({', '.join(names)})")
+    p.add_argument("task", help="what to train: " + "; ".join(f"{n} = {task_help(n)}" for n in names))
     p.add_argument("--data", default=None, help="shapes | mnist | fashion-mnist | folder:PATH")
     p.add_argument("--out", required=True, help="run folder to write (or resume)")
     p.add_argument("--config", default=None, help="TOML experiment config ([model], [train], [data])")
@@ -60,9 +63,10 @@ def _add_tokenizer(sub) -> None:
 
 
 def _cmd_tokenizer_train(args) -> int:
+    from cvformers.data import build_dataset
     from cvformers.text import train_tokenizer
 
-    tok = train_tokenizer(args.data, args.out, vocab_size=args.vocab_size, text_len=args.text_len,
+    tok = train_tokenizer(build_dataset(args.data, split="train"), args.out, vocab_size=args.vocab_size, text_len=args.text_len,
                           samples=args.samples)
     print(f"wrote {args.out}: vocab_size {tok.vocab_size}, text_len {tok.text_len}, "
           f"num_text_tokens {tok.num_text_tokens}")

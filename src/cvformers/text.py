@@ -159,12 +159,9 @@ def dataset_captions(dataset, limit: int | None = None) -> list[str]:
     return [dataset[i]["caption"] for i in range(n)]
 
 
-def train_tokenizer(data: str, out: str | Path, vocab_size: int = 1024, text_len: int = 32,
-                    samples: int | None = None, image_size: int = 32) -> BPETokenizer:
-    """Train on the captions of dataset spec ``data`` (see ``cvformers.data``) and save to ``out``."""
-    from cvformers.data import build_dataset
-
-    ds = build_dataset(data, split="train", image_size=image_size)
-    tok = BPETokenizer.train(dataset_captions(ds, samples), vocab_size=vocab_size, text_len=text_len)
+def train_tokenizer(dataset, out: str | Path, vocab_size: int = 1024, text_len: int = 32,
+                    samples: int | None = None) -> BPETokenizer:
+    """Train on the captions of ``dataset`` (the first ``samples`` items) and save to ``out``."""
+    tok = BPETokenizer.train(dataset_captions(dataset, samples), vocab_size=vocab_size, text_len=text_len)
     tok.save(out)
     return tok

@@ -63,7 +63,7 @@ def evaluate_classifier(run: str | Path, data: str | None = None, split: str | N
                         limit: int | None = None, batch_size: int = 256) -> dict[str, Any]:
     """Accuracy of the classifier in run folder ``run`` on its eval split (or ``data``/``split``)."""
     from cvformers.data import DataConfig
-    from cvformers.tasks.classifier import classification_dataset
+    from cvformers.data.labels import classification_dataset
     from cvformers.loading import load_run
 
     model, cfg = load_run(run)

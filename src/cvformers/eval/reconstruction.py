@@ -8,14 +8,13 @@ and usage (fraction of the codebook that appears at all). ``cvformers reconstruc
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cvformers.errors import UserError
-from cvformers.vae.metrics import code_histogram, code_perplexity, perplexity_of, psnr
+from cvformers.vae.metrics import code_histogram, perplexity_of, psnr
 
 
 @torch.no_grad()

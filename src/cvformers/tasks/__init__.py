@@ -72,7 +72,7 @@ def tasks() -> dict[str, Callable[[TaskArgs], TaskSetup]]:
 
 def task_help(name: str) -> str:
     doc = (tasks()[name].__doc__ or "").strip()
-    return doc.splitlines()[0] if doc else ""
+    return doc.splitlines()[0].rstrip(".") if doc else ""
 
 
 def get_task(name: str) -> Callable[[TaskArgs], TaskSetup]:

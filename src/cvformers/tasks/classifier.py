@@ -13,20 +13,17 @@ sub-folder of each (captioned) image names its class. The eval split (``test``; 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset
-
 from cvformers.config import ConfigError, from_dict, to_dict
-from cvformers.data import DataConfig, build_dataset
+from cvformers.data import DataConfig
+from cvformers.data.labels import classification_dataset, count_classes
 from cvformers.errors import UserError
 from cvformers.models.vision import ClassifierConfig, ImageClassifier, classifier_config
 from cvformers.tasks import TaskArgs, TaskSetup, register_task
 
 DEFAULT_PRESET = "vit_nano_patch4_28"
 DEFAULT_DATA = "fashion-mnist"
-NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10}
 
 
 def default_train_config():
@@ -35,81 +32,6 @@ def default_train_config():
 
     return TrainConfig(steps=4000, batch_size=128, lr=1e-3, weight_decay=0.05, warmup_steps=200,
                        min_lr_ratio=0.01, eval_every=1000, checkpoint_every=1000, log_every=20)
-
-
-class ShapeLabels(Dataset):
-    """Single-object ``shapes`` scenes labelled with their shape (index into ``SHAPES``)."""
-
-    def __init__(self, scenes: Dataset):
-        from cvformers.data.shapes import SHAPES
-
-        self.scenes, self.classes = scenes, list(SHAPES)
-
-    def __len__(self) -> int:
-        return len(self.scenes)
-
-    def __getitem__(self, index: int) -> dict:
-        item = self.scenes[index]
-        return {**item, "label": self.classes.index(item["record"]["objects"][0]["shape"])}
-
-
-class FolderClasses(Dataset):
-    """A ``folder:PATH`` dataset labelled by the top-level sub-folder each image sits in
-    (``PATH/sneaker/001.png`` -> class "sneaker"); ``indices`` selects the split."""
-
-    def __init__(self, images: Dataset, indices: list[int]):
-        parts = [Path(f).relative_to(images.root).parts for f in images.files]
-        if any(len(p) < 2 for p in parts):
-            loose = next(p for p in parts if len(p) < 2)
-            raise UserError(f"{images.root}: classification needs one sub-folder per class; "
-                            f"{loose[0]} lies directly in the folder")
-        self.classes = sorted({p[0] for p in parts})
-        self.labels = [self.classes.index(p[0]) for p in parts]
-        self.images, self.indices = images, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> dict:
-        i = self.indices[index]
-        return {**self.images[i], "label": self.labels[i]}
-
-
-def class_names(spec: str) -> list[str] | None:
-    name = spec.partition(":")[0]
-    if name == "shapes":
-        from cvformers.data.shapes import SHAPES
-
-        return list(SHAPES)
-    return None
-
-
-def classification_dataset(data: DataConfig, split: str) -> Dataset:
-    """The labelled dataset a run's ``[data]`` table names, for ``split`` (train or the eval split)."""
-    name = data.name.partition(":")[0]
-    if name == "shapes":
-        size = data.size if split == "train" else data.eval_size
-        scenes = build_dataset(data.name, split=split, image_size=data.image_size, channels=data.channels,
-                               seed=data.seed, size=size or None, two_object_prob=0.0)
-        return ShapeLabels(scenes)
-    if name == "folder":
-        images = build_dataset(data.name, split="train", image_size=data.image_size, channels=data.channels)
-        # a folder has one set of files: every 10th image is held out for evaluation
-        keep = [i for i in range(len(images)) if (i % 10 == 0) == (split != "train")]
-        return FolderClasses(images, keep)
-    return build_dataset(data.name, split=split, image_size=data.image_size, channels=data.channels)
-
-
-def count_classes(spec: str, dataset: Dataset) -> int:
-    name = spec.partition(":")[0]
-    if name in NUM_CLASSES:
-        return NUM_CLASSES[name]
-    if name == "shapes":
-        return len(class_names(spec))
-    classes = getattr(dataset, "classes", None)
-    if classes:
-        return len(classes)
-    raise UserError(f"{spec}: no class labels found")
 
 
 def _merge_model_table(preset_cfg: ClassifierConfig, table: dict[str, Any]) -> ClassifierConfig:
@@ -122,6 +44,7 @@ def _merge_model_table(preset_cfg: ClassifierConfig, table: dict[str, Any]) -> C
 
 @register_task("classifier")
 def classifier_task(args: TaskArgs) -> TaskSetup:
+    """An image classifier (ViT, Mixer, ConvMixer, Swin, hybrids) on labelled images."""
     from cvformers.train.trainer import train_config_from
 
     table = dict(args.config.get("model", {}))

@@ -13,13 +13,11 @@ import random
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from cvformers.config import ConfigError, from_dict, to_dict
-from cvformers.errors import UserError
-from cvformers.models.clip import CLIP, CLIPConfig, PRESETS, load_openai_state_dict
+from cvformers.models.clip import CLIP, CLIPConfig, PRESETS
 from cvformers.tasks import TaskArgs, TaskSetup, data_config_from, register_task, train_and_eval_data
 
 from cvformers.loading import TOKENIZER_FILE, load_text_tokenizer
@@ -77,6 +75,7 @@ def default_train_config():
 
 @register_task("clip")
 def clip_task(args: TaskArgs) -> TaskSetup:
+    """CLIP on image-caption pairs."""
     from cvformers.data import collate
     from cvformers.train.trainer import train_config_from
 

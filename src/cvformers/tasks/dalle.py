@@ -219,6 +219,7 @@ def model_config_from(args: TaskArgs, text_len: int, num_text_tokens: int, vae) 
 
 @register_task("dalle")
 def dalle_task(args: TaskArgs) -> TaskSetup:
+    """The DALL-E transformer on captions + ids of a trained image tokenizer (--vae)."""
     from cvformers.data import build_from_config
     from cvformers.text import BPETokenizer
     from cvformers.train.trainer import train_config_from

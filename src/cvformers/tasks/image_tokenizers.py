@@ -86,11 +86,13 @@ def _setup(kind: str, args: TaskArgs, cfg: Any, model: torch.nn.Module, train_de
 
 @register_task("dvae")
 def dvae_task(args: TaskArgs) -> TaskSetup:
+    """DALL-E's discrete VAE image tokenizer."""
     cfg = model_config_from(args, DVAEConfig, DVAE_SMALL)
     return _setup("dvae", args, cfg, DiscreteVAE(cfg), dvae_train_defaults)
 
 
 @register_task("vqvae")
 def vqvae_task(args: TaskArgs) -> TaskSetup:
+    """A VQ-VAE image tokenizer."""
     cfg = model_config_from(args, VQVAEConfig, VQVAE_SMALL)
     return _setup("vqvae", args, cfg, VQVAE(cfg), vqvae_train_defaults)
