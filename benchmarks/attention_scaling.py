@@ -1,7 +1,7 @@
 """Attention time against grid size per pattern (fast path vs dense masked), and the share of this
 machine's fp32 matmul peak that a DALL-E training step reaches.
 
-Part 1 (issue 6): for grids of 16×16, 32×32 and 64×64 image tokens after 64 text tokens, the
+Part 1: for grids of 16×16, 32×32 and 64×64 image tokens after 64 text tokens, the
 attention op of one layer — ``pattern.attend(q, k, v)`` (each pattern's fast path) and
 ``dense_attention`` with the pattern's dense boolean mask (the test oracle) — forward +
 backward, their runs alternating; how many times faster the fast path is, and how its time grows

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from cvformers.eval.classification import accuracy
-from cvformers.models.vision import count_parameters
+from cvformers.nn.layers import count_parameters
 from cvformers.tasks.classifier import classifier_task
 from cvformers.tasks import TaskArgs
 from cvformers.train.trainer import Trainer

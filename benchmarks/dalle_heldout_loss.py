@@ -1,4 +1,4 @@
-"""Held-out bits per image token: cvformers' DALL-E vs DALLE-pytorch 1.6.6 on shapes or a caption folder (issue 3).
+"""Held-out bits per image token: cvformers' DALL-E vs DALLE-pytorch 1.6.6 on shapes or a caption folder.
 
 One run, one thread, both models at the same size (dim 192, depth 4, 6 heads of 32), on the same
 data, token grid, batches (same order), optimizer, schedule and number of steps:

@@ -1,6 +1,6 @@
 """Sampling time of the DALL-E transformer: 8 images, with and without the KV cache.
 
-The model is issue 6's reference size (dim 256, depth 4, 8 heads of 32, 32 text tokens, 512 image
+The model is the reference size of the speed comparisons (dim 256, depth 4, 8 heads of 32, 32 text tokens, 512 image
 ids) with random weights — the time of a sampling step does not depend on what the weights are.
 Only the transformer's sampling loop is timed (``sample_codes``), not the dVAE decode.
 

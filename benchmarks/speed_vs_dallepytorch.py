@@ -1,6 +1,6 @@
 """Training-step and sampling time of cvformers' DALL-E against DALLE-pytorch 1.6.6, same machine, same run.
 
-The reference config of issue 6: DALLE-pytorch ``DiscreteVAE(image_size=32, num_layers=2,
+The reference config (the size both implementations are compared at): DALLE-pytorch ``DiscreteVAE(image_size=32, num_layers=2,
 num_tokens=512, codebook_dim=256, hidden_dim=64)`` (8×8 = 64 image tokens; image_size 64 for the
 16×16 = 256-token variant) and ``DALLE(dim=256, num_text_tokens=1000, text_seq_len=32, depth=4,
 heads=8, dim_head=32)``, everything else as shipped (rotary embeddings, token shift, GEGLU

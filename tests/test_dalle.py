@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cvformers.config import ConfigError
-from cvformers.models.dalle import DALLE, PRESETS, DalleConfig, meta_model, num_params
+from cvformers.models.dalle import DALLE, PRESETS, DalleConfig, meta_model
+from cvformers.nn.layers import count_parameters
 from cvformers.registry import build_model
 
 
@@ -102,7 +103,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 def test_paper_size_on_meta_device():
     model = meta_model(DalleConfig(**PRESETS["paper"]))
-    assert 11.5e9 < num_params(model) < 12.5e9  # "a 12-billion parameter" transformer
+    assert 11.5e9 < count_parameters(model) < 12.5e9  # "a 12-billion parameter" transformer
     assert model.cfg.schedule()[-1] == "conv" and model.cfg.schedule()[1] == "column"
 
 

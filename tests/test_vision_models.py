@@ -14,14 +14,14 @@ from cvformers.models.vision import (
     ImageClassifier,
     build_backbone,
     classifier_config,
-    count_parameters,
     create_model,
     list_models,
     random_crop,
 )
 from cvformers.models.vit import resize_pos_embed
+from cvformers.nn.layers import count_parameters
 from cvformers.nn import vision_layers
-from cvformers.nn.vision_layers import Attention, Block, diagonal_mask, shift_diagonally
+from cvformers.nn.vision_layers import ViTAttention, ViTBlock, diagonal_mask, shift_diagonally
 from cvformers.registry import build_model
 
 torch.set_num_threads(1)
@@ -38,7 +38,6 @@ TINY = {  # one small config per family: fast, but with every structural feature
     "convmixer_mixer": dict(image_size=16, patch_size=2, in_chans=1, num_classes=4, dim=32, depth=3, conv_depth=2,
                             kernel_size=3, tokens_mlp_dim=16, channels_mlp_dim=64),
 }
-
 
 def test_vit_state_dict_matches_timm_layout():
     model = create_model("vit_tiny_patch16_224")
@@ -60,7 +59,6 @@ def test_vit_state_dict_matches_timm_layout():
     assert model.norm.eps == 1e-6 and model.blocks[0].norm1.eps == 1e-6
     assert model.blocks[0].mlp.act.approximate == "none"  # exact GELU
 
-
 def test_patch_norm_embeds_normalised_patches():
     """patch_norm: LayerNorm over each flattened P×P×C patch, Linear, LayerNorm — checked by hand."""
     from cvformers.nn.vision_layers import PatchEmbed
@@ -78,7 +76,6 @@ def test_patch_norm_embeds_normalised_patches():
     assert {"patch_embed.norm_in.weight", "patch_embed.norm_out.weight"} <= set(vit.state_dict())
     assert vit.pos_embed.std() > 0.5  # init = "pytorch": unit-normal position embeddings
 
-
 def test_mixer_state_dict_matches_timm_layout():
     sd = create_model("mixer_b16_224").state_dict()
     assert tuple(sd["stem.proj.weight"].shape) == (768, 3, 16, 16)
@@ -88,11 +85,10 @@ def test_mixer_state_dict_matches_timm_layout():
     assert {"blocks.0.norm1.weight", "blocks.0.norm2.weight", "norm.weight", "head.weight"} <= set(sd)
     assert not any("pos_embed" in k for k in sd)  # Mixer has no position embedding
 
-
 @pytest.mark.parametrize("bias", [False, True])
 def test_attention_sdpa_equals_explicit_weights(bias):
     torch.manual_seed(0)
-    attn = Attention(32, 4).eval()
+    attn = ViTAttention(32, 4).eval()
     x = torch.randn(3, 10, 32, requires_grad=True)
     b = torch.randn(4, 10, 10) if bias else None
     fast = attn(x, bias=b)
@@ -104,12 +100,11 @@ def test_attention_sdpa_equals_explicit_weights(bias):
     assert weights.shape == (3, 4, 10, 10)
     torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4, 10))
 
-
 def test_locality_attention_masks_the_diagonal_and_learns_its_temperature():
     """LSA (Lee et al. 2021 §3.2): SDPA and the explicit path agree, no token attends to itself,
     the temperature gets a gradient, and the output is the definition written out."""
     torch.manual_seed(0)
-    attn = Attention(32, 4, locality=True).eval()
+    attn = ViTAttention(32, 4, locality=True).eval()
     x = torch.randn(3, 10, 32)
     fast = attn(x)
     slow, weights = attn(x, return_weights=True)
@@ -125,7 +120,6 @@ def test_locality_attention_masks_the_diagonal_and_learns_its_temperature():
         scores = (q @ k.transpose(-2, -1) * math.exp(0.3)).masked_fill(torch.eye(10, dtype=torch.bool), -math.inf)
         want = attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(3, 10, 32))
         torch.testing.assert_close(attn(x), want, atol=1e-5, rtol=1e-5)
-
 
 @pytest.mark.parametrize("scale", [None, 1.0, 0.7])
 def test_short_masked_attention_fast_path_equals_sdpa(monkeypatch, scale):
@@ -143,7 +137,7 @@ def test_short_masked_attention_fast_path_equals_sdpa(monkeypatch, scale):
     for a, b in zip(torch.autograd.grad(fast, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
-    attn = Attention(32, 4, locality=True).train()
+    attn = ViTAttention(32, 4, locality=True).train()
     x = torch.randn(3, 10, 32, requires_grad=True)
     outs, grads = [], []
     for max_tokens in (64, 0):  # explicit path, then SDPA
@@ -154,7 +148,6 @@ def test_short_masked_attention_fast_path_equals_sdpa(monkeypatch, scale):
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
 
 def test_shifted_patches_see_the_image_moved_along_each_diagonal():
     image = torch.zeros(1, 1, 8, 8)
@@ -168,7 +161,6 @@ def test_shifted_patches_see_the_image_moved_along_each_diagonal():
     with pytest.raises(ValueError, match="patch_norm"):
         build_backbone("vit", {**TINY["vit"], "shifted_patches": True})
 
-
 def test_small_data_vit_overfits_one_batch():
     torch.manual_seed(0)
     cfg = classifier_config("vit_nano_patch4_28")
@@ -179,7 +171,6 @@ def test_small_data_vit_overfits_one_batch():
     loss, metrics = fit_one_batch(model)
     assert metrics["acc"] == 1.0 and loss < 0.1, loss
 
-
 def test_vit_forward_equals_attention_path():
     torch.manual_seed(0)
     vit = build_backbone("vit", TINY["vit"]).eval()
@@ -187,10 +178,9 @@ def test_vit_forward_equals_attention_path():
     tokens, maps = vit.forward_features(x, return_attention=True)
     torch.testing.assert_close(vit(x), vit.forward_head(tokens), atol=1e-5, rtol=1e-5)
     assert len(maps) == 2 and maps[0].shape == (2, 4, 17, 17)
-    block = Block(32, 4).eval()
+    block = ViTBlock(32, 4).eval()
     h = torch.randn(2, 5, 32)
     torch.testing.assert_close(block(h), block(h, return_weights=True)[0], atol=1e-5, rtol=1e-5)
-
 
 def test_vit_interpolates_position_embeddings_for_other_sizes():
     vit = build_backbone("vit", TINY["vit"]).eval()
@@ -206,12 +196,10 @@ def test_vit_interpolates_position_embeddings_for_other_sizes():
     other.load_state_dict(vit.state_dict())
     assert other.pos_embed.shape == (1, 37, 32)
 
-
 def _swin_block(shift: int) -> SwinBlock:
     torch.manual_seed(0)
     return SwinBlock(8, 2, resolution=8, window=4, shift=shift, mlp_ratio=2.0, qkv_bias=True,
                      dropout=0.0, attn_dropout=0.0, drop_path=0.0).eval()
-
 
 def _influence(block: SwinBlock, src: tuple[int, int]) -> torch.Tensor:
     """Which output tokens change when the input token at ``src`` is perturbed: [H, W] bool."""
@@ -222,13 +210,11 @@ def _influence(block: SwinBlock, src: tuple[int, int]) -> torch.Tensor:
     with torch.no_grad():
         return (block(x) - block(y)).abs().amax(-1)[0] > 1e-6
 
-
 def test_swin_windows_do_not_mix():
     changed = _influence(_swin_block(shift=0), (0, 0))
     expected = torch.zeros(8, 8, dtype=torch.bool)
     expected[:4, :4] = True  # the top-left window only
     assert torch.equal(changed, expected)
-
 
 def test_swin_shifted_window_mask_blocks_wrapped_neighbours():
     # After the cyclic shift by 2, the window at the bottom-right corner holds tokens from all four
@@ -244,13 +230,11 @@ def test_swin_shifted_window_mask_blocks_wrapped_neighbours():
     # and a token in the middle of the map influences a whole shifted window, across the old borders
     assert _influence(_swin_block(shift=2), (3, 3))[4, 4]
 
-
 def test_shifted_window_mask_values():
     mask = shifted_window_mask(8, 8, 4, 2)
     assert mask.shape == (4, 16, 16)
     assert (mask[0] == 0).all()  # the top-left window is untouched by the roll
     assert (mask[3] < 0).any() and torch.equal(mask[3], mask[3].T)
-
 
 @pytest.mark.parametrize("family", list(TINY))
 def test_each_family_overfits_one_batch(family):
@@ -260,7 +244,6 @@ def test_each_family_overfits_one_batch(family):
     cfg.crop_padding, cfg.hflip, cfg.label_smoothing = 0, False, 0.0
     loss, metrics = fit_one_batch(ImageClassifier(cfg).train())
     assert metrics["acc"] == 1.0 and loss < 0.1, (family, loss)
-
 
 def fit_one_batch(model, steps: int = 60) -> tuple[float, dict]:
     """Adam on one batch of 8 random images, 4 labels -> (eval loss, eval metrics) on it."""
@@ -274,22 +257,19 @@ def fit_one_batch(model, steps: int = 60) -> tuple[float, dict]:
     loss, metrics = model.eval().loss(batch)
     return loss.item(), metrics
 
-
 def test_hybrid_split_is_a_config_value():
     m = build_backbone("mixer_attention", TINY["mixer_attention"])
     kinds = [type(b).__name__ for b in m.blocks]
-    assert kinds == ["MixerBlock", "Block", "Block"]
+    assert kinds == ["MixerBlock", "ViTBlock", "ViTBlock"]
     c = build_backbone("convmixer_mixer", TINY["convmixer_mixer"])
     assert [type(b).__name__ for b in c.blocks] == ["ConvMixerLayer", "ConvMixerLayer", "MixerBlock"]
     with pytest.raises(ConfigError, match="mixer_depth"):
         build_backbone("mixer_attention", {**TINY["mixer_attention"], "mixer_depth": 9})
 
-
 def test_convmixer_runs_channels_last():
     m = build_backbone("convmixer", TINY["convmixer"])
     assert m.blocks[0].pointwise.weight.is_contiguous(memory_format=torch.channels_last)
     assert m.forward_features(torch.rand(2, 1, 16, 16)).is_contiguous(memory_format=torch.channels_last)
-
 
 def test_registry_errors_name_what_is_known():
     with pytest.raises(UserError, match="vit_tiny_patch4_28"):
@@ -298,7 +278,6 @@ def test_registry_errors_name_what_is_known():
         create_model("vit_nano_patch4_28", num_clases=10)
     assert create_model("vit_nano_patch4_28", num_classes=7).head.out_features == 7
 
-
 def test_list_models_counts_parameters():
     rows = {r["name"]: r for r in list_models()}
     assert set(rows) == set(PRESETS)
@@ -306,7 +285,6 @@ def test_list_models_counts_parameters():
     assert abs(rows["vit_base_patch16_224"]["params"] - 86.6e6) < 0.1e6  # ViT-B/16: 86M (paper table 1)
     assert abs(rows["mixer_b16_224"]["params"] - 59.9e6) < 0.2e6  # Mixer-B/16: 59M (paper table 1)
     assert abs(rows["swin_tiny_patch4_window7_224"]["params"] - 28.3e6) < 0.3e6  # Swin-T: 28M
-
 
 def test_wrong_size_is_resized_with_notice_or_refused():
     mixer = build_backbone("mixer", TINY["mixer"])
@@ -321,7 +299,6 @@ def test_wrong_size_is_resized_with_notice_or_refused():
     with pytest.raises(UserError, match="4 channels"):
         clf(torch.rand(1, 4, 28, 28))
 
-
 def test_classifier_kind_round_trips_through_toml():
     torch.manual_seed(0)
     cfg = classifier_config("swin_nano_patch2_window7_28")
@@ -331,7 +308,6 @@ def test_classifier_kind_round_trips_through_toml():
     rebuilt.load_state_dict(model.state_dict(), strict=True)
     x = torch.rand(2, 1, 28, 28)
     torch.testing.assert_close(model(x), rebuilt(x))
-
 
 def test_random_crop_shifts_within_padding():
     torch.manual_seed(0)

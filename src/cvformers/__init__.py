@@ -2,7 +2,7 @@
 
 An image becomes a sequence of tokens and a transformer models sequences: DALL-E (dVAE
 image tokenizer + sparse-attention transformer + CLIP reranking), CLIP, ViT and friends,
-and the diffusion path of DALL-E 2.
+and the vision backbones ViT, MLP-Mixer, ConvMixer and Swin.
 """
 
 __version__ = "0.1.0"

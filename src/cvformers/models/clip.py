@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvformers.config import ConfigError
-from cvformers.models.clip_visual import Transformer, TrunkTower, VisionTransformer
+from cvformers.models.clip_visual import ClipTransformer, ClipVisionTransformer, TrunkTower
 from cvformers.registry import register_kind
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the pixel statistics OpenAI normalised with
@@ -96,7 +96,7 @@ class CLIP(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.image_encoder == "vit":
-            self.visual = VisionTransformer(
+            self.visual = ClipVisionTransformer(
                 cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
                 cfg.vision_heads, cfg.embed_dim, cfg.in_channels, cfg.mlp_ratio, cfg.quick_gelu)
         else:
@@ -105,7 +105,7 @@ class CLIP(nn.Module):
         # that it could be initialised from a language model, as the paper notes.
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
-        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads,
+        self.transformer = ClipTransformer(cfg.text_width, cfg.text_layers, cfg.text_heads,
                                        cfg.mlp_ratio, cfg.quick_gelu)
         self.ln_final = nn.LayerNorm(cfg.text_width)
         self.text_projection = nn.Parameter(torch.empty(cfg.text_width, cfg.embed_dim))

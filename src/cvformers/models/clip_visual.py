@@ -13,7 +13,7 @@ kept them), so that their checkpoints load with ``load_state_dict`` and no renam
     visual.transformer.resblocks.N.mlp.c_fc / mlp.c_proj
     visual.proj                               [width, embed_dim], no bias
 
-The text tower (clip.py) reuses ``Transformer`` with a causal mask.
+The text tower (clip.py) reuses ``ClipTransformer`` with a causal mask.
 
 Besides the ViT, ``TrunkTower`` puts any backbone of the cvformers registry
 (``cvformers.models.vision.create_model(name, num_classes=0)``) under a linear projection,
@@ -41,7 +41,7 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-class Attention(nn.Module):
+class ClipAttention(nn.Module):
     """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter names.
 
     One packed ``in_proj_weight`` [3*width, width] makes q, k and v; written out here (instead
@@ -73,7 +73,7 @@ class ResidualAttentionBlock(nn.Module):
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.ln_1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads)
+        self.attn = ClipAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(width, hidden)),
@@ -86,7 +86,7 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class Transformer(nn.Module):
+class ClipTransformer(nn.Module):
     """A stack of ``ResidualAttentionBlock`` under the key ``resblocks``."""
 
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0,
@@ -117,7 +117,7 @@ class Transformer(nn.Module):
         return x
 
 
-class VisionTransformer(nn.Module):
+class ClipVisionTransformer(nn.Module):
     """CLIP's ViT (CLIP §2.4): patches + class token -> ln_pre -> transformer -> ln_post -> proj.
 
     CLIP departs from the original ViT by a LayerNorm on the combined patch and position
@@ -137,7 +137,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, mlp_ratio, quick_gelu)
+        self.transformer = ClipTransformer(width, layers, heads, mlp_ratio, quick_gelu)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
 

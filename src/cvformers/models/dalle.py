@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cvformers.nn.attention import PATTERNS, build_pattern, paper_schedule
-from cvformers.nn.transformer import Block, KVCache
+from cvformers.nn.transformer import SparseTransformerBlock, KVCache
 from cvformers.registry import register_kind
 
 
@@ -130,7 +130,7 @@ class DALLE(nn.Module):
         # one pattern object per name, shared by the layers that use it (its index caches too)
         patterns = {n: build_pattern(n, T, G, G, cfg.conv_kernel) for n in set(cfg.schedule())}
         self.blocks = nn.ModuleList(
-            Block(dim, cfg.heads, cfg.dim_head, patterns[n], cfg.mlp_ratio, cfg.dropout) for n in cfg.schedule()
+            SparseTransformerBlock(dim, cfg.heads, cfg.dim_head, patterns[n], cfg.mlp_ratio, cfg.dropout) for n in cfg.schedule()
         )
         self.norm = nn.LayerNorm(dim)
         # separate heads: a text position predicts only text ids, an image position only image ids
@@ -267,8 +267,6 @@ def tokenizer_inner_vocab(vae) -> int:
     return factors[1] if factors else 0
 
 
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def meta_model(cfg: DalleConfig) -> DALLE:

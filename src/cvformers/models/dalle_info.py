@@ -53,6 +53,7 @@ from cvformers.config import ConfigError, from_dict, load_toml, to_dict
 from cvformers.errors import UserError
 from cvformers.models.dalle import PRESETS, DalleConfig, meta_model
 from cvformers.nn.attention import build_pattern
+from cvformers.nn.layers import count_parameters
 
 FP32, BF16 = 4, 2
 
@@ -237,10 +238,10 @@ def _activation_elems(cfg: DalleConfig, schedule: list[str]) -> tuple[list[tuple
 def model_info(cfg: DalleConfig) -> ModelInfo:
     """Count parameters (meta device, exact), forward FLOPs and activation memory of a DalleConfig."""
     model = meta_model(cfg)
-    params = sum(p.numel() for p in model.parameters())
+    params = count_parameters(model)
     embedding = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in
                     ("text_emb", "image_emb", "text_pos", "image_row", "image_col"))
-    blocks = sum(p.numel() for p in model.blocks.parameters())
+    blocks = count_parameters(model.blocks)
     matrices = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
     T, G = cfg.text_len, cfg.grid_size

@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from cvformers.models.convmixer import ConvMixerLayer, ConvStem
-from cvformers.nn.vision_layers import Block, MixerBlock, PatchEmbed, drop_path_rates, init_vit_weights, layer_norm
+from cvformers.nn.vision_layers import ViTBlock, MixerBlock, PatchEmbed, drop_path_rates, init_vit_weights, layer_norm
 
 
 @dataclass
@@ -60,7 +60,7 @@ class MixerAttention(nn.Module):
         self.blocks = nn.Sequential(*(
             MixerBlock(num_tokens, d, cfg.tokens_mlp_dim, cfg.channels_mlp_dim, cfg.dropout, rates[i])
             if i < cfg.mixer_depth else
-            Block(d, cfg.num_heads, cfg.channels_mlp_dim / d, True, cfg.dropout, 0.0, rates[i])
+            ViTBlock(d, cfg.num_heads, cfg.channels_mlp_dim / d, True, cfg.dropout, 0.0, rates[i])
             for i in range(cfg.depth)
         ))
         self.norm = layer_norm(d)

@@ -24,7 +24,7 @@ from einops import rearrange
 from torch import nn
 
 from cvformers.nn.layers import Mlp
-from cvformers.nn.vision_layers import Attention, DropPath, drop_path_rates, init_vit_weights
+from cvformers.nn.vision_layers import ViTAttention, DropPath, drop_path_rates, init_vit_weights
 
 MASKED = -100.0  # additive score for pairs the shifted-window mask forbids (official value)
 
@@ -79,10 +79,10 @@ def shifted_window_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor
     return torch.zeros(same.shape).masked_fill(~same, MASKED)
 
 
-class WindowAttention(Attention):
+class WindowAttention(ViTAttention):
     """Multi-head attention inside each window plus the learned relative position bias (§3.2).
 
-    Same ``qkv``/``proj`` layers as ViT's ``Attention``; adds ``relative_position_bias_table``.
+    Same ``qkv``/``proj`` layers as ViT's ``ViTAttention``; adds ``relative_position_bias_table``.
     """
 
     def __init__(self, dim: int, num_heads: int, window: int, qkv_bias: bool = True,

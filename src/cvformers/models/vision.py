@@ -30,6 +30,7 @@ from cvformers.models.hybrid import ConvMixerMixer, ConvMixerMixerConfig, MixerA
 from cvformers.models.mixer import MixerConfig, MlpMixer
 from cvformers.models.swin import SwinConfig, SwinTransformer
 from cvformers.models.vit import ViTConfig, VisionTransformer
+from cvformers.nn.layers import count_parameters
 
 # family name -> (config class, module class)
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
@@ -167,10 +168,6 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     """
     family, cfg = preset_config(name, **overrides)
     return build_backbone(family, cfg)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def list_models() -> list[dict[str, Any]]:

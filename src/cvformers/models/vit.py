@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvformers.nn.vision_layers import (Block, PatchEmbed, drop_path_rates, init_vit_weights, layer_norm,
+from cvformers.nn.vision_layers import (ViTBlock, PatchEmbed, drop_path_rates, init_vit_weights, layer_norm,
                                         shift_diagonally)
 
 
@@ -95,7 +95,7 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(cfg.dropout)
         rates = drop_path_rates(cfg.drop_path, cfg.depth)
         self.blocks = nn.ModuleList(
-            Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.dropout, cfg.attn_dropout, rate,
+            ViTBlock(d, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.dropout, cfg.attn_dropout, rate,
                   cfg.locality_attention)
             for rate in rates
         )

@@ -1,1 +1,1 @@
-"""Shared layers, written once with stable state-dict keys (DESIGN.md, the timm rule)."""
+"""Shared layers, written once with stable state-dict keys (docs/design.md, the timm rule)."""

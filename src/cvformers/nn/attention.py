@@ -9,7 +9,7 @@ text tokens plus (after Child et al. 2019, "Generating long sequences with spars
 - ``conv``:   the earlier image tokens inside the ``k×k`` neighbourhood centred on it;
 - ``full``:   every earlier token (the dense baseline).
 
-One ``AttentionPattern`` object does three jobs (DESIGN.md):
+One ``AttentionPattern`` object does three jobs (docs/design.md):
 
 1. ``dense_mask()`` builds the boolean ``[S, S]`` mask — the reference the tests hold the rest to;
 2. ``attend(q, k, v)`` is the training fast path, whose cost grows with text + window, not with

@@ -23,3 +23,8 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (shared tensors counted once, as ``parameters()`` yields them)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

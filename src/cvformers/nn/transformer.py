@@ -27,7 +27,7 @@ class DecodeWeights:
 @dataclass
 class KVCache:
     """One layer's state for a sampling run: preallocated keys and values ``kv`` [2, B, heads, S, d],
-    filled by prefill, then one slot a step; and, when built by ``Block.new_cache``, the layer's
+    filled by prefill, then one slot a step; and, when built by ``SparseTransformerBlock.new_cache``, the layer's
     weights prepared for B-row products (``weights``), which live exactly as long as the run.
 
     ``k``/``v`` are its two halves [B, heads, S, d]; ``k3``/``v3`` the same memory seen as
@@ -118,7 +118,7 @@ class SelfAttention(nn.Module):
         return self.proj_drop(self.proj(rearrange(out, "b n s d -> b s (n d)")))
 
 
-class Block(nn.Module):
+class SparseTransformerBlock(nn.Module):
     """x + attn(norm(x)), then x + mlp(norm(x)). Pre-norm keeps deep stacks trainable without warm-up tricks."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, pattern: AttentionPattern,

@@ -1,10 +1,10 @@
 """Layers shared by the vision backbones, with timm's state-dict keys.
 
-``PatchEmbed`` (``proj``), ``Attention`` (``qkv``, ``proj``) and ``Block`` (``norm1``, ``attn``,
+``PatchEmbed`` (``proj``), ``ViTAttention`` (``qkv``, ``proj``) and ``ViTBlock`` (``norm1``, ``attn``,
 ``norm2``, ``mlp.fc1``, ``mlp.fc2``) carry the same parameter names and shapes as timm's
 layers, so a timm ViT checkpoint loads with ``strict=True``.
 
-Attention has two paths that compute the same function:
+ViTAttention has two paths that compute the same function:
 - the default one calls ``F.scaled_dot_product_attention`` (fused kernel, never materialises
   the N×N matrix when it can avoid it);
 - ``return_weights=True`` computes softmax(QKᵀ/√d + bias) explicitly and also returns it, for
@@ -154,7 +154,7 @@ def diagonal_mask(n: int, device: torch.device, dtype: torch.dtype) -> torch.Ten
         return torch.zeros(n, n, dtype=dtype, device=device).fill_diagonal_(float("-inf"))
 
 
-class Attention(nn.Module):
+class ViTAttention(nn.Module):
     """Multi-head self-attention (Vaswani et al. §3.2.2; ViT eq. 2) with one fused qkv Linear.
 
     ``locality=True`` is Locality Self-Attention (Lee et al. 2021, "Vision Transformer for
@@ -200,7 +200,7 @@ class Attention(nn.Module):
         return (out, weights) if return_weights else out
 
 
-class Block(nn.Module):
+class ViTBlock(nn.Module):
     """Pre-norm transformer block (ViT eq. 2-3): x + MSA(LN(x)), then x + MLP(LN(x))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
@@ -208,7 +208,7 @@ class Block(nn.Module):
                  locality: bool = False):
         super().__init__()
         self.norm1 = layer_norm(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_dropout, dropout, locality)
+        self.attn = ViTAttention(dim, num_heads, qkv_bias, attn_dropout, dropout, locality)
         self.drop_path = DropPath(drop_path)
         self.norm2 = layer_norm(dim)
         # exact (erf) GELU, as in the ViT reference and timm — not the tanh approximation
