@@ -34,7 +34,7 @@ import torch
 
 from _common import median, times
 from cvformers.models.dalle import DALLE, DalleConfig
-from cvformers.models.dalle_sampling import sample_codes
+from cvformers.models.dalle_sampling import SamplingConfig, sample_codes
 
 
 def build(grid: int, attention: str) -> DALLE:
@@ -51,7 +51,7 @@ def time_sampling(model: DALLE, num: int, use_cache: bool, repeats: int, guidanc
     for r in range(repeats + 1):  # the first run warms up allocators and caches, not counted
         g = torch.Generator().manual_seed(r)
         t = time.perf_counter()
-        sample_codes(model, text, generator=g, use_cache=use_cache, guidance=guidance, packed=packed)
+        sample_codes(model, text, SamplingConfig(guidance=guidance), generator=g, use_cache=use_cache, packed=packed)
         if r:
             times.append(time.perf_counter() - t)
     return statistics.median(times)

@@ -143,10 +143,10 @@ def run_worker(spec: dict) -> dict:
             with torch.no_grad():  # plus one forward over the whole sequence
                 model(text, torch.randint(0, IMAGE_VOCAB, (num, n), generator=g))
         else:
-            from cvformers.models.dalle_sampling import sample_codes
+            from cvformers.models.dalle_sampling import SamplingConfig, sample_codes
 
             def sample():
-                codes = sample_codes(model, text, top_k=IMAGE_VOCAB // 2, generator=g)
+                codes = sample_codes(model, text, SamplingConfig(top_k=IMAGE_VOCAB // 2), generator=g)
                 return vae.decode(codes)
 
             with torch.no_grad():

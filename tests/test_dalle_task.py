@@ -47,7 +47,7 @@ def test_train_dalle_end_to_end(vae_run, tmp_path, monkeypatch):
     assert Image.open(out / "samples.png").size[0] > 16
 
     pipe = TextToImage.load(out)
-    assert pipe.defaults["guidance"] == 1.5 and pipe.defaults["top_k"] is None
+    assert pipe.sampling.guidance == 1.5 and pipe.sampling.top_k == 0
     images = pipe("a red circle", num_images=2, seed=0)
     assert len(images) == 2 and images[0].size == (16, 16)
 

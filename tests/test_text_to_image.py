@@ -10,7 +10,7 @@ from cvformers.cli import main
 from cvformers.config import save_toml, to_dict
 from cvformers.errors import UserError
 from cvformers.models.dalle import DALLE, DalleConfig
-from cvformers.models.dalle_sampling import filter_logits, guided_logits, sample_codes, sample_from_logits
+from cvformers.models.dalle_sampling import SamplingConfig, filter_logits, guided_logits, sample_codes, sample_from_logits
 from cvformers.pipelines.text_to_image import TextToImage
 from cvformers.text import BPETokenizer
 from cvformers.loading import save_weights
@@ -74,7 +74,7 @@ def test_noise_drawn_a_row_ahead_gives_the_ids_of_one_draw_per_step(pipe, prompt
     model, G = pipe.model, pipe.model.cfg.grid_size
     text = pipe.encode_prompt("a red circle").expand(3, -1)
     prompt = torch.randint(0, model.cfg.num_image_tokens, (3, prompt_rows * G)) if prompt_rows else None
-    got = sample_codes(model, text, prompt_codes=prompt, top_k=8, generator=torch.Generator().manual_seed(7))
+    got = sample_codes(model, text, SamplingConfig(top_k=8), prompt_codes=prompt, generator=torch.Generator().manual_seed(7))
     g, T, start = torch.Generator().manual_seed(7), model.cfg.text_len, prompt_rows * G
     want = torch.zeros(3, G * G, dtype=torch.long)
     if prompt is not None:

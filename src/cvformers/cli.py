@@ -14,6 +14,23 @@ from cvformers.config import ConfigError
 from cvformers.errors import UserError
 
 
+# --- argument types: a bad value is refused by argparse (one line, exit status 2) -----------
+
+
+def _device(name: str) -> str:
+    """cpu, cuda or cuda:N, available on this machine."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", name):
+        raise argparse.ArgumentTypeError(f"{name!r} is not a device; use cpu, cuda or cuda:N")
+    if name.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{name}: this torch build sees no CUDA device; use cpu")
+    return name
+
+
 # --- subcommands ------------------------------------------------------------------------
 # Each helper below adds one subparser; keep the work inside the library.
 
@@ -35,7 +52,7 @@ def _add_train(sub) -> None:
                    help="stop (and checkpoint) after this step; --resume continues on the same schedule")
     p.add_argument("--vae", default=None, help="(dalle) run folder of the trained image tokenizer")
     p.add_argument("--model", default=None, help="(classifier, clip) model preset name")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, type=_device, help="cpu | cuda (default: cuda when available)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -167,7 +184,7 @@ def _add_eval_fidelity(esub) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely ids")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--device", default="cpu", type=_device, help="cpu | cuda")
     p.set_defaults(func=_cmd_eval_fidelity)
 
 
@@ -279,18 +296,25 @@ def _add_generate(sub) -> None:
     p.add_argument("--clip", default=None, help="CLIP run folder or weight file used to rerank the candidates")
     p.add_argument("--image-prompt", default=None, help="image whose top rows the samples keep (DALL-E §3.3)")
     p.add_argument("--prompt-rows", type=int, default=None, help="rows of image ids kept from --image-prompt")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--device", default="cpu", type=_device, help="cpu | cuda")
     p.set_defaults(func=_cmd_generate)
 
 
 def _cmd_generate(args) -> int:
-    from cvformers.pipelines.text_to_image import generate_grid
+    from cvformers.pipelines.text_to_image import TextToImage
 
-    result = generate_grid(
-        args.prompt, args.out, model=args.model, num_images=args.num, clip=args.clip, device=args.device,
-        seed=args.seed, candidates=args.candidates, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, guidance=args.guidance, image_prompt=args.image_prompt, prompt_rows=args.prompt_rows,
-    )
+    reranker = None
+    if args.clip is not None:
+        from cvformers.pipelines.rerank import ClipReranker
+
+        reranker = ClipReranker.load(args.clip, device=args.device)
+    pipe = TextToImage.load(args.model, device=args.device, reranker=reranker)
+    # the model's [sampling] defaults, with the flags given on the command line on top: one object, checked once
+    sampling = pipe.sampling.override(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                      guidance=args.guidance, candidates=args.candidates, seed=args.seed)
+    result = pipe.generate(args.prompt, args.num, sampling, image_prompt=args.image_prompt,
+                           prompt_rows=args.prompt_rows)
+    result.save_grid(args.out)
     print(f"wrote {args.out} ({len(result.images)} images)")
     return 0
 
@@ -334,7 +358,7 @@ def _add_reconstruct(sub) -> None:
     p.add_argument("--out", default="recon.png", help="PNG to write: originals above reconstructions")
     p.add_argument("--num", type=int, default=16, help="images in the PNG grid")
     p.add_argument("--eval-images", type=int, default=1000, help="images the metrics average over (0: the whole split)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--device", default="cpu", type=_device, help="cpu | cuda")
     p.set_defaults(func=_cmd_reconstruct)
 
 
@@ -369,8 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, ConfigError, FileNotFoundError) as e:
+    except (UserError, ConfigError, FileNotFoundError) as e:  # the library's "what to change" errors
         print(f"cvformers: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the system refused (permissions, disk full): say which file and why
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"cvformers: error:{where} {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cvformers: interrupted", file=sys.stderr)

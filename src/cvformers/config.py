@@ -74,6 +74,8 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -97,10 +99,16 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     hints = get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     prefix = f"{where}." if where else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a table of settings, got {type(data).__name__} {data!r}")
     unknown = sorted(set(data) - fields)
     if unknown:
+        import difflib
+
+        near = difflib.get_close_matches(str(unknown[0]), sorted(fields), n=1)
+        hint = f"did you mean {prefix}{near[0]}? " if near else ""
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s} for {cls.__name__}; "
+            f"unknown config key {prefix}{unknown[0]!s} for {cls.__name__}; {hint}"
             f"known keys: {', '.join(sorted(fields))}"
         )
     kwargs = {k: _check_value(v, hints[k], f"{prefix}{k}") for k, v in data.items()}

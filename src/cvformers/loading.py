@@ -115,9 +115,13 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
             f"(missing: {missing[:5]}{' …' if len(missing) > 5 else ''}; "
             f"unexpected: {unexpected[:5]}{' …' if len(unexpected) > 5 else ''})"
         )
+    params = {name for name, _ in model.named_parameters()}
     for k, t in state.items():
         if k in expected and tuple(t.shape) != tuple(expected[k].shape):
             raise UserError(f"{path}: {k} has shape {tuple(t.shape)}, the model wants {tuple(expected[k].shape)}")
+        if k in params and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{path}: {k} holds NaN or infinite values; the weights are damaged "
+                            "(a diverged run, or a broken file): use an earlier checkpoint")
     cast = {k: t.to(expected[k].dtype) if t.is_floating_point() else t for k, t in state.items() if k in expected}
     model.load_state_dict(cast, strict=strict)
     return meta

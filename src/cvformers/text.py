@@ -128,6 +128,14 @@ class BPETokenizer:
         """Captions -> LongTensor[B, text_len]; short ones padded with per-position pad ids."""
         if isinstance(texts, str):
             texts = [texts]
+        for text in texts:
+            if not isinstance(text, str):
+                raise UserError(f"a caption must be text, got {type(text).__name__}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates: undecodable bytes from a terminal or a file name
+                raise UserError(f"the caption {text[:40]!r} holds characters that are not valid Unicode "
+                                "(undecodable bytes); give it as UTF-8 text") from None
         n = text_len or self.text_len
         if n > self.text_len:
             raise UserError(f"text_len {n} exceeds the tokenizer's {self.text_len} (pad ids would collide)")
@@ -135,7 +143,8 @@ class BPETokenizer:
         for row, text in enumerate(texts):
             ids = self.tokenize(text)
             if len(ids) > n:
-                warnings.warn(f"caption truncated from {len(ids)} to {n} tokens: {text!r}",
+                shown = text if len(text) <= 60 else text[:57] + "..."
+                warnings.warn(f"caption truncated from {len(ids)} to {n} tokens: {shown!r}",
                               CaptionTruncatedWarning, stacklevel=2)
                 ids = ids[:n]
             out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)

@@ -10,8 +10,60 @@ and reranking candidates is the pipeline's job (``cvformers.pipelines.text_to_im
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, fields, replace
 
 import torch
+
+from cvformers.config import ConfigError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How image ids are drawn: one object from the CLI, a run's ``[sampling]`` table or Python
+    down to ``sample_codes``, validated once when it is built.
+
+    TOML has no null, so "off" is written as a value: ``top_k = 0`` (all ids), ``top_p = 1.0``
+    (all mass), ``guidance = 1.0`` (conditional logits only), ``candidates = 0`` (as many as images).
+    """
+
+    temperature: float = 1.0  # softmax temperature; 0 = greedy (the most likely id every step)
+    top_k: int = 0  # sample among the k most likely ids; 0 = all
+    top_p: float = 1.0  # nucleus: the smallest set of ids whose probability reaches p; 1 = all
+    guidance: float = 1.0  # classifier-free guidance s: cond + (s - 1)(cond - uncond); 1 = off
+    candidates: int = 0  # images sampled before a reranker keeps the best; 0 = as many as asked for
+    seed: int | None = 0  # seed of the sampling generator: same seed, same images; None = fresh randomness
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "guidance"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"sampling.{name} must be a finite number, got {value!r}")
+        for name in ("top_k", "candidates"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"sampling.{name} must be an integer >= 0, got {value!r}")
+        if self.temperature < 0:
+            raise ConfigError(f"sampling.temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.guidance < 0:
+            raise ConfigError(f"sampling.guidance must be >= 0 (1 is off), got {self.guidance}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**64):
+            raise ConfigError(f"sampling.seed must be an integer in [0, 2^64), got {self.seed!r}")
+
+    def override(self, **changes) -> "SamplingConfig":
+        """A copy with the given fields changed; ``None`` means "keep" (an unset command-line flag)."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ConfigError(f"unknown sampling setting(s) {unknown}; known: {sorted(known)}")
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_table(self) -> dict:
+        """The TOML ``[sampling]`` table of a run: the model's defaults (seed and candidates are per call)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("seed", "candidates")}
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -59,23 +111,25 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> tor
     return cond + (scale - 1.0) * (cond - uncond)
 
 
-def sample_codes(model, text: torch.Tensor, *, prompt_codes: torch.Tensor | None = None,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 guidance: float = 1.0, generator: torch.Generator | None = None,
+def sample_codes(model, text: torch.Tensor, sampling: SamplingConfig | None = None, *,
+                 prompt_codes: torch.Tensor | None = None, generator: torch.Generator | None = None,
                  use_cache: bool = True, packed: bool = True) -> torch.Tensor:
     """Sample the image ids of a DALLE for text ids [B, T] -> LongTensor[B, grid, grid].
 
-    ``prompt_codes`` [B, r·grid] fixes the first r rows (image prompt, §3.3). ``guidance`` != 1
-    appends the unconditional (all-pad) rows to the batch, so both run in one forward per step.
-    ``use_cache=False`` recomputes the whole prefix every step (the slow baseline, for benchmarks);
-    ``packed=False`` keeps the decode step's products on ``F.linear`` instead of oneDNN's packed
-    weights (``cvformers.nn.decode_linear``; the same ids up to float rounding, for A/B timing).
+    ``sampling`` gives temperature, top-k, top-p and guidance (its seed and candidates are the
+    caller's: pass ``generator``). ``prompt_codes`` [B, r·grid] fixes the first r rows (image
+    prompt, §3.3). Guidance != 1 appends the unconditional (all-pad) rows to the batch, so both
+    run in one forward per step. ``use_cache=False`` recomputes the whole prefix every step (the
+    slow baseline, for benchmarks); ``packed=False`` keeps the decode step's products on
+    ``F.linear`` instead of oneDNN's packed weights (``cvformers.nn.decode_linear``; the same ids
+    up to float rounding, for A/B timing).
     """
+    s = sampling or SamplingConfig()
     # inference mode skips autograd's bookkeeping (version counters, views' metadata) on every op,
     # which shows in a loop of ~80 small ops per token
     with torch.inference_mode():
-        codes = _sample_codes(model, text, prompt_codes, temperature, top_k, top_p, guidance, generator, use_cache,
-                              packed)
+        codes = _sample_codes(model, text, prompt_codes, s.temperature, s.top_k or None,
+                              s.top_p if s.top_p < 1 else None, s.guidance, generator, use_cache, packed)
     return codes.clone()  # a normal tensor again: callers may edit it or feed it to autograd
 
 

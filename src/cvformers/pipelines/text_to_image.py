@@ -34,15 +34,15 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from cvformers.config import from_dict, to_dict
 from cvformers.errors import UserError
 from cvformers.models.dalle import tokenizer_inner_vocab
-from cvformers.models.dalle_sampling import sample_codes
+from cvformers.models.dalle_sampling import SamplingConfig, sample_codes
 from cvformers.images import load_image
 from cvformers.utils import atomic_write_bytes
 
 DEFAULT_NAME = "default"
 CLIP_DIR = "clip"  # optional CLIP run inside a dalle run folder / bundle, used for reranking
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "guidance")
 
 
 class Reranker(Protocol):
@@ -113,7 +113,7 @@ class TextToImage:
     """DALL-E transformer + frozen image tokenizer + caption tokenizer (+ optional reranker)."""
 
     def __init__(self, model, vae, tokenizer, reranker: Reranker | None = None,
-                 defaults: dict[str, Any] | None = None, batch_size: int = 16):
+                 sampling: SamplingConfig | None = None, batch_size: int = 16):
         cfg = model.cfg
         if tokenizer.text_len != cfg.text_len or tokenizer.num_text_tokens != cfg.num_text_tokens:
             raise UserError(f"tokenizer (text_len {tokenizer.text_len}, {tokenizer.num_text_tokens} text tokens) "
@@ -126,11 +126,7 @@ class TextToImage:
                             f"pairs) but the model was trained with image_inner_vocab = {cfg.image_inner_vocab}")
         self.model, self.vae, self.tokenizer = model.eval(), vae.eval(), tokenizer
         self.reranker = reranker
-        self.defaults = {"temperature": 1.0, "top_k": None, "top_p": None, "guidance": 1.0, **(defaults or {})}
-        # a run's [sampling] table writes "off" as top_k = 0 and top_p = 1 (TOML has no null)
-        self.defaults["top_k"] = self.defaults["top_k"] or None
-        if self.defaults["top_p"] is not None and self.defaults["top_p"] >= 1:
-            self.defaults["top_p"] = None
+        self.sampling = sampling or SamplingConfig()  # the model's defaults, from its [sampling] table
         self.batch_size = batch_size
 
     @classmethod
@@ -151,8 +147,11 @@ class TextToImage:
             from cvformers.pipelines.rerank import ClipReranker
 
             reranker = ClipReranker.load(run / CLIP_DIR, device=device)
-        defaults = {k: v for k, v in config.get("sampling", {}).items() if k in SAMPLING_KEYS}
-        return cls(model, vae, tokenizer, reranker=reranker, defaults=defaults)
+        table = config.get("sampling", {})
+        if not isinstance(table, dict):
+            raise UserError(f"{run / 'config.toml'}: [sampling] must be a table, got {type(table).__name__}")
+        sampling = from_dict(SamplingConfig, table, "sampling")
+        return cls(model, vae, tokenizer, reranker=reranker, sampling=sampling)
 
     @property
     def device(self) -> torch.device:
@@ -166,26 +165,22 @@ class TextToImage:
             raise UserError(f"the prompt {prompt!r} tokenizes to nothing but padding")
         return text.to(self.device)
 
-    def generate(self, prompt: str, num_images: int = 8, seed: int | None = 0, candidates: int | None = None,
-                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 guidance: float | None = None, image_prompt: Any = None, prompt_rows: int | None = None,
-                 use_cache: bool = True) -> Generation:
-        """Sample ``candidates`` images (default ``num_images``), keep the ``num_images`` best by the reranker."""
-        s = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "guidance": guidance}
-        s = {k: (self.defaults[k] if v is None else v) for k, v in s.items()}
-        candidates = num_images if candidates is None else candidates
-        if not isinstance(num_images, int) or num_images < 1:
+    def generate(self, prompt: str, num_images: int = 8, sampling: SamplingConfig | None = None, *,
+                 image_prompt: Any = None, prompt_rows: int | None = None, use_cache: bool = True,
+                 **settings) -> Generation:
+        """Sample ``candidates`` images (default ``num_images``), keep the ``num_images`` best by the reranker.
+
+        ``sampling`` (default: the model's own ``[sampling]`` defaults) says how; keyword
+        ``settings`` (``seed=3, guidance=2.0``; ``None`` keeps the value) change single fields.
+        """
+        s = (sampling or self.sampling).override(**settings)
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise UserError(f"number of images must be at least 1, got {num_images}")
+        candidates = s.candidates or num_images
         if candidates < num_images:
             raise UserError(f"candidates ({candidates}) must be at least the number of images ({num_images})")
         if candidates > num_images and self.reranker is None:
             raise UserError("more candidates than images needs a reranker (e.g. a CLIP run) to choose them")
-        if s["temperature"] < 0:
-            raise UserError(f"temperature must be >= 0, got {s['temperature']}")
-        if s["top_p"] is not None and not 0 < s["top_p"] <= 1:
-            raise UserError(f"top_p must be in (0, 1], got {s['top_p']}")
-        if s["top_k"] is not None and s["top_k"] < 1:
-            raise UserError(f"top_k must be >= 1, got {s['top_k']}")
         text = self.encode_prompt(prompt)
         G = self.model.cfg.grid_size
 
@@ -200,17 +195,17 @@ class TextToImage:
             raise UserError("prompt rows given without an image prompt")
 
         generator = torch.Generator(self.device)
-        if seed is None:
+        if s.seed is None:
             generator.seed()
         else:
-            generator.manual_seed(seed)
+            generator.manual_seed(s.seed)
         chunks = []
         for start in range(0, candidates, self.batch_size):
             b = min(self.batch_size, candidates - start)
             chunks.append(sample_codes(
-                self.model, text.expand(b, -1),
+                self.model, text.expand(b, -1), s,
                 prompt_codes=None if prompt_codes is None else prompt_codes.expand(b, -1),
-                generator=generator, use_cache=use_cache, **s))
+                generator=generator, use_cache=use_cache))
         codes = torch.cat(chunks)
         images = torch.cat([self.vae.decode(c) for c in codes.split(self.batch_size)]).clamp(0, 1)
 
@@ -219,29 +214,12 @@ class TextToImage:
             scores = torch.as_tensor(self.reranker.score(images, prompt)).flatten().cpu()
             best = scores.topk(num_images).indices  # best first
             images, codes, scores = images[best.to(images.device)], codes[best.to(codes.device)], scores[best]
-        settings = {**s, "seed": seed, "candidates": candidates, "prompt_rows": None if image_prompt is None
-                    else (G // 2 if prompt_rows is None else prompt_rows)}
-        return Generation(prompt, images.cpu(), codes.cpu(), scores, settings)
+        record = {**to_dict(s), "candidates": candidates, "prompt_rows": None if image_prompt is None
+                  else (G // 2 if prompt_rows is None else prompt_rows)}
+        return Generation(prompt, images.cpu(), codes.cpu(), scores, record)
 
-    def __call__(self, prompt: str, num_images: int = 8, seed: int | None = 0, candidates: int | None = None,
-                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 guidance: float | None = None, image_prompt: Any = None, prompt_rows: int | None = None,
-                 return_scores: bool = False):
+    def __call__(self, prompt: str, num_images: int = 8, sampling: SamplingConfig | None = None, *,
+                 return_scores: bool = False, **kwargs):
         """-> list of PIL images (and the rerank scores, best first, when ``return_scores``)."""
-        out = self.generate(prompt, num_images, seed, candidates, temperature, top_k, top_p, guidance,
-                            image_prompt, prompt_rows)
+        out = self.generate(prompt, num_images, sampling, **kwargs)
         return (out.pil(), out.scores) if return_scores else out.pil()
-
-
-def generate_grid(prompt: str, out: str | Path, model: str | Path = DEFAULT_NAME, num_images: int = 8,
-                  clip: str | Path | None = None, device: str = "cpu", **kwargs) -> Generation:
-    """Load, sample and save one PNG grid (what ``cvformers generate`` does)."""
-    reranker = None
-    if clip is not None:
-        from cvformers.pipelines.rerank import ClipReranker
-
-        reranker = ClipReranker.load(clip, device=device)
-    pipe = TextToImage.load(model, device=device, reranker=reranker)
-    result = pipe.generate(prompt, num_images=num_images, **kwargs)
-    result.save_grid(out)
-    return result

@@ -27,6 +27,8 @@ __all__ = ["TaskArgs", "TaskSetup", "data_config_from", "get_task", "register_ta
            "train_and_eval_data"]
 
 _TASKS: dict[str, Callable[["TaskArgs"], "TaskSetup"]] = {}
+_TABLES: dict[str, tuple[str, ...]] = {}  # task name -> the TOML tables it reads beyond COMMON_TABLES
+COMMON_TABLES = ("model", "train", "data")  # what every task reads (and config.toml's `kind`)
 
 
 @dataclass
@@ -45,14 +47,16 @@ class TaskArgs:
     resume: bool = False
 
 
-def register_task(name: str):
+def register_task(name: str, tables: tuple[str, ...] = ()):
     """Register ``fn(TaskArgs) -> TaskSetup`` as ``cvformers train NAME``; its docstring's first
-    line is the task's help text."""
+    line is the task's help text. ``tables`` names the TOML tables it reads besides
+    ``[model]``, ``[train]`` and ``[data]``: any other table in a config is refused."""
 
     def deco(fn: Callable[[TaskArgs], TaskSetup]):
-        if name in _TASKS and _TASKS[name] is not fn:
+        if name in _TASKS and _TASKS[name].__qualname__ != fn.__qualname__:
             raise ValueError(f"training task {name!r} is registered twice")
         _TASKS[name] = fn
+        _TABLES[name] = tuple(tables)
         return fn
 
     return deco
@@ -81,6 +85,24 @@ def get_task(name: str) -> Callable[[TaskArgs], TaskSetup]:
     if name not in _TASKS:
         raise ConfigError(f"unknown training task {name!r}; known: {', '.join(sorted(_TASKS))}")
     return _TASKS[name]
+
+
+def check_tables(config: dict[str, Any], task: str) -> None:
+    """Refuse a table the task does not read (a misspelt ``[trian]`` would silently train the
+    defaults), naming the nearest known one, and a value where a table belongs."""
+    import difflib
+
+    known = (*COMMON_TABLES, *_TABLES.get(task, ()))
+    for key, value in config.items():
+        if key == "kind":
+            continue
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean [{near[0]}]? " if near else ""
+            raise ConfigError(f"unknown table [{key}] for task {task}; {hint}known tables: "
+                              + ", ".join(f"[{k}]" for k in known))
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{key}] must be a table of settings, got {type(value).__name__} {value!r}")
 
 
 def task_args_from_cli(args) -> TaskArgs:
@@ -137,11 +159,12 @@ def run_task(args) -> None:
     """Entry point of ``cvformers train TASK``: build the setup, then run the one loop."""
     import torch
 
+    from cvformers.train.checkpoint import RunLock
     from cvformers.train.trainer import Trainer
 
-    from cvformers.train.checkpoint import RunLock
-
+    get_task(args.task)  # an unknown task name first, then the config it would read
     task_args = task_args_from_cli(args)
+    check_tables(task_args.config, args.task)
     # One writer per run folder, from before the task writes its caches into it (rank 0 only:
     # under torchrun the other ranks share the folder with it).
     main = os.environ.get("RANK", "0") == "0"

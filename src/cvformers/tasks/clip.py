@@ -73,7 +73,7 @@ def default_train_config():
                        eps=1e-6, warmup_steps=100, checkpoint_every=500, eval_every=500, eval_batches=4)
 
 
-@register_task("clip")
+@register_task("clip", tables=("text",))
 def clip_task(args: TaskArgs) -> TaskSetup:
     """CLIP on image-caption pairs."""
     from cvformers.data import collate

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from cvformers.config import ConfigError, from_dict, to_dict
 from cvformers.errors import UserError
 from cvformers.loading import load_vae
+from cvformers.models.dalle_sampling import SamplingConfig
 from cvformers.models.dalle import DALLE, PRESETS, DalleConfig, tokenizer_inner_vocab
 from cvformers.tasks import TaskArgs, TaskSetup, data_config_from, register_task
 
@@ -42,16 +43,6 @@ class DalleTextConfig:
     bpe_vocab_size: int = 1024  # BPE vocabulary learnt on the train captions (paper: 16384); may end smaller
     bpe_train_captions: int = 50_000  # at most this many train captions are used to learn the merges
     tokenizer: str = ""  # path of an existing tokenizer.json to use instead of training one
-
-
-@dataclass
-class DalleSamplingConfig:
-    """The ``[sampling]`` table: defaults TextToImage uses for this model (the CLI can override)."""
-
-    temperature: float = 1.0  # softmax temperature
-    top_k: int = 0  # sample among the k most likely ids (0: all)
-    top_p: float = 1.0  # nucleus mass (1: all)
-    guidance: float = 1.0  # classifier-free guidance scale (1: off; needs model.caption_drop_prob > 0)
 
 
 def default_train_config():
@@ -217,7 +208,7 @@ def model_config_from(args: TaskArgs, text_len: int, num_text_tokens: int, vae) 
     return from_dict(DalleConfig, {**base, **table, **fixed}, "model")
 
 
-@register_task("dalle")
+@register_task("dalle", tables=("text", "sampling"))
 def dalle_task(args: TaskArgs) -> TaskSetup:
     """The DALL-E transformer on captions + ids of a trained image tokenizer (--vae)."""
     from cvformers.data import build_from_config
@@ -234,7 +225,7 @@ def dalle_task(args: TaskArgs) -> TaskSetup:
 
     data_cfg = data_config_from(args, image_size=vae.image_size, channels=vae.channels)
     text_cfg = from_dict(DalleTextConfig, dict(args.config.get("text", {})), "text")
-    sampling_cfg = from_dict(DalleSamplingConfig, dict(args.config.get("sampling", {})), "sampling")
+    sampling_cfg = from_dict(SamplingConfig, dict(args.config.get("sampling", {})), "sampling")
 
     # the frozen tokenizer's ids, computed once per (weights, data, split)
     vae_hash = file_hash(vae_path / "model.safetensors")
@@ -275,7 +266,7 @@ def dalle_task(args: TaskArgs) -> TaskSetup:
     return TaskSetup(
         kind="dalle", model=DALLE(cfg), model_config=cfg, train_config=train_config_from(args, default_train_config()),
         train_data=train_data, eval_data=eval_data, collate=text_collate(tokenizer),
-        extra_config={"data": to_dict(data_cfg), "text": to_dict(text_cfg), "sampling": to_dict(sampling_cfg),
+        extra_config={"data": to_dict(data_cfg), "text": to_dict(text_cfg), "sampling": sampling_cfg.to_table(),
                       "dalle": {"vae_source": str(vae_path), "vae_sha256": vae_hash}},
         extra_files=extra_files,
         on_checkpoint=sample_writer(vae, tokenizer, prompts),

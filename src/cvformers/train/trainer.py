@@ -67,6 +67,19 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        # AdamW's own checks come as tracebacks at step 0, and a NaN lr only as a NaN loss at step 1
+        for name in ("lr", "weight_decay", "eps", "grad_clip", "min_lr_ratio"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"train.{name} must be a finite number, got {getattr(self, name)}")
+        if not 0.0 < self.lr <= 10.0:
+            raise ValueError(f"train.lr must be in (0, 10], got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
+            raise ValueError(f"train.weight_decay and train.grad_clip must be >= 0 and train.eps > 0, "
+                             f"got {self.weight_decay}, {self.grad_clip}, {self.eps}")
+        if len(self.betas) != 2 or not all(math.isfinite(b) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"train.seed must be in [0, 2^63), got {self.seed}")
 
 
 def train_config_from(args: Any, defaults: TrainConfig | None = None) -> TrainConfig:
