@@ -144,11 +144,17 @@ _numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers
 _flag_values = st.one_of(_numbers.map(str), st.text(max_size=8))
 
 
+# --num and --candidates get small values: a valid request for a million images is slow, not wrong
+_count_values = st.one_of(st.integers(-3, 12).map(str), st.text(max_size=4), st.just("1e3"), st.just("nan"))
+_flags = st.one_of(
+    st.tuples(st.sampled_from(["--temperature", "--top-k", "--top-p", "--guidance", "--seed", "--prompt-rows"]),
+              _flag_values),
+    st.tuples(st.sampled_from(["--candidates", "--num"]), _count_values),
+)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(flags=st.lists(st.tuples(st.sampled_from(["--temperature", "--top-k", "--top-p", "--guidance", "--seed",
-                                                 "--candidates", "--num", "--prompt-rows"]), _flag_values),
-                      max_size=3),
-       prompt=st.text(max_size=30))
+@given(flags=st.lists(_flags, max_size=3), prompt=st.text(max_size=30))
 def test_fuzz_generate_flags_and_prompts(tmp_path_factory, capsys, flags, prompt):
     work = tmp_path_factory.mktemp("gen")
     out = work / "out" / "g.png"

@@ -12,7 +12,6 @@ TOML, and a model is rebuilt from ``kind`` + ``[model]`` by ``cvformers.registry
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -207,12 +206,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     try:
-        if _is_torchscript(path):  # OpenAI's released .pt files are TorchScript archives
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        if _is_torchscript(path):  # OpenAI's released .pt files: read the tensors, never run the code
+            from cvformers.torchscript_weights import read_torchscript_weights
+
+            sd = read_torchscript_weights(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"cannot read CLIP weights from {path}: {type(e).__name__}: {e}") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):

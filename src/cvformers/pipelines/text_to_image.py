@@ -42,6 +42,7 @@ from cvformers.images import load_image
 from cvformers.utils import atomic_write_bytes
 
 DEFAULT_NAME = "default"
+MAX_CANDIDATES = 10_000  # images sampled by one generate call (a typo such as --num 10000000 is refused)
 CLIP_DIR = "clip"  # optional CLIP run inside a dalle run folder / bundle, used for reranking
 
 
@@ -177,6 +178,8 @@ class TextToImage:
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise UserError(f"number of images must be at least 1, got {num_images}")
         candidates = s.candidates or num_images
+        if candidates > MAX_CANDIDATES:
+            raise UserError(f"{candidates} images in one call is more than {MAX_CANDIDATES}; split the request")
         if candidates < num_images:
             raise UserError(f"candidates ({candidates}) must be at least the number of images ({num_images})")
         if candidates > num_images and self.reranker is None:

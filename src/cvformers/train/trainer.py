@@ -195,10 +195,10 @@ class Trainer:
 
     @classmethod
     def from_setup(cls, setup, task_args) -> "Trainer":
-        """As called by ``cvformers train TASK``: apply --steps/--batch-size/--lr, then build."""
-        base = setup.train_config if setup.train_config is not None else TrainConfig()
-        overrides = {k: getattr(task_args, k) for k in ("steps", "batch_size", "lr") if getattr(task_args, k, None) is not None}
-        setup.train_config = from_dict(TrainConfig, {**to_dict(base), **overrides}, "train")
+        """As called by ``cvformers train TASK``. The task has already merged its defaults, the TOML
+        ``[train]`` table and ``--steps/--batch-size/--lr`` (``train_config_from``), once."""
+        if setup.train_config is None:
+            setup.train_config = train_config_from(task_args)
         return cls(setup, task_args.out, resume=task_args.resume, device=task_args.device)
 
     def _run_config(self) -> dict[str, Any]:
