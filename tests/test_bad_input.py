@@ -195,3 +195,24 @@ def test_fuzz_training_configs(tmp_path_factory, capsys, table):
     assert code in (0, 2), err
     assert "Traceback" not in err
     assert set(os.listdir(work)) <= {"exp.toml", "run"}  # nothing beside the run folder
+
+
+def test_a_config_that_does_not_fit_its_weights_is_refused_before_allocating(tmp_path, capsys):
+    """A crafted config.toml (a model 10^5 times the size of its file, a negative width) is
+    compared with the weight file's header on the meta device: one line, nothing allocated."""
+    import shutil
+
+    from cvformers.config import load_toml, save_toml
+    from cvformers.pipelines.text_to_image import default_bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(default_bundle(), bundle)
+    cfg = load_toml(bundle / "config.toml")
+    for change, message in (({"dim": 65536, "depth": 64}, "do not belong together"),
+                            ({"dim": -192}, "does not describe a buildable dalle")):
+        save_toml({**cfg, "model": {**cfg["model"], **change}}, bundle / "config.toml")
+        code, err = run(["generate", "a red circle", "--model", bundle, "--out", tmp_path / "g.png"], capsys)
+        assert code == 2 and message in err, err
+    save_toml({**cfg, "kind": 5}, bundle / "config.toml")
+    code, err = run(["generate", "a red circle", "--model", bundle, "--out", tmp_path / "g.png"], capsys)
+    assert code == 2 and "unknown model kind 5" in err

@@ -146,9 +146,34 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.M
     cfg = load_toml(run_dir / CONFIG)
     if "kind" not in cfg:
         raise UserError(f"{run_dir / CONFIG} has no 'kind' (which model to build)")
+    # Shapes first, on the meta device (no memory): a config that disagrees with the weights, or
+    # that would allocate far more than the file holds, is refused before anything is allocated.
+    with torch.device("meta"):
+        skeleton = build_model(cfg["kind"], cfg.get("model", {}))
+    check_shapes(skeleton, run_dir / WEIGHTS)
     model = build_model(cfg["kind"], cfg.get("model", {}))
     load_weights(model, run_dir / WEIGHTS)
     return model.to(device).eval(), cfg
+
+
+def check_shapes(model: nn.Module, path: str | Path) -> None:
+    """Compare the model's tensor shapes with the safetensors header of ``path`` (no data read)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from e
+    for alias, name in json.loads(meta.get(_ALIASES, "{}")).items():
+        if name in shapes:
+            shapes[alias] = shapes[name]
+    for k, t in model.state_dict().items():
+        if k not in shapes:
+            raise UserError(f"{path}: weights do not match the run's config ({k} is missing from the file)")
+        if shapes[k] != tuple(t.shape):
+            raise UserError(f"{path}: {k} has shape {shapes[k]} but the run's config builds {tuple(t.shape)}; "
+                            "config.toml and the weights do not belong together")
 
 
 def load_vae(path: str | Path, device: str | torch.device = "cpu"):

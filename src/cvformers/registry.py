@@ -46,8 +46,13 @@ def kinds() -> dict[str, tuple[type, type]]:
 def build_model(kind: str, model_cfg: dict[str, Any] | Any):
     """Build the module of ``kind`` from a config dataclass or a plain dict (strictly checked)."""
     known = kinds()
-    if kind not in known:
+    if not isinstance(kind, str) or kind not in known:
         raise ConfigError(f"unknown model kind {kind!r}; known kinds: {', '.join(sorted(known))}")
     config_cls, module_cls = known[kind]
+    if not isinstance(model_cfg, (config_cls, dict)):
+        raise ConfigError(f"[model] must be a table of settings, got {type(model_cfg).__name__} {model_cfg!r}")
     cfg = model_cfg if isinstance(model_cfg, config_cls) else from_dict(config_cls, dict(model_cfg), "model")
-    return module_cls(cfg)
+    try:
+        return module_cls(cfg)
+    except (RuntimeError, ValueError, TypeError) as e:  # e.g. a negative width reaching a tensor's shape
+        raise ConfigError(f"[model] does not describe a buildable {kind} model: {e}") from e
