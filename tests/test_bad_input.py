@@ -216,3 +216,11 @@ def test_a_config_that_does_not_fit_its_weights_is_refused_before_allocating(tmp
     save_toml({**cfg, "kind": 5}, bundle / "config.toml")
     code, err = run(["generate", "a red circle", "--model", bundle, "--out", tmp_path / "g.png"], capsys)
     assert code == 2 and "unknown model kind 5" in err
+
+
+def test_a_refused_out_leaves_no_scores_file_beside_it(tmp_path, capsys):
+    """The shipped model reranks, so generate writes scores beside the PNG: only after the PNG."""
+    os.mkfifo(tmp_path / "pipe")
+    code, err = run(["generate", "a red circle", "--num", "1", "--out", tmp_path / "pipe"], capsys)
+    assert code == 2 and "not a regular file" in err
+    assert sorted(os.listdir(tmp_path)) == ["pipe"]

@@ -240,7 +240,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"cannot read CLIP weights from {path}: {type(e).__name__}: {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"cannot read CLIP weights from {path}: {type(e).__name__}: {first}") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]  # open_clip training checkpoints
     if not isinstance(sd, dict):

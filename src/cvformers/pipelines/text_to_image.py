@@ -101,13 +101,14 @@ class Generation:
         n = len(self.images)
         nrow = nrow or (min(n, 4) if n <= 16 else math.ceil(math.sqrt(n)))
         meta = {"prompt": self.prompt, "cvformers": json.dumps(self.settings, sort_keys=True)}
-        if self.scores is not None:
-            # Reranked: the CLIP scores (grid order, best first) go into the PNG and beside it as JSON.
-            scores = [round(float(s), 6) for s in self.scores]
+        scores = None if self.scores is None else [round(float(s), 6) for s in self.scores]
+        if scores is not None:  # reranked: the CLIP scores (grid order, best first) in the PNG and beside it
             meta["clip_scores"] = json.dumps(scores)
+        written = save_png(image_grid(self.images, nrow=nrow), path, metadata=meta)  # first: a bad --out writes nothing
+        if scores is not None:
             sidecar = {"prompt": self.prompt, "settings": self.settings, "clip_scores": scores}
             atomic_write_bytes(Path(path).with_suffix(".scores.json"), json.dumps(sidecar, indent=1).encode())
-        return save_png(image_grid(self.images, nrow=nrow), path, metadata=meta)
+        return written
 
 
 class TextToImage:

@@ -64,7 +64,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         return (self.steps - self.start_step) * self.grad_accum
 
     def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        g = torch.Generator().manual_seed((self.seed + self.epoch) % 2**63)
         perm = torch.randperm(self.num_items, generator=g).tolist()
         per_micro = self.batch_size * self.world_size
         per_step = per_micro * self.grad_accum

@@ -228,7 +228,7 @@ class Trainer:
             )
             # An explicit generator keeps the loader from drawing its worker base seed from the
             # global RNG, which would shift dropout after a resume; it also fixes worker seeds.
-            worker_seed = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + self.dist.rank)
+            worker_seed = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch * 1_009 + self.dist.rank) % 2**63)
             loader = DataLoader(
                 data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                 generator=worker_seed, worker_init_fn=_seed_worker, pin_memory=self.device.type == "cuda",
