@@ -6,7 +6,9 @@ from PIL import Image
 
 from cvformers.cli import main
 from cvformers.config import ConfigError
-from cvformers.eval.reconstruction import evaluate_reconstruction, load_tokenizer, reconstruct_run
+from cvformers.config import load_toml
+from cvformers.eval.reconstruction import evaluate_reconstruction, reconstruct_run
+from cvformers.loading import load_vae
 from cvformers.tasks import TaskArgs, get_task
 from cvformers.train.trainer import Trainer
 
@@ -34,7 +36,7 @@ def test_train_then_reconstruct(kind, tmp_path, capsys):
     grid = Image.open(run / "recon.png")
     # 16 held-out images in two rows of 8, above their reconstructions: 4 rows of 16 px + padding
     assert grid.size == (8 * 18 + 2, 2 * (2 * 18 + 2) + 2)
-    vae, cfg = load_tokenizer(run)
+    vae, cfg = load_vae(run), load_toml(run / "config.toml")
     assert cfg["kind"] == kind and vae.num_tokens == 32
     metrics = reconstruct_run(run, tmp_path / "r.png", eval_images=16)
     assert metrics["images"] == 16 and 0 < metrics["perplexity"] <= 32 and 0 < metrics["usage"] <= 1

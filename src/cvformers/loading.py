@@ -177,6 +177,7 @@ def check_shapes(model: nn.Module, path: str | Path) -> None:
 
 
 def load_vae(path: str | Path, device: str | torch.device = "cpu"):
+    """A trained image tokenizer (dvae, vqvae) from its run folder: frozen, in eval mode."""
     vae, cfg = load_run(path, device)
     for attr in ("encode", "decode", "num_tokens", "grid_size"):
         if not hasattr(vae, attr):
@@ -187,6 +188,8 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu"):
 
 
 # --- CLIP ------------------------------------------------------------------
+
+
 def load_text_tokenizer(cfg, run_dir: str | Path | None = None,
                         vocab: str | Path | None = None):
     """The tokenizer the model config names: ``texts -> LongTensor[B, context_length]``."""

@@ -62,26 +62,18 @@ def save_reconstruction_grid(originals: torch.Tensor, recons: torch.Tensor, path
     return save_png(reconstruction_grid(originals, recons), path, metadata=metadata)
 
 
-def load_tokenizer(run: str | Path, device: str | torch.device = "cpu"):
-    """A trained image tokenizer (dVAE or VQ-VAE) from its run folder, in eval mode."""
-    from cvformers.loading import load_run
-
-    model, cfg = load_run(run, device=device)
-    if not all(hasattr(model, a) for a in ("encode", "decode", "num_tokens", "grid_size")):
-        raise UserError(f"{run} holds a {cfg.get('kind')!r} model, not an image tokenizer (dvae, vqvae)")
-    return model, cfg
-
-
 def reconstruct_run(run: str | Path, out: str | Path, data: str | None = None, split: str | None = None,
                     num: int = 16, eval_images: int = 1000, device: str | torch.device = "cpu") -> dict[str, float]:
     """Measure the tokenizer in ``run`` on held-out images and write ``out`` (originals above reconstructions).
 
     ``data`` / ``split`` default to the run's own ``[data]`` table (its eval split).
     """
+    from cvformers.config import from_dict, load_toml
     from cvformers.data import DataConfig, build_from_config
-    from cvformers.config import from_dict
+    from cvformers.loading import load_vae
 
-    vae, cfg = load_tokenizer(run, device)
+    vae = load_vae(run, device)
+    cfg = load_toml(Path(run) / "config.toml")
     table = dict(cfg.get("data", {}))
     if data:
         table["name"] = data

@@ -2,7 +2,7 @@
 
 - ``DiscreteVAE`` (dvae.py): DALL-E's dVAE, kind "dvae"; ``load_openai_dvae`` reads OpenAI's release.
 - ``VQVAE`` (vqvae.py): nearest-codebook VQ-VAE with EMA codebook, kind "vqvae".
-- Trained runs load with ``cvformers.eval.reconstruction.load_tokenizer(run_dir)``.
+- Trained runs load with ``cvformers.loading.load_vae(run_dir)``.
 """
 
 from cvformers.vae.dvae import DiscreteVAE, DVAEConfig
