@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import numpy as np
 import torch
 from PIL import Image
 
@@ -57,3 +58,38 @@ def test_generate_is_bit_identical_to_the_stored_output(pipe, settings):
     out = pipe.generate("a small red circle above a large blue square", num_images=4, **dict(settings))
     digest = hashlib.sha256(out.codes.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
     assert digest == GOLDEN_CODES[settings]
+
+
+def test_reranked_output_holds_no_two_identical_images(pipe):
+    out = pipe.generate("a small red circle above a large blue square", num_images=8, candidates=32, seed=0)
+    keys = {c.numpy().tobytes() for c in out.codes}
+    assert len(keys) == len(out.codes) == 8
+    assert bool((out.scores[:-1] >= out.scores[1:]).all())  # still best first
+
+
+def test_fewer_distinct_candidates_than_asked_are_said(pipe):
+    from cvformers.pipelines.text_to_image import FewDistinctImages
+
+    with pytest.warns(FewDistinctImages, match="only 1 distinct images among 6 candidates"):
+        out = pipe.generate("a large yellow triangle", num_images=3, candidates=6, temperature=0, guidance=1.0)
+    assert len(out.images) == 1
+
+
+def test_pictures_are_big_enough_to_see_and_one_image_is_itself(pipe, tmp_path):
+    out = pipe.generate("a large yellow triangle", num_images=8, seed=0)
+    grid = Image.open(out.save_grid(tmp_path / "g.png"))
+    assert grid.size == (4 * 128 + 5 * 4, 2 * 128 + 3 * 4)  # 32-px tiles x4, white 4-px gutters
+    assert grid.getpixel((1, 1)) == (255, 255, 255)
+    one = pipe.generate("a large yellow triangle", num_images=1, seed=0)
+    single = Image.open(one.save_grid(tmp_path / "one.png"))
+    assert single.size == (128, 128)
+    native = Image.open(one.save_grid(tmp_path / "native.png", min_tile=0))
+    expected = (one.images[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    assert native.size == (32, 32) and (np.asarray(native) == expected).all()
+
+
+def test_the_suffix_picks_the_format(pipe, tmp_path, capsys):
+    assert main(["generate", "a large yellow triangle", "--num", "2", "--out", str(tmp_path / "g.jpg")]) == 0
+    assert Image.open(tmp_path / "g.jpg").format == "JPEG"
+    assert main(["generate", "a large yellow triangle", "--out", str(tmp_path / "g.gif")]) == 2
+    assert "use .png, .jpg or .webp" in capsys.readouterr().err and not (tmp_path / "g.gif").exists()

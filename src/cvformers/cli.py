@@ -286,7 +286,9 @@ def _add_generate(sub) -> None:
     p.add_argument("prompt", help="the caption to draw")
     p.add_argument("--model", default="default", help="dalle run folder, or 'default' (the shipped model)")
     p.add_argument("--num", type=int, default=8, help="images in the grid")
-    p.add_argument("--out", default="grid.png", help="PNG to write (the prompt goes into its metadata)")
+    p.add_argument("--out", default="grid.png", help="picture to write, .png/.jpg/.webp (the prompt goes into its metadata)")
+    p.add_argument("--tile-size", type=int, default=128,
+                   help="enlarge each image by whole pixels to at least this side (0: as sampled)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
     p.add_argument("--temperature", type=float, default=None, help="softmax temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely ids")
@@ -314,7 +316,9 @@ def _cmd_generate(args) -> int:
                                       guidance=args.guidance, candidates=args.candidates, seed=args.seed)
     result = pipe.generate(args.prompt, args.num, sampling, image_prompt=args.image_prompt,
                            prompt_rows=args.prompt_rows)
-    result.save_grid(args.out)
+    if args.tile_size < 0:
+        raise UserError(f"--tile-size must be >= 0, got {args.tile_size}")
+    result.save_grid(args.out, min_tile=args.tile_size)
     print(f"wrote {args.out} ({len(result.images)} images)")
     return 0
 
@@ -388,7 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"cvformers: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.formatwarning = _one_line_warning  # what a user should read, not where it was raised
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -10,6 +10,7 @@ images are only resized (``fit_images``), never cropped.
 
 from __future__ import annotations
 
+import math
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Sequence
@@ -98,12 +99,12 @@ def fit_images(images: torch.Tensor, size: int) -> torch.Tensor:
 # --- tensors -> files ---------------------------------------------------------------------
 
 
-def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> torch.Tensor:
-    """[B,C,H,W] in [0,1] -> one [C, H', W'] grid image with ``pad`` pixels of black between."""
+def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2, pad_value: float = 0.0) -> torch.Tensor:
+    """[B,C,H,W] in [0,1] -> one [C, H', W'] grid image with ``pad`` pixels of ``pad_value`` between."""
     b, c, h, w = images.shape
     nrow = max(1, min(nrow, b))
     ncol = (b + nrow - 1) // nrow
-    grid = images.new_zeros(c, ncol * (h + pad) + pad, nrow * (w + pad) + pad)
+    grid = images.new_full((c, ncol * (h + pad) + pad, nrow * (w + pad) + pad), pad_value)
     for i in range(b):
         r, col = divmod(i, nrow)
         y, x = pad + r * (h + pad), pad + col * (w + pad)
@@ -119,6 +120,33 @@ def to_pil(image: torch.Tensor):
     if arr.shape[0] == 1:
         return Image.fromarray(arr[0].numpy(), mode="L")
     return Image.fromarray(arr.permute(1, 2, 0).numpy(), mode="RGB")
+
+
+def upscale(images: torch.Tensor, min_side: int) -> torch.Tensor:
+    """Repeat pixels (nearest neighbour, an integer factor) until a side is at least ``min_side``:
+    a 32-pixel sample stays crisp at a size one can see."""
+    factor = max(1, math.ceil(min_side / images.shape[-1]))
+    return images.repeat_interleave(factor, -2).repeat_interleave(factor, -1) if factor > 1 else images
+
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def save_image(image: torch.Tensor, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Save a [C,H,W] image atomically in the format its suffix names (.png, .jpg/.jpeg, .webp);
+    ``metadata`` goes into PNG text chunks or a JPEG comment. Another suffix is a ``UserError``."""
+    import json
+
+    fmt = IMAGE_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise UserError(f"cannot write {path}: the suffix says no image format; use .png, .jpg or .webp")
+    if fmt == "PNG":
+        return save_png(image, path, metadata)
+    buf = BytesIO()
+    extra = {"comment": json.dumps(metadata).encode()} if fmt == "JPEG" and metadata else {}
+    to_pil(image).save(buf, format=fmt, quality=95, **extra)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
 
 
 def save_png(image: torch.Tensor, path: str | Path, metadata: dict[str, str] | None = None) -> Path:

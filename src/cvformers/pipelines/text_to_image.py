@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -44,6 +45,26 @@ from cvformers.utils import atomic_write_bytes
 DEFAULT_NAME = "default"
 MAX_CANDIDATES = 10_000  # images sampled by one generate call (a typo such as --num 10000000 is refused)
 CLIP_DIR = "clip"  # optional CLIP run inside a dalle run folder / bundle, used for reranking
+
+
+class FewDistinctImages(UserWarning):
+    """Reranking found fewer distinct candidates than images asked for: the grid is shorter."""
+
+
+def best_distinct(codes: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` best-scored candidates, best first, skipping any whose image ids equal
+    a better one's: at a low temperature the sampler often draws the same image several times,
+    and a reranker would otherwise fill the grid with copies of its favourite."""
+    seen: set[bytes] = set()
+    keep: list[int] = []
+    for i in scores.argsort(descending=True).tolist():
+        key = codes[i].cpu().numpy().tobytes()
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+            if len(keep) == k:
+                break
+    return torch.tensor(keep, dtype=torch.long)
 
 
 class Reranker(Protocol):
@@ -94,17 +115,23 @@ class Generation:
 
         return [to_pil(im) for im in self.images]
 
-    def save_grid(self, path: str | Path, nrow: int | None = None) -> Path:
-        """One PNG grid; the prompt and the sampling settings go into its text metadata."""
-        from cvformers.images import image_grid, save_png
+    def save_grid(self, path: str | Path, nrow: int | None = None, min_tile: int = 128) -> Path:
+        """The images as one picture (one image alone is written as itself, without a frame):
+        tiles enlarged by whole pixels until a side is ``min_tile`` (0: as sampled), white gutters
+        between them; the format follows the suffix. The prompt and the sampling settings go into
+        its metadata."""
+        from cvformers.images import image_grid, save_image, upscale
 
         n = len(self.images)
         nrow = nrow or (min(n, 4) if n <= 16 else math.ceil(math.sqrt(n)))
+        tiles = upscale(self.images, min_tile) if min_tile else self.images
+        pad = max(2, tiles.shape[-1] // 32)
+        picture = tiles[0] if n == 1 else image_grid(tiles, nrow=nrow, pad=pad, pad_value=1.0)
         meta = {"prompt": self.prompt, "cvformers": json.dumps(self.settings, sort_keys=True)}
         scores = None if self.scores is None else [round(float(s), 6) for s in self.scores]
         if scores is not None:  # reranked: the CLIP scores (grid order, best first) in the PNG and beside it
             meta["clip_scores"] = json.dumps(scores)
-        written = save_png(image_grid(self.images, nrow=nrow), path, metadata=meta)  # first: a bad --out writes nothing
+        written = save_image(picture, path, metadata=meta)  # first: a refused --out writes nothing
         if scores is not None:
             sidecar = {"prompt": self.prompt, "settings": self.settings, "clip_scores": scores}
             atomic_write_bytes(Path(path).with_suffix(".scores.json"), json.dumps(sidecar, indent=1).encode())
@@ -216,7 +243,10 @@ class TextToImage:
         scores = None
         if self.reranker is not None:
             scores = torch.as_tensor(self.reranker.score(images, prompt)).flatten().cpu()
-            best = scores.topk(num_images).indices  # best first
+            best = best_distinct(codes, scores, num_images) if candidates > num_images else scores.argsort(descending=True)
+            if len(best) < num_images:
+                warnings.warn(f"only {len(best)} distinct images among {candidates} candidates; raise the "
+                              "temperature or the number of candidates for more", FewDistinctImages, stacklevel=2)
             images, codes, scores = images[best.to(images.device)], codes[best.to(codes.device)], scores[best]
         record = {**to_dict(s), "candidates": candidates, "prompt_rows": None if image_prompt is None
                   else (G // 2 if prompt_rows is None else prompt_rows)}
