@@ -233,5 +233,5 @@ def test_load_run(tmp_path):
     (run / "model.safetensors").unlink()
     with pytest.raises(UserError, match="model.safetensors"):
         load_run(run)
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="no such folder"):
         load_run(tmp_path / "nothing")

@@ -93,3 +93,16 @@ def test_the_suffix_picks_the_format(pipe, tmp_path, capsys):
     assert Image.open(tmp_path / "g.jpg").format == "JPEG"
     assert main(["generate", "a large yellow triangle", "--out", str(tmp_path / "g.gif")]) == 2
     assert "use .png, .jpg or .webp" in capsys.readouterr().err and not (tmp_path / "g.gif").exists()
+
+
+def test_the_shipped_parts_load_by_name(tmp_path, capsys):
+    from cvformers.loading import load_clip, load_run, load_vae
+
+    vae = load_vae("default/vae")
+    clip, _ = load_clip("default/clip")
+    assert vae.num_tokens > 0 and clip.cfg.embed_dim > 0
+    assert load_run("default")[1]["kind"] == "dalle"
+    assert main(["generate", "a large yellow triangle", "--num", "1", "--clip", "default/clip",
+                 "--out", str(tmp_path / "g.png")]) == 0
+    assert main(["generate", "a large yellow triangle", "--clip", "default/nothing", "--out", str(tmp_path / "h.png")]) == 2
+    assert "known: default, default/clip, default/vae" in capsys.readouterr().err

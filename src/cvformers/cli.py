@@ -8,6 +8,7 @@ Python. Expected failures (bad config, bad prompt, missing file) raise ``UserErr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from cvformers.config import ConfigError
@@ -386,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cvformers", description="Text to image (DALL-E: dVAE + sparse transformer + CLIP reranking), CLIP, "
         "and vision transformers (ViT, MLP-Mixer, ConvMixer, Swin).")
+    from cvformers import __version__
+
+    parser.add_argument("--version", action="version", version=f"cvformers {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _COMMANDS:
         add(sub)
@@ -407,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ConfigError, FileNotFoundError) as e:  # the library's "what to change" errors
         print(f"cvformers: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `cvformers models | head` closed the pipe: not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not complain
+        return 0
     except OSError as e:  # the system refused (permissions, disk full): say which file and why
         where = f" {e.filename}" if getattr(e, "filename", None) else ""
         print(f"cvformers: error:{where} {e.strerror or e}", file=sys.stderr)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from cvformers.errors import UserError
-from cvformers.utils import atomic_write_bytes
+from cvformers.utils import atomic_write_bytes, write_target
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -137,6 +137,7 @@ def save_image(image: torch.Tensor, path: str | Path, metadata: dict[str, str] |
     ``metadata`` goes into PNG text chunks or a JPEG comment. Another suffix is a ``UserError``."""
     import json
 
+    write_target(path)  # a folder or a device is refused as such, whatever its name
     fmt = IMAGE_FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
         raise UserError(f"cannot write {path}: the suffix says no image format; use .png, .jpg or .webp")

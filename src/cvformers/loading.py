@@ -27,6 +27,33 @@ from cvformers.utils import atomic_save
 CONFIG = "config.toml"
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"  # a run's caption BPE (cvformers.text)
+DEFAULT_NAME = "default"  # the shipped bundle; "default/vae" and "default/clip" name its parts
+
+
+def default_bundle() -> Path:
+    """Where the shipped bundle lies inside the installed package (editable or not)."""
+    from importlib.resources import files
+
+    return Path(str(files("cvformers") / "assets" / DEFAULT_NAME))
+
+
+def resolve_run(path_or_name: str | Path) -> Path:
+    """A run folder from a path, or from a name of the shipped bundle: ``default``,
+    ``default/vae``, ``default/clip`` (the name wins over a folder of that name in the cwd)."""
+    text = str(path_or_name)
+    if text == DEFAULT_NAME or text.startswith(DEFAULT_NAME + "/"):
+        part = text[len(DEFAULT_NAME):].strip("/")
+        root = default_bundle()
+        path = root / part if part else root
+        if not (path / CONFIG).is_file():
+            known = ", ".join([DEFAULT_NAME] + [f"{DEFAULT_NAME}/{p.name}" for p in sorted(root.glob("*"))
+                                                if (p / CONFIG).is_file()])
+            raise UserError(f"{text!r} is not part of the shipped model (installed in {root}); known: {known}")
+        return path
+    path = Path(path_or_name)
+    if not path.exists():
+        raise UserError(f"unknown model {text!r}: not {DEFAULT_NAME!r} and no such folder")
+    return path
 _ALIASES = "cvformers.aliases"  # safetensors metadata key: {dropped name: stored name}
 
 
@@ -137,7 +164,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.M
     """
     from cvformers.registry import build_model
 
-    run_dir = Path(path)
+    run_dir = resolve_run(path)
     if not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}")
     for name in (CONFIG, WEIGHTS):
@@ -213,7 +240,7 @@ def load_clip(source: str | Path, vocab: str | Path | None = None, quick_gelu: b
     open_clip's LAION ViT-B-32: no) and ``vocab`` where CLIP's BPE merges are (default: the
     installed open_clip's).
     """
-    source = Path(source)
+    source = resolve_run(source) if str(source).startswith(DEFAULT_NAME) else Path(source)
     if source.is_dir():
         model, run_cfg = load_run(source, device=device)
         if run_cfg.get("kind") != "clip":

@@ -40,9 +40,9 @@ from cvformers.errors import UserError
 from cvformers.models.dalle import tokenizer_inner_vocab
 from cvformers.models.dalle_sampling import SamplingConfig, sample_codes
 from cvformers.images import load_image
+from cvformers.loading import DEFAULT_NAME, default_bundle, resolve_run  # noqa: F401  (default_bundle: public here too)
 from cvformers.utils import atomic_write_bytes
 
-DEFAULT_NAME = "default"
 MAX_CANDIDATES = 10_000  # images sampled by one generate call (a typo such as --num 10000000 is refused)
 CLIP_DIR = "clip"  # optional CLIP run inside a dalle run folder / bundle, used for reranking
 
@@ -72,26 +72,6 @@ class Reranker(Protocol):
 
 
 # --- loading a run / the shipped bundle --------------------------------------------------
-
-
-def default_bundle() -> Path:
-    from importlib.resources import files
-
-    return Path(str(files("cvformers") / "assets" / DEFAULT_NAME))
-
-
-def resolve_model_path(path_or_name: str | Path) -> Path:
-    if str(path_or_name) == DEFAULT_NAME:
-        path = default_bundle()
-        if not (path / "config.toml").is_file():
-            raise UserError(f"the default model is not installed (expected it in {path})")
-        return path
-    path = Path(path_or_name)
-    if not path.exists():
-        raise UserError(f"unknown model {str(path_or_name)!r}: not {DEFAULT_NAME!r} and no such folder")
-    if not path.is_dir():
-        raise UserError(f"model {path} is not a folder (give a dalle run folder or {DEFAULT_NAME!r})")
-    return path
 
 
 def _check_files(run: Path) -> None:
@@ -164,7 +144,7 @@ class TextToImage:
         from cvformers.text import BPETokenizer
         from cvformers.loading import load_run
 
-        run = resolve_model_path(path_or_name)
+        run = resolve_run(path_or_name)
         _check_files(run)
         model, config = load_run(run, device)
         if config.get("kind") != "dalle":

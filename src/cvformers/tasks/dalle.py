@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from cvformers.config import ConfigError, from_dict, to_dict
 from cvformers.errors import UserError
-from cvformers.loading import load_vae
+from cvformers.loading import load_vae, resolve_run
 from cvformers.models.dalle_sampling import SamplingConfig
 from cvformers.models.dalle import DALLE, PRESETS, DalleConfig, tokenizer_inner_vocab
 from cvformers.tasks import TaskArgs, TaskSetup, data_config_from, register_task
@@ -217,7 +217,7 @@ def dalle_task(args: TaskArgs) -> TaskSetup:
 
     out = Path(args.out)
     saved_vae = out / VAE_DIR
-    vae_path = Path(args.vae) if args.vae else (saved_vae if args.resume and saved_vae.is_dir() else None)
+    vae_path = resolve_run(args.vae) if args.vae else (saved_vae if args.resume and saved_vae.is_dir() else None)
     if vae_path is None:
         raise UserError("training dalle needs --vae RUN: the run folder of a trained dvae or vqvae")
     device = args.device or "cpu"
