@@ -17,7 +17,7 @@ from cvformers.config import ConfigError, from_dict
 _KINDS: dict[str, tuple[type, type]] = {}
 
 # Packages whose modules register kinds; imported on first use so that `import cvformers` stays fast.
-_KIND_PACKAGES = ("cvformers.models", "cvformers.vae")
+_KIND_PACKAGES = ("cvformers.models", "cvformers.vae", "cvformers.diffusion")
 
 
 def register_kind(name: str, config_cls: type) -> Callable[[type], type]:

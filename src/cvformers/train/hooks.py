@@ -83,8 +83,11 @@ class EMA(TrainerHook):
 
     name = "ema"
 
-    def __init__(self, config: EMAConfig | None = None):
+    def __init__(self, config: EMAConfig | None = None, publish: str | None = None):
+        """``publish``: a file name in the run folder that receives the averaged weights, under the
+        model's own keys, after every checkpoint (what sampling loads: the papers sample from the EMA)."""
         self.config = config or EMAConfig()
+        self.publish = publish
         self.shadow: dict[str, torch.Tensor] = {}
         self.updates = 0
 
@@ -105,6 +108,14 @@ class EMA(TrainerHook):
         for k, v in self._tracked(model).items():
             self.shadow[k].lerp_(v.detach().float(), 1.0 - decay)
         self.updates += 1
+
+    def on_checkpoint(self, model: nn.Module, run_dir: Path, step: int) -> None:
+        if self.publish:
+            from cvformers.loading import save_weights
+
+            state = model.state_dict()
+            averaged = {k: self.shadow[k].to(v.dtype) if k in self.shadow else v for k, v in state.items()}
+            save_weights(averaged, Path(run_dir) / self.publish, metadata={"step": str(step), "ema_decay": str(self.config.decay)})
 
     def copy_to(self, model: nn.Module) -> nn.Module:
         """Load the averaged weights into ``model`` (cast to its dtypes)."""

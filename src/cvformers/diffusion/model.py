@@ -1,0 +1,139 @@
+"""A denoising diffusion model: a U-Net that predicts the noise (or v) of a noised image.
+
+Training (DDPM §3.4, Algorithm 1): draw t uniformly, noise the image by the closed form
+q(x_t | x_0), and regress the U-Net's output on the noise with L_simple = ||ε - ε_θ(x_t, t)||²
+(eq. 14); or on v = sqrt(ᾱ) ε - sqrt(1-ᾱ) x_0 (Salimans & Ho 2022), an option that keeps the
+target's scale even at the ends of the chain. Labels are replaced by the "no label" index with
+probability ``cond_drop_prob`` so one network learns the conditional and the unconditional model
+for classifier-free guidance (Ho & Salimans 2022, Algorithm 1). Images are mapped from [0, 1] to
+[-1, 1] on the way in and back on the way out (§3.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cvformers.config import ConfigError
+from cvformers.diffusion import samplers
+from cvformers.diffusion.samplers import DiffusionSamplingConfig, guided
+from cvformers.diffusion.schedules import Schedule, q_sample, v_target, x0_eps_from_v, x0_from_eps
+from cvformers.models.unet import UNet, UNetConfig
+from cvformers.registry import register_kind
+
+
+@dataclass
+class DDPMConfig:
+    """The ``[model]`` table of a diffusion run."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)  # the denoising network ([model.unet])
+    num_steps: int = 1000  # T, steps of the forward process (DDPM: 1000)
+    schedule: Literal["linear", "cosine"] = "linear"  # β schedule: DDPM's linear or improved DDPM's cosine
+    prediction: Literal["eps", "v"] = "eps"  # what the U-Net predicts: the noise ε (DDPM) or v
+    cond_drop_prob: float = 0.1  # classifier-free guidance: share of training labels replaced by "no label"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.unet, dict):
+            from cvformers.config import from_dict
+
+            self.unet = from_dict(UNetConfig, self.unet, "model.unet")
+        if self.num_steps < 2:
+            raise ValueError(f"model.num_steps must be >= 2, got {self.num_steps}")
+        if not 0.0 <= self.cond_drop_prob < 1.0:
+            raise ValueError(f"model.cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+
+
+@register_kind("ddpm", DDPMConfig)
+class DDPM(nn.Module):
+    """``loss(batch)`` for the trainer; ``denoise`` and ``sample`` for generation."""
+
+    def __init__(self, cfg: DDPMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.unet = UNet(cfg.unet)
+        # derived from the config, not learned: kept out of the state dict
+        self.schedule = Schedule.make(cfg.schedule, cfg.num_steps)
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.unet.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        u = self.cfg.unet
+        return (u.in_channels, u.image_size, u.image_size)
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        x0 = batch["image"] * 2 - 1
+        b = x0.shape[0]
+        t = torch.randint(0, self.cfg.num_steps, (b,), device=x0.device)
+        noise = torch.randn_like(x0)
+        xt = q_sample(self.schedule, x0, t, noise)
+        labels = None
+        if self.num_classes:
+            labels = batch["label"].to(x0.device).clone()
+            drop = torch.rand(b, device=x0.device) < self.cfg.cond_drop_prob
+            labels[drop | (labels < 0)] = self.num_classes  # "no label": the unconditional model
+        out = self.unet(xt, t, labels=labels)
+        target = noise if self.cfg.prediction == "eps" else v_target(self.schedule, x0, t, noise)
+        loss = F.mse_loss(out, target)
+        return loss, {"mse": loss.item()}
+
+    def predict(self, xt: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x̂_0, ε̂) from the U-Net's output, whichever target it was trained on."""
+        if self.cfg.prediction == "eps":
+            return x0_from_eps(self.schedule, xt, t, out), out
+        return x0_eps_from_v(self.schedule, xt, t, out)
+
+    def denoise_fn(self, labels: torch.Tensor | None, guidance: float) -> Callable:
+        """``denoise(x_t, t) -> (x̂_0, ε̂)`` for the samplers; with guidance != 1 the conditional and
+        the unconditional rows run as one batch and are mixed in ε (Ho & Salimans eq. 6)."""
+        if guidance != 1.0 and not self.num_classes:
+            raise ConfigError("guidance needs a class-conditional model; this one was trained without labels")
+
+        def denoise(xt: torch.Tensor, t: torch.Tensor):
+            if guidance == 1.0:
+                return self.predict(xt, t, self.unet(xt, t, labels=labels))
+            null = torch.full_like(labels, self.num_classes)
+            out = self.unet(torch.cat([xt, xt]), torch.cat([t, t]), labels=torch.cat([labels, null]))
+            x0_c, eps_c = self.predict(xt, t, out[: len(xt)])
+            x0_u, eps_u = self.predict(xt, t, out[len(xt):])
+            eps = guided(eps_c, eps_u, guidance)
+            return x0_from_eps(self.schedule, xt, t, eps), eps
+
+        return denoise
+
+    @torch.no_grad()
+    def sample(self, n: int, sampling: DiffusionSamplingConfig | None = None, labels: torch.Tensor | None = None,
+               generator: torch.Generator | None = None,
+               progress: Callable[[Iterable], Iterable] | None = None) -> torch.Tensor:
+        """``n`` images [n, C, H, W] in [0, 1]. ``labels`` [n] (class-conditional models; None: unconditional)."""
+        s = sampling or DiffusionSamplingConfig()
+        device = next(self.parameters()).device
+        if labels is not None:
+            if not self.num_classes:
+                raise ConfigError("labels given to a model trained without labels")
+            labels = labels.to(device)
+            if bool(((labels < 0) | (labels >= self.num_classes)).any()):
+                raise ConfigError(f"labels must be in [0, {self.num_classes}), got {labels.tolist()}")
+        elif self.num_classes:
+            labels = torch.full((n,), self.num_classes, dtype=torch.long, device=device)  # unconditional
+        if generator is None:
+            generator = torch.Generator(device)
+            generator.manual_seed(s.seed) if s.seed is not None else generator.seed()
+        x = torch.randn((n, *self.image_shape), generator=generator, device=device)
+        denoise = self.denoise_fn(labels, s.guidance)
+        if s.sampler == "ddpm":
+            x = samplers.ddpm_sample(denoise, self.schedule, x, variance=s.variance, clip=s.clip,
+                                     generator=generator, progress=progress)
+        else:
+            x = samplers.ddim_sample(denoise, self.schedule, x, steps=s.steps, eta=s.eta, clip=s.clip,
+                                     generator=generator, progress=progress)
+        return ((x + 1) / 2).clamp(0, 1)
+
+
+__all__ = ["DDPM", "DDPMConfig"]
