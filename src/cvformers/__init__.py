@@ -1,8 +1,8 @@
 """cvformers: transformers from NLP to CV.
 
 An image becomes a sequence of tokens and a transformer models sequences: DALL-E (dVAE
-image tokenizer + sparse-attention transformer + CLIP reranking), CLIP, ViT and friends,
-and the vision backbones ViT, MLP-Mixer, ConvMixer and Swin.
+image tokenizer + sparse-attention transformer + CLIP reranking), CLIP,
+the vision backbones ViT, MLP-Mixer, ConvMixer and Swin, and denoising diffusion (DDPM, DDIM).
 """
 
 __version__ = "0.1.0"
