@@ -261,7 +261,7 @@ class DALLE(nn.Module):
         return self.image_head(self.norm(x))
 
 
-def tokenizer_inner_vocab(vae) -> int:
+def image_inner_vocab_of(vae) -> int:
     """The ``image_inner_vocab`` a DALL-E over this image tokenizer's ids needs (0: plain ids)."""
     factors = getattr(vae, "code_factors", None)  # (outer, inner) when the ids are pairs
     return factors[1] if factors else 0

@@ -37,7 +37,7 @@ import torch
 
 from cvformers.config import from_dict, to_dict
 from cvformers.errors import UserError
-from cvformers.models.dalle import tokenizer_inner_vocab
+from cvformers.models.dalle import image_inner_vocab_of
 from cvformers.models.dalle_sampling import SamplingConfig, sample_codes
 from cvformers.images import load_image
 from cvformers.loading import DEFAULT_NAME, default_bundle, resolve_run  # noqa: F401  (default_bundle: public here too)
@@ -130,8 +130,8 @@ class TextToImage:
         if vae.num_tokens != cfg.num_image_tokens or vae.grid_size != cfg.grid_size:
             raise UserError(f"image tokenizer ({vae.num_tokens} ids, grid {vae.grid_size}) does not match the "
                             f"model ({cfg.num_image_tokens}, grid {cfg.grid_size})")
-        if tokenizer_inner_vocab(vae) != cfg.image_inner_vocab:
-            raise UserError(f"image tokenizer's ids have inner vocabulary {tokenizer_inner_vocab(vae)} (0: not "
+        if image_inner_vocab_of(vae) != cfg.image_inner_vocab:
+            raise UserError(f"image tokenizer's ids have inner vocabulary {image_inner_vocab_of(vae)} (0: not "
                             f"pairs) but the model was trained with image_inner_vocab = {cfg.image_inner_vocab}")
         self.model, self.vae, self.tokenizer = model.eval(), vae.eval(), tokenizer
         self.reranker = reranker

@@ -27,7 +27,7 @@ from cvformers.config import ConfigError, from_dict, to_dict
 from cvformers.errors import UserError
 from cvformers.loading import load_vae, resolve_run
 from cvformers.models.dalle_sampling import SamplingConfig
-from cvformers.models.dalle import DALLE, PRESETS, DalleConfig, tokenizer_inner_vocab
+from cvformers.models.dalle import DALLE, PRESETS, DalleConfig, image_inner_vocab_of
 from cvformers.tasks import TaskArgs, TaskSetup, data_config_from, register_task
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -200,7 +200,7 @@ def model_config_from(args: TaskArgs, text_len: int, num_text_tokens: int, vae) 
     if preset not in PRESETS:
         raise ConfigError(f"unknown dalle preset {preset!r}; known: {', '.join(PRESETS)}")
     fixed = dict(text_len=text_len, num_text_tokens=num_text_tokens, num_image_tokens=vae.num_tokens,
-                 grid_size=vae.grid_size, image_inner_vocab=tokenizer_inner_vocab(vae))
+                 grid_size=vae.grid_size, image_inner_vocab=image_inner_vocab_of(vae))
     for k, v in fixed.items():
         if k in table and table[k] != v:
             raise ConfigError(f"model.{k} = {table[k]} but the tokenizers fix it to {v}; remove it from [model]")

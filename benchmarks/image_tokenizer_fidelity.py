@@ -4,7 +4,7 @@ decode(encode(x)) on shapes images, for the test split and the held-out colourâ€
 If reconstructions of held-out scenes pass the checker, the tokenizer can represent them and a
 low held-out generation score is the transformer's (compositional generalisation), not its.
 
-    python benchmarks/tokenizer_fidelity.py --vae runs/ship_vqvae --n 400
+    python benchmarks/image_tokenizer_fidelity.py --vae runs/ship_vqvae --n 400
 """
 
 from __future__ import annotations
