@@ -106,3 +106,21 @@ def test_the_shipped_parts_load_by_name(tmp_path, capsys):
                  "--out", str(tmp_path / "g.png")]) == 0
     assert main(["generate", "a large yellow triangle", "--clip", "default/nothing", "--out", str(tmp_path / "h.png")]) == 2
     assert "known: default, default/clip, default/vae" in capsys.readouterr().err
+
+
+def test_several_prompts_one_file_per_image(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a large yellow triangle\n\na small red circle above a large blue square\n")
+    out = tmp_path / "images"
+    assert main(["generate", "a big green plus", "--prompt-file", str(prompts), "--num", "2", "--out-dir", str(out)]) == 0
+    folders = sorted(p.name for p in out.iterdir())
+    assert folders == ["a-big-green-plus", "a-large-yellow-triangle", "a-small-red-circle-above-a-large-blue-square"]
+    for folder in folders:
+        names = sorted(p.name for p in (out / folder).iterdir())
+        assert names == ["0.png", "1.png", "scores.json"]
+        assert Image.open(out / folder / "0.png").text["prompt"].replace(" ", "-") == folder
+    assert main(["generate", "a big green plus", "a large yellow triangle", "--num", "1", "--out", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g-a-big-green-plus.png").is_file() and (tmp_path / "g-a-large-yellow-triangle.png").is_file()
+    capsys.readouterr()
+    assert main(["generate", "x", "--out", str(tmp_path / "a.png"), "--out-dir", str(out)]) == 2
+    assert main(["generate"]) == 2 and "give a prompt" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from cvformers.config import ConfigError
 from cvformers.errors import UserError
@@ -284,10 +285,13 @@ def _cmd_data_openclipart(args) -> int:
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="text to images with a DALL-E run (or the shipped default) as a PNG grid")
-    p.add_argument("prompt", help="the caption to draw")
+    p.add_argument("prompt", nargs="*", help="the caption(s) to draw")
+    p.add_argument("--prompt-file", default=None, help="a text file of captions, one a line (added to the prompts)")
     p.add_argument("--model", default="default", help="dalle run folder, or 'default' (the shipped model)")
-    p.add_argument("--num", type=int, default=8, help="images in the grid")
-    p.add_argument("--out", default="grid.png", help="picture to write, .png/.jpg/.webp (the prompt goes into its metadata)")
+    p.add_argument("--num", type=int, default=8, help="images per prompt")
+    p.add_argument("--out", default=None, help="grid picture to write, .png/.jpg/.webp (default grid.png; with several "
+                                                "prompts one grid each, named OUT-<prompt>.png)")
+    p.add_argument("--out-dir", default=None, help="write each image as its own file: DIR/<prompt>/<i>.png")
     p.add_argument("--tile-size", type=int, default=128,
                    help="enlarge each image by whole pixels to at least this side (0: as sampled)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
@@ -303,9 +307,27 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
-def _cmd_generate(args) -> int:
-    from cvformers.pipelines.text_to_image import TextToImage
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file is not None:
+        try:
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --prompt-file {args.prompt_file}: {e}") from e
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("give a prompt to draw (or --prompt-file with one a line)")
+    return prompts
 
+
+def _cmd_generate(args) -> int:
+    from cvformers.pipelines.text_to_image import TextToImage, prompt_slug
+
+    prompts = _prompts(args)
+    if args.out is not None and args.out_dir is not None:
+        raise UserError("give --out (grids) or --out-dir (one file per image), not both")
+    if args.tile_size < 0:
+        raise UserError(f"--tile-size must be >= 0, got {args.tile_size}")
     reranker = None
     if args.clip is not None:
         from cvformers.pipelines.rerank import ClipReranker
@@ -315,12 +337,18 @@ def _cmd_generate(args) -> int:
     # the model's [sampling] defaults, with the flags given on the command line on top: one object, checked once
     sampling = pipe.sampling.override(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                       guidance=args.guidance, candidates=args.candidates, seed=args.seed)
-    result = pipe.generate(args.prompt, args.num, sampling, image_prompt=args.image_prompt,
-                           prompt_rows=args.prompt_rows)
-    if args.tile_size < 0:
-        raise UserError(f"--tile-size must be >= 0, got {args.tile_size}")
-    result.save_grid(args.out, min_tile=args.tile_size)
-    print(f"wrote {args.out} ({len(result.images)} images)")
+    out = Path(args.out or "grid.png")
+    slugs = [prompt_slug(p) for p in prompts]
+    slugs = [s if slugs.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(slugs)]  # two prompts, one slug
+    for prompt, slug in zip(prompts, slugs):
+        result = pipe.generate(prompt, args.num, sampling, image_prompt=args.image_prompt, prompt_rows=args.prompt_rows)
+        if args.out_dir is not None:
+            written = result.save_images(Path(args.out_dir) / slug, min_tile=args.tile_size)
+            print(f"wrote {len(written)} images to {Path(args.out_dir) / slug}")
+        else:
+            path = out if len(prompts) == 1 else out.with_name(f"{out.stem}-{slug}{out.suffix}")
+            result.save_grid(path, min_tile=args.tile_size)
+            print(f"wrote {path} ({len(result.images)} images)")
     return 0
 
 

@@ -47,6 +47,14 @@ MAX_CANDIDATES = 10_000  # images sampled by one generate call (a typo such as -
 CLIP_DIR = "clip"  # optional CLIP run inside a dalle run folder / bundle, used for reranking
 
 
+def prompt_slug(prompt: str, limit: int = 60) -> str:
+    """A file-name-safe form of a prompt: lower case, runs of other characters as one '-'."""
+    import re
+
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].strip("-")
+    return slug or "prompt"
+
+
 class FewDistinctImages(UserWarning):
     """Reranking found fewer distinct candidates than images asked for: the grid is shorter."""
 
@@ -94,6 +102,25 @@ class Generation:
         from cvformers.images import to_pil
 
         return [to_pil(im) for im in self.images]
+
+    def save_images(self, folder: str | Path, min_tile: int = 128) -> list[Path]:
+        """One PNG per image, ``folder/0.png`` … best first when reranked (as DALLE-pytorch writes
+        them), each with the prompt in its metadata; the scores beside them in ``scores.json``."""
+        from cvformers.images import save_image, upscale
+
+        folder = Path(folder)
+        tiles = upscale(self.images, min_tile) if min_tile else self.images
+        written = []
+        for i, tile in enumerate(tiles):
+            meta = {"prompt": self.prompt, "cvformers": json.dumps(self.settings, sort_keys=True)}
+            if self.scores is not None:
+                meta["clip_score"] = f"{float(self.scores[i]):.6f}"
+            written.append(save_image(tile, folder / f"{i}.png", metadata=meta))
+        if self.scores is not None:
+            sidecar = {"prompt": self.prompt, "settings": self.settings,
+                       "clip_scores": [round(float(v), 6) for v in self.scores]}
+            atomic_write_bytes(folder / "scores.json", json.dumps(sidecar, indent=1).encode())
+        return written
 
     def save_grid(self, path: str | Path, nrow: int | None = None, min_tile: int = 128) -> Path:
         """The images as one picture (one image alone is written as itself, without a frame):
