@@ -124,3 +124,15 @@ def test_several_prompts_one_file_per_image(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", "x", "--out", str(tmp_path / "a.png"), "--out-dir", str(out)]) == 2
     assert main(["generate"]) == 2 and "give a prompt" in capsys.readouterr().err
+
+
+def test_words_the_model_never_saw_are_named(pipe):
+    from cvformers.pipelines.text_to_image import UnknownWords
+
+    with pytest.warns(UnknownWords, match=r"'cute', 'dog', 'beach'.*words it knows: .*circle"):
+        pipe.generate("a cute dog on the beach", num_images=1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnknownWords)
+        pipe.generate("a small red circle above a large blue square", num_images=1)

@@ -118,6 +118,19 @@ class BPETokenizer:
         return cls.from_bytes(path.read_bytes())
 
     # --- encoding --------------------------------------------------------------------------
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` that are not whole tokens of the vocabulary: BPE learns a merge for
+        every word it saw often enough, so these are words the training captions did not hold
+        (or held too rarely to matter). They still encode, as pieces the model cannot read."""
+        normal = self._tok.normalizer.normalize_str(text) if self._tok.normalizer else text
+        pieces = self._tok.pre_tokenizer.pre_tokenize_str(normal) if self._tok.pre_tokenizer else []
+        unknown = []
+        for piece, (start, end) in pieces:
+            word = normal[start:end].strip()
+            if word and word.isalpha() and self._tok.token_to_id(piece) is None and word not in unknown:
+                unknown.append(word)
+        return unknown
+
     def tokenize(self, text: str) -> list[int]:
         """BPE ids of one caption, without padding or truncation."""
         if not isinstance(text, str) or not text.strip():

@@ -55,6 +55,10 @@ def prompt_slug(prompt: str, limit: int = 60) -> str:
     return slug or "prompt"
 
 
+class UnknownWords(UserWarning):
+    """The prompt holds words the model's caption vocabulary does not: it draws something else."""
+
+
 class FewDistinctImages(UserWarning):
     """Reranking found fewer distinct candidates than images asked for: the grid is shorter."""
 
@@ -189,6 +193,13 @@ class TextToImage:
         sampling = from_dict(SamplingConfig, table, "sampling")
         return cls(model, vae, tokenizer, reranker=reranker, sampling=sampling)
 
+    def vocabulary_words(self) -> list[str]:
+        """The whole words of the caption vocabulary (what a prompt can use)."""
+        vocab = self.tokenizer._tok.get_vocab()
+        words = {tok[1:] for tok in vocab if tok.startswith("Ġ") and tok[1:].isalpha() and len(tok) > 2}
+        # BPE keeps the steps of its merges ("abo" on the way to "above"): list the words, not the steps
+        return sorted(w for w in words if not any(o != w and o.startswith(w) for o in words))
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -197,6 +208,12 @@ class TextToImage:
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError("the prompt is empty")
         text = self.tokenizer.encode(prompt)
+        unknown = self.tokenizer.unknown_words(prompt)
+        if unknown:
+            known = self.vocabulary_words()
+            listed = ", ".join(known[:40]) + (" …" if len(known) > 40 else "")
+            warnings.warn(f"the model never learnt the word(s) {', '.join(repr(w) for w in unknown)}: "
+                          f"expect something else; words it knows: {listed}", UnknownWords, stacklevel=3)
         if bool((text >= self.tokenizer.vocab_size).all()):
             raise UserError(f"the prompt {prompt!r} tokenizes to nothing but padding")
         return text.to(self.device)
