@@ -428,7 +428,7 @@ def _cmd_sample_ddpm(args) -> int:
     import torch
 
     from cvformers.diffusion.samplers import DiffusionSamplingConfig
-    from cvformers.images import image_grid, save_image, upscale
+    from cvformers.images import picture, save_image
     from cvformers.pipelines.diffusion import DiffusionPipeline
 
     sampling = DiffusionSamplingConfig(sampler=args.sampler, steps=args.steps, eta=args.eta,
@@ -443,10 +443,7 @@ def _cmd_sample_ddpm(args) -> int:
         raise UserError(f"--tile-size must be >= 0, got {args.tile_size}")
     pipe = DiffusionPipeline.load(args.model, device=args.device, use_ema=not args.no_ema)
     images = pipe.generate(args.num, sampling, labels=labels, progress=True)
-    tiles = upscale(images, args.tile_size) if args.tile_size else images
-    picture = tiles[0] if len(tiles) == 1 else image_grid(tiles, nrow=min(len(tiles), 8), pad=max(2, tiles.shape[-1] // 32),
-                                                          pad_value=1.0)
-    save_image(picture, args.out, metadata={"model": str(args.model), "sampling": repr(sampling),
+    save_image(picture(images, args.tile_size, nrow=min(len(images), 8)), args.out, metadata={"model": str(args.model), "sampling": repr(sampling),
                                             "labels": "" if labels is None else args.label})
     print(f"wrote {args.out} ({len(images)} images)")
     return 0

@@ -129,6 +129,17 @@ def upscale(images: torch.Tensor, min_side: int) -> torch.Tensor:
     return images.repeat_interleave(factor, -2).repeat_interleave(factor, -1) if factor > 1 else images
 
 
+def picture(images: torch.Tensor, min_tile: int = 128, nrow: int | None = None) -> torch.Tensor:
+    """What a user looks at: one image alone, or a grid with white gutters, each image enlarged by
+    whole pixels to ``min_tile`` (0: as sampled). ``nrow`` defaults to 4 up to 16 images, else √n."""
+    n = len(images)
+    tiles = upscale(images, min_tile) if min_tile else images
+    if n == 1:
+        return tiles[0]
+    nrow = nrow or (min(n, 4) if n <= 16 else math.ceil(math.sqrt(n)))
+    return image_grid(tiles, nrow=nrow, pad=max(2, tiles.shape[-1] // 32), pad_value=1.0)
+
+
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 

@@ -27,7 +27,6 @@ A dalle run folder readable by ``TextToImage.load``::
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,18 +130,13 @@ class Generation:
         tiles enlarged by whole pixels until a side is ``min_tile`` (0: as sampled), white gutters
         between them; the format follows the suffix. The prompt and the sampling settings go into
         its metadata."""
-        from cvformers.images import image_grid, save_image, upscale
+        from cvformers.images import picture, save_image
 
-        n = len(self.images)
-        nrow = nrow or (min(n, 4) if n <= 16 else math.ceil(math.sqrt(n)))
-        tiles = upscale(self.images, min_tile) if min_tile else self.images
-        pad = max(2, tiles.shape[-1] // 32)
-        picture = tiles[0] if n == 1 else image_grid(tiles, nrow=nrow, pad=pad, pad_value=1.0)
         meta = {"prompt": self.prompt, "cvformers": json.dumps(self.settings, sort_keys=True)}
         scores = None if self.scores is None else [round(float(s), 6) for s in self.scores]
         if scores is not None:  # reranked: the CLIP scores (grid order, best first) in the PNG and beside it
             meta["clip_scores"] = json.dumps(scores)
-        written = save_image(picture, path, metadata=meta)  # first: a refused --out writes nothing
+        written = save_image(picture(self.images, min_tile, nrow), path, metadata=meta)  # first: a refused --out writes nothing
         if scores is not None:
             sidecar = {"prompt": self.prompt, "settings": self.settings, "clip_scores": scores}
             atomic_write_bytes(Path(path).with_suffix(".scores.json"), json.dumps(sidecar, indent=1).encode())
