@@ -57,7 +57,7 @@ def sample_writer(task_cfg: DDPMTaskConfig, ema: EMA | None, per_row: int = 8):
     """An ``on_checkpoint`` hook: ``samples.png``, one row per class (or two unconditional rows), EMA weights."""
 
     def write(model: DDPM, run_dir: Path, step: int) -> None:
-        from cvformers.images import image_grid, save_png, upscale
+        from cvformers.images import picture, save_png
 
         sampler = model if ema is None else ema.averaged(model)
         sampler.eval()
@@ -65,8 +65,7 @@ def sample_writer(task_cfg: DDPMTaskConfig, ema: EMA | None, per_row: int = 8):
         labels = torch.arange(rows).repeat_interleave(per_row) if model.num_classes else None
         sampling = DiffusionSamplingConfig(sampler="ddim", steps=task_cfg.sample_steps, seed=0)
         images = sampler.sample(rows * per_row, sampling, labels=labels).cpu()
-        save_png(image_grid(upscale(images, 64), nrow=per_row, pad=2, pad_value=1.0), Path(run_dir) / SAMPLES_FILE,
-                 metadata={"step": str(step)})
+        save_png(picture(images, 64, nrow=per_row), Path(run_dir) / SAMPLES_FILE, metadata={"step": str(step)})
 
     return write
 
