@@ -131,6 +131,12 @@ class BPETokenizer:
                 unknown.append(word)
         return unknown
 
+    def words(self) -> list[str]:
+        """The whole words of the vocabulary (tokens that begin a word), without the steps of BPE's
+        merges that lead to a longer word ("abo" on the way to "above")."""
+        found = {tok[1:] for tok in self._tok.get_vocab() if tok.startswith("Ġ") and tok[1:].isalpha() and len(tok) > 2}
+        return sorted(w for w in found if not any(o != w and o.startswith(w) for o in found))
+
     def tokenize(self, text: str) -> list[int]:
         """BPE ids of one caption, without padding or truncation."""
         if not isinstance(text, str) or not text.strip():

@@ -26,6 +26,9 @@ from cvformers.models.unet import UNet, UNetConfig
 from cvformers.registry import register_kind
 
 
+EMA_FILE = "ema.safetensors"  # a run's averaged weights, what sampling loads (written by the EMA hook)
+
+
 @dataclass
 class DDPMConfig:
     """The ``[model]`` table of a diffusion run."""
@@ -136,4 +139,4 @@ class DDPM(nn.Module):
         return ((x + 1) / 2).clamp(0, 1)
 
 
-__all__ = ["DDPM", "DDPMConfig"]
+__all__ = ["DDPM", "DDPMConfig", "EMA_FILE"]

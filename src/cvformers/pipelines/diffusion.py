@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 
-from cvformers.diffusion.model import DDPM
+from cvformers.diffusion.model import DDPM, EMA_FILE
 from cvformers.diffusion.samplers import DiffusionSamplingConfig
 from cvformers.errors import UserError
 from cvformers.loading import load_run, load_weights, resolve_run
 
-EMA_FILE = "ema.safetensors"
 MAX_IMAGES = 1024  # one call; each image costs `steps` U-Net forwards
 
 

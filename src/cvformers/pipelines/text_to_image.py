@@ -187,13 +187,6 @@ class TextToImage:
         sampling = from_dict(SamplingConfig, table, "sampling")
         return cls(model, vae, tokenizer, reranker=reranker, sampling=sampling)
 
-    def vocabulary_words(self) -> list[str]:
-        """The whole words of the caption vocabulary (what a prompt can use)."""
-        vocab = self.tokenizer._tok.get_vocab()
-        words = {tok[1:] for tok in vocab if tok.startswith("Ġ") and tok[1:].isalpha() and len(tok) > 2}
-        # BPE keeps the steps of its merges ("abo" on the way to "above"): list the words, not the steps
-        return sorted(w for w in words if not any(o != w and o.startswith(w) for o in words))
-
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -204,7 +197,7 @@ class TextToImage:
         text = self.tokenizer.encode(prompt)
         unknown = self.tokenizer.unknown_words(prompt)
         if unknown:
-            known = self.vocabulary_words()
+            known = self.tokenizer.words()
             listed = ", ".join(known[:40]) + (" …" if len(known) > 40 else "")
             warnings.warn(f"the model never learnt the word(s) {', '.join(repr(w) for w in unknown)}: "
                           f"expect something else; words it knows: {listed}", UnknownWords, stacklevel=3)

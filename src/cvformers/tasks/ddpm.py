@@ -24,12 +24,11 @@ import torch
 from cvformers.config import ConfigError, from_dict, to_dict
 from cvformers.data import DataConfig, build_from_config
 from cvformers.data.labels import classification_dataset, count_classes
-from cvformers.diffusion.model import DDPM, DDPMConfig
+from cvformers.diffusion.model import DDPM, EMA_FILE, DDPMConfig
 from cvformers.diffusion.samplers import DiffusionSamplingConfig
 from cvformers.tasks import TaskArgs, TaskSetup, data_config_from, register_task
 from cvformers.train.hooks import EMA, EMAConfig
 
-EMA_FILE = "ema.safetensors"
 SAMPLES_FILE = "samples.png"
 
 # A CPU-sized U-Net: 32 -> 16 -> 8 feature maps, attention at 8 (DDPM used 16 on 32x32 CIFAR at 35.7M).
