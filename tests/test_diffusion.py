@@ -142,16 +142,17 @@ def test_guidance_1_is_the_conditional_model_and_labels_are_checked():
     plain = model.sample(2, DiffusionSamplingConfig(steps=5, guidance=1.0), labels=labels)
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([10, 10])
-    x0_a, eps_a = model.denoise_fn(labels, 1.0)(x, t)
+    cond, null_inputs = model.label_inputs(labels)
+    x0_a, eps_a = model.denoise_fn(cond, null_inputs, 1.0)(x, t)
     assert torch.equal(eps_a, model.unet(x, t, labels=labels))  # one forward, the conditional rows only
-    _, eps_strong = model.denoise_fn(labels, 4.0)(x, t)
+    _, eps_strong = model.denoise_fn(cond, null_inputs, 4.0)(x, t)
     null = torch.full_like(labels, 3)
     eps_u = model.unet(x, t, labels=null)
     assert torch.allclose(eps_strong, eps_u + 4.0 * (eps_a - eps_u), atol=1e-5)  # Ho & Salimans eq. 6, one batch
     assert plain.shape == (2, 1, 16, 16) and (eps_strong - eps_a).abs().max() > 1e-3
     with pytest.raises(ConfigError, match=r"labels must be in \[0, 3\)"):
         model.sample(2, labels=torch.tensor([0, 3]))
-    with pytest.raises(ConfigError, match="guidance needs a class-conditional model"):
+    with pytest.raises(ConfigError, match="guidance needs a conditional model"):
         tiny_model().sample(1, DiffusionSamplingConfig(guidance=2.0))
 
 

@@ -53,6 +53,7 @@ def _add_train(sub) -> None:
     p.add_argument("--until", type=int, default=None,
                    help="stop (and checkpoint) after this step; --resume continues on the same schedule")
     p.add_argument("--vae", default=None, help="(dalle) run folder of the trained image tokenizer")
+    p.add_argument("--clip", default=None, help="(unclip-prior, unclip-decoder) CLIP run folder (default: default/clip)")
     p.add_argument("--model", default=None, help="(classifier, clip) model preset name")
     p.add_argument("--device", default=None, type=_device, help="cpu | cuda (default: cuda when available)")
     p.set_defaults(func=_cmd_train)
@@ -174,8 +175,8 @@ def _cmd_eval_classifier(args) -> int:
 # `cvformers eval WHAT`: each evaluation adds itself here
 def _add_eval_fidelity(esub) -> None:
     p = esub.add_parser("fidelity", help="caption fidelity of generated shapes (and the CLIP reranking gain)")
-    p.add_argument("--model", default="default", help="dalle run folder or bundle, or 'default'")
-    p.add_argument("--clip", default=None, help="CLIP run used to rerank (default: the bundle's own clip/)")
+    p.add_argument("--model", default="default", help="dalle run folder or bundle, 'default', 'unclip', or an unclip folder")
+    p.add_argument("--clip", default=None, help="(dalle) CLIP run used to rerank (default: the bundle's own clip/)")
     p.add_argument("--split", default="test", help="test (training distribution) or heldout (unseen pairs)")
     p.add_argument("--captions", type=int, default=100, help="captions (scenes) to draw")
     p.add_argument("--per-caption", type=int, default=8, help="images drawn per caption")
@@ -186,6 +187,8 @@ def _add_eval_fidelity(esub) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely ids")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=int, default=None, help="(unclip) decoder DDIM steps")
+    p.add_argument("--no-upsampler", action="store_true", help="(unclip) score the decoder's images, before the upsampler")
     p.add_argument("--device", default="cpu", type=_device, help="cpu | cuda")
     p.set_defaults(func=_cmd_eval_fidelity)
 
@@ -195,14 +198,28 @@ def _cmd_eval_fidelity(args) -> int:
 
     from cvformers.eval.generation import caption_fidelity, rerank_gain
     from cvformers.pipelines.text_to_image import TextToImage
+    from cvformers.pipelines.unclip import UnCLIP, is_unclip
 
-    reranker = None
-    if args.clip:
-        from cvformers.pipelines.rerank import ClipReranker
+    if is_unclip(args.model):
+        given = [flag for flag, value in {"--temperature": args.temperature, "--top-k": args.top_k,
+                                          "--top-p": args.top_p, "--clip": args.clip}.items() if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)}: DALL-E settings; {args.model} is an unCLIP model")
+        pipe = UnCLIP.load(args.model, device=args.device)
+        if args.no_upsampler:
+            pipe.upsampler = None
+        sampling = {"guidance": args.guidance, "steps": args.steps}
+    else:
+        if args.steps is not None or args.no_upsampler:
+            raise UserError("--steps and --no-upsampler are unCLIP settings")
+        reranker = None
+        if args.clip:
+            from cvformers.pipelines.rerank import ClipReranker
 
-        reranker = ClipReranker.load(args.clip, device=args.device)
-    pipe = TextToImage.load(args.model, device=args.device, reranker=reranker)
-    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "guidance": args.guidance}
+            reranker = ClipReranker.load(args.clip, device=args.device)
+        pipe = TextToImage.load(args.model, device=args.device, reranker=reranker)
+        sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                    "guidance": args.guidance}
     if args.rerank:
         result = rerank_gain(pipe, args.split, args.captions, args.rerank, seed=args.seed, **sampling)
     else:
@@ -284,10 +301,11 @@ def _cmd_data_openclipart(args) -> int:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="text to images with a DALL-E run (or the shipped default) as a PNG grid")
+    p = sub.add_parser("generate", help="text to images with DALL-E or DALL-E 2 (unCLIP) as a PNG grid")
     p.add_argument("prompt", nargs="*", help="the caption(s) to draw")
     p.add_argument("--prompt-file", default=None, help="a text file of captions, one a line (added to the prompts)")
-    p.add_argument("--model", default="default", help="dalle run folder, or 'default' (the shipped model)")
+    p.add_argument("--model", default="default", help="'default' (the shipped DALL-E), 'unclip' (the shipped "
+                                                      "DALL-E 2), a dalle run, an unclip bundle or folder of runs")
     p.add_argument("--num", type=int, default=8, help="images per prompt")
     p.add_argument("--out", default=None, help="grid picture to write, .png/.jpg/.webp (default grid.png; with several "
                                                 "prompts one grid each, named OUT-<prompt>.png)")
@@ -299,6 +317,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely ids")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--steps", type=int, default=None, help="(unclip) decoder DDIM steps")
     p.add_argument("--candidates", type=int, default=None, help="sample this many and keep the --num best (needs --clip)")
     p.add_argument("--clip", default=None, help="CLIP run folder or weight file used to rerank the candidates")
     p.add_argument("--image-prompt", default=None, help="image whose top rows the samples keep (DALL-E §3.3)")
@@ -320,14 +339,24 @@ def _prompts(args) -> list[str]:
     return prompts
 
 
-def _cmd_generate(args) -> int:
-    from cvformers.pipelines.text_to_image import TextToImage, prompt_slug
+def _generator_pipeline(args):
+    """(pipeline, its sampling with the flags on top, extra generate keywords) for --model."""
+    from cvformers.pipelines.unclip import UnCLIP, is_unclip
 
-    prompts = _prompts(args)
-    if args.out is not None and args.out_dir is not None:
-        raise UserError("give --out (grids) or --out-dir (one file per image), not both")
-    if args.tile_size < 0:
-        raise UserError(f"--tile-size must be >= 0, got {args.tile_size}")
+    if is_unclip(args.model):
+        dalle_only = {"--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p,
+                      "--clip": args.clip, "--image-prompt": args.image_prompt, "--prompt-rows": args.prompt_rows}
+        given = [flag for flag, value in dalle_only.items() if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)}: DALL-E settings; {args.model} is an unCLIP model "
+                            "(it takes --guidance, --steps, --candidates, --seed)")
+        pipe = UnCLIP.load(args.model, device=args.device)
+        return pipe, pipe.sampling.override(guidance=args.guidance, steps=args.steps, candidates=args.candidates,
+                                            seed=args.seed), {}
+    from cvformers.pipelines.text_to_image import TextToImage
+
+    if args.steps is not None:
+        raise UserError("--steps is a diffusion setting; DALL-E draws one image id per step")
     reranker = None
     if args.clip is not None:
         from cvformers.pipelines.rerank import ClipReranker
@@ -337,11 +366,23 @@ def _cmd_generate(args) -> int:
     # the model's [sampling] defaults, with the flags given on the command line on top: one object, checked once
     sampling = pipe.sampling.override(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                       guidance=args.guidance, candidates=args.candidates, seed=args.seed)
+    return pipe, sampling, {"image_prompt": args.image_prompt, "prompt_rows": args.prompt_rows}
+
+
+def _cmd_generate(args) -> int:
+    from cvformers.pipelines.text_to_image import prompt_slug
+
+    prompts = _prompts(args)
+    if args.out is not None and args.out_dir is not None:
+        raise UserError("give --out (grids) or --out-dir (one file per image), not both")
+    if args.tile_size < 0:
+        raise UserError(f"--tile-size must be >= 0, got {args.tile_size}")
+    pipe, sampling, extra = _generator_pipeline(args)
     out = Path(args.out or "grid.png")
     slugs = [prompt_slug(p) for p in prompts]
     slugs = [s if slugs.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(slugs)]  # two prompts, one slug
     for prompt, slug in zip(prompts, slugs):
-        result = pipe.generate(prompt, args.num, sampling, image_prompt=args.image_prompt, prompt_rows=args.prompt_rows)
+        result = pipe.generate(prompt, args.num, sampling, **extra)
         if args.out_dir is not None:
             written = result.save_images(Path(args.out_dir) / slug, min_tile=args.tile_size)
             print(f"wrote {len(written)} images to {Path(args.out_dir) / slug}")
@@ -353,8 +394,10 @@ def _cmd_generate(args) -> int:
 
 
 def _add_bundle(sub) -> None:
-    p = sub.add_parser("bundle", help="export a dalle run (+ its vae, + a CLIP) as one model folder for generate")
-    p.add_argument("dalle", help="dalle run folder (with vae/ and tokenizer.json)")
+    p = sub.add_parser("bundle", help="export a dalle run (+ its vae, + a CLIP), or unCLIP stage runs, as one model "
+                                      "folder for generate")
+    p.add_argument("dalle", nargs="?", default=None, help="dalle run folder (with vae/ and tokenizer.json)")
+    p.add_argument("--unclip", default=None, help="instead: a folder of unCLIP runs prior/, decoder/ [, upsampler/]")
     p.add_argument("--clip", default=None, help="CLIP run folder to include as the reranker")
     p.add_argument("--out", required=True, help="folder to write: new, empty, or a bundle written before (replaced whole)")
     p.add_argument("--fp32", action="store_true", help="keep fp32 weights (default: fp16, half the size)")
@@ -362,9 +405,16 @@ def _add_bundle(sub) -> None:
 
 
 def _cmd_bundle(args) -> int:
-    from cvformers.pipelines.bundle import bundle_size, export_bundle
+    from cvformers.pipelines.bundle import bundle_size, export_bundle, export_unclip_bundle
 
-    out = export_bundle(args.dalle, args.out, clip_run=args.clip, half=not args.fp32)
+    if (args.dalle is None) == (args.unclip is None):
+        raise UserError("give a dalle run folder or --unclip RUNS (one of them)")
+    if args.unclip is not None:
+        if args.clip is not None:
+            raise UserError("--clip: an unCLIP bundle takes the CLIP its decoder was trained with (decoder/clip/)")
+        out = export_unclip_bundle(args.unclip, args.out, half=not args.fp32)
+    else:
+        out = export_bundle(args.dalle, args.out, clip_run=args.clip, half=not args.fp32)
     print(f"wrote {out} ({bundle_size(out) / 1e6:.2f} MB)")
     return 0
 
@@ -449,8 +499,87 @@ def _cmd_sample_ddpm(args) -> int:
     return 0
 
 
+def _add_unclip_sampling(p, steps_flag: str = "--steps") -> None:
+    p.add_argument("--model", default="unclip", help="'unclip' (the shipped DALL-E 2), an unclip bundle or folder of runs")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
+    p.add_argument("--guidance", type=float, default=None, help="decoder classifier-free guidance (1 = off)")
+    p.add_argument(steps_flag, dest="decoder_steps", type=int, default=None, help="decoder DDIM steps")
+    p.add_argument("--tile-size", type=int, default=128, help="enlarge each image to at least this side (0: as sampled)")
+    p.add_argument("--device", default="cpu", type=_device, help="cpu | cuda")
+
+
+def _unclip(args):
+    from cvformers.pipelines.unclip import UnCLIP
+
+    if args.tile_size < 0:
+        raise UserError(f"--tile-size must be >= 0, got {args.tile_size}")
+    pipe = UnCLIP.load(args.model, device=args.device)
+    return pipe, pipe.sampling.override(guidance=args.guidance, steps=args.decoder_steps, seed=args.seed)
+
+
+def _save_strip(images, args, meta: dict) -> None:
+    from cvformers.images import picture, save_image
+
+    save_image(picture(images, args.tile_size, nrow=min(len(images), 8)), args.out, metadata=meta)
+    print(f"wrote {args.out} ({len(images)} images)")
+
+
+def _add_vary(sub) -> None:
+    p = sub.add_parser("vary", help="variations of an image with DALL-E 2 (its CLIP embedding, decoded anew)")
+    p.add_argument("image", help="image file")
+    p.add_argument("--num", type=int, default=8, help="variations to draw")
+    p.add_argument("--out", default="variations.png", help="picture to write (.png, .jpg, .webp)")
+    _add_unclip_sampling(p)
+    p.set_defaults(func=_cmd_vary)
+
+
+def _cmd_vary(args) -> int:
+    pipe, sampling = _unclip(args)
+    result = pipe.vary(args.image, args.num, sampling)
+    _save_strip(result.images, args, {"source": str(args.image), "clip_similarity": repr([round(float(v), 4) for v in result.scores])})
+    return 0
+
+
+def _add_interpolate(sub) -> None:
+    p = sub.add_parser("interpolate", help="DALL-E 2: images along the path between two images' CLIP embeddings")
+    p.add_argument("images", nargs=2, help="the two image files")
+    p.add_argument("--steps", dest="frames", type=int, default=8, help="images along the path, ends included")
+    p.add_argument("--out", default="interpolation.png", help="picture to write (.png, .jpg, .webp)")
+    _add_unclip_sampling(p, steps_flag="--decoder-steps")
+    p.set_defaults(func=_cmd_interpolate)
+
+
+def _cmd_interpolate(args) -> int:
+    pipe, sampling = _unclip(args)
+    images = pipe.interpolate(args.images[0], args.images[1], args.frames, sampling)
+    _save_strip(images, args, {"from": str(args.images[0]), "to": str(args.images[1])})
+    return 0
+
+
+def _add_text_diff(sub) -> None:
+    p = sub.add_parser("text-diff", help="DALL-E 2: move an image's CLIP embedding from one caption toward another")
+    p.add_argument("image", help="image file")
+    p.add_argument("--caption", required=True, help="what the image shows now, e.g. 'a red circle'")
+    p.add_argument("--to", required=True, help="what it should become, e.g. 'a blue circle'")
+    p.add_argument("--amounts", default="0,0.25,0.5,0.75", help="comma-separated rotations in [0, 1] toward the change")
+    p.add_argument("--out", default="text-diff.png", help="picture to write (.png, .jpg, .webp)")
+    _add_unclip_sampling(p)
+    p.set_defaults(func=_cmd_text_diff)
+
+
+def _cmd_text_diff(args) -> int:
+    try:
+        amounts = [float(a) for a in args.amounts.split(",")]
+    except ValueError:
+        raise UserError(f"--amounts takes numbers such as 0,0.25,0.5, got {args.amounts!r}") from None
+    pipe, sampling = _unclip(args)
+    images = pipe.text_diff(args.image, args.caption, args.to, amounts, sampling)
+    _save_strip(images, args, {"source": str(args.image), "caption": args.caption, "to": args.to, "amounts": args.amounts})
+    return 0
+
+
 _COMMANDS = [
-    _add_generate, _add_sample, _add_train, _add_bundle, _add_reconstruct, _add_tokenizer, _add_data, _add_zero_shot, _add_eval,
+    _add_generate, _add_vary, _add_interpolate, _add_text_diff, _add_sample, _add_train, _add_bundle, _add_reconstruct, _add_tokenizer, _add_data, _add_zero_shot, _add_eval,
     _add_models, _add_attention, _add_model_info,
 ]
 

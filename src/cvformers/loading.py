@@ -27,32 +27,36 @@ from cvformers.utils import atomic_save
 CONFIG = "config.toml"
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"  # a run's caption BPE (cvformers.text)
-DEFAULT_NAME = "default"  # the shipped bundle; "default/vae" and "default/clip" name its parts
+DEFAULT_NAME = "default"  # the shipped DALL-E bundle; "default/vae" and "default/clip" name its parts
+UNCLIP_NAME = "unclip"  # the shipped DALL-E 2 (unCLIP) bundle; "unclip/prior", "unclip/decoder", …
+SHIPPED = (DEFAULT_NAME, UNCLIP_NAME)
 
 
-def default_bundle() -> Path:
-    """Where the shipped bundle lies inside the installed package (editable or not)."""
+def default_bundle(name: str = DEFAULT_NAME) -> Path:
+    """Where a shipped bundle lies inside the installed package (editable or not)."""
     from importlib.resources import files
 
-    return Path(str(files("cvformers") / "assets" / DEFAULT_NAME))
+    return Path(str(files("cvformers") / "assets" / name))
 
 
 def resolve_run(path_or_name: str | Path) -> Path:
-    """A run folder from a path, or from a name of the shipped bundle: ``default``,
-    ``default/vae``, ``default/clip`` (the name wins over a folder of that name in the cwd)."""
+    """A run folder from a path, or from a name of a shipped bundle: ``default``, ``default/vae``,
+    ``default/clip``, ``unclip``, ``unclip/decoder`` … (the name wins over a folder of that name in
+    the cwd)."""
     text = str(path_or_name)
-    if text == DEFAULT_NAME or text.startswith(DEFAULT_NAME + "/"):
-        part = text[len(DEFAULT_NAME):].strip("/")
-        root = default_bundle()
-        path = root / part if part else root
-        if not (path / CONFIG).is_file():
-            known = ", ".join([DEFAULT_NAME] + [f"{DEFAULT_NAME}/{p.name}" for p in sorted(root.glob("*"))
-                                                if (p / CONFIG).is_file()])
-            raise UserError(f"{text!r} is not part of the shipped model (installed in {root}); known: {known}")
-        return path
+    for name in SHIPPED:
+        if text == name or text.startswith(name + "/"):
+            part = text[len(name):].strip("/")
+            root = default_bundle(name)
+            path = root / part if part else root
+            if not (path / CONFIG).is_file():
+                known = ", ".join([name] + [f"{name}/{p.name}" for p in sorted(root.glob("*"))
+                                            if (p / CONFIG).is_file()])
+                raise UserError(f"{text!r} is not part of the shipped models (installed in {root}); known: {known}")
+            return path
     path = Path(path_or_name)
     if not path.exists():
-        raise UserError(f"unknown model {text!r}: not {DEFAULT_NAME!r} and no such folder")
+        raise UserError(f"unknown model {text!r}: not one of {', '.join(SHIPPED)} and no such folder")
     return path
 _ALIASES = "cvformers.aliases"  # safetensors metadata key: {dropped name: stored name}
 
@@ -240,7 +244,7 @@ def load_clip(source: str | Path, vocab: str | Path | None = None, quick_gelu: b
     open_clip's LAION ViT-B-32: no) and ``vocab`` where CLIP's BPE merges are (default: the
     installed open_clip's).
     """
-    source = resolve_run(source) if str(source).startswith(DEFAULT_NAME) else Path(source)
+    source = resolve_run(source) if str(source).split("/")[0] in SHIPPED else Path(source)
     if source.is_dir():
         model, run_cfg = load_run(source, device=device)
         if run_cfg.get("kind") != "clip":

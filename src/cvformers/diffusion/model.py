@@ -70,18 +70,24 @@ class DDPM(nn.Module):
         u = self.cfg.unet
         return (u.in_channels, u.image_size, u.image_size)
 
+    def training_inputs(self, batch: dict, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The U-Net's conditioning keywords for a training batch, with classifier-free guidance's
+        drops applied. Here: the labels, each replaced by "no label" with ``cond_drop_prob``."""
+        if not self.num_classes:
+            return {}
+        labels = batch["label"].to(x0.device).clone()
+        drop = torch.rand(len(labels), device=x0.device) < self.cfg.cond_drop_prob
+        labels[drop | (labels < 0)] = self.num_classes  # "no label": the unconditional model
+        return {"labels": labels}
+
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         x0 = batch["image"] * 2 - 1
         b = x0.shape[0]
+        conditions = self.training_inputs(batch, x0)
         t = torch.randint(0, self.cfg.num_steps, (b,), device=x0.device)
         noise = torch.randn_like(x0)
         xt = q_sample(self.schedule, x0, t, noise)
-        labels = None
-        if self.num_classes:
-            labels = batch["label"].to(x0.device).clone()
-            drop = torch.rand(b, device=x0.device) < self.cfg.cond_drop_prob
-            labels[drop | (labels < 0)] = self.num_classes  # "no label": the unconditional model
-        out = self.unet(xt, t, labels=labels)
+        out = self.unet(xt, t, **conditions)
         target = noise if self.cfg.prediction == "eps" else v_target(self.schedule, x0, t, noise)
         loss = F.mse_loss(out, target)
         return loss, {"mse": loss.item()}
@@ -92,23 +98,50 @@ class DDPM(nn.Module):
             return x0_from_eps(self.schedule, xt, t, out), out
         return x0_eps_from_v(self.schedule, xt, t, out)
 
-    def denoise_fn(self, labels: torch.Tensor | None, guidance: float) -> Callable:
-        """``denoise(x_t, t) -> (x̂_0, ε̂)`` for the samplers; with guidance != 1 the conditional and
-        the unconditional rows run as one batch and are mixed in ε (Ho & Salimans eq. 6)."""
-        if guidance != 1.0 and not self.num_classes:
-            raise ConfigError("guidance needs a class-conditional model; this one was trained without labels")
+    def denoise_fn(self, cond: dict[str, torch.Tensor], null: dict[str, torch.Tensor] | None = None,
+                   guidance: float = 1.0) -> Callable:
+        """``denoise(x_t, t) -> (x̂_0, ε̂)`` for the samplers. ``cond`` holds the U-Net's conditioning
+        keywords; with guidance != 1 the conditional rows and the ``null`` ones (the same keywords
+        with the condition dropped) run as one batch and are mixed in ε (Ho & Salimans eq. 6)."""
+        if guidance != 1.0 and null is None:
+            raise ConfigError("guidance needs a conditional model; this one was trained without a condition")
 
         def denoise(xt: torch.Tensor, t: torch.Tensor):
             if guidance == 1.0:
-                return self.predict(xt, t, self.unet(xt, t, labels=labels))
-            null = torch.full_like(labels, self.num_classes)
-            out = self.unet(torch.cat([xt, xt]), torch.cat([t, t]), labels=torch.cat([labels, null]))
+                return self.predict(xt, t, self.unet(xt, t, **cond))
+            both = {k: torch.cat([cond[k], null[k]]) for k in cond}
+            out = self.unet(torch.cat([xt, xt]), torch.cat([t, t]), **both)
             x0_c, eps_c = self.predict(xt, t, out[: len(xt)])
             x0_u, eps_u = self.predict(xt, t, out[len(xt):])
             eps = guided(eps_c, eps_u, guidance)
             return x0_from_eps(self.schedule, xt, t, eps), eps
 
         return denoise
+
+    def label_inputs(self, labels: torch.Tensor) -> tuple[dict, dict | None]:
+        """(conditional, unconditional) U-Net keywords for class ``labels`` [n]."""
+        return {"labels": labels}, {"labels": torch.full_like(labels, self.num_classes)}
+
+    def run_sampler(self, n: int, sampling: DiffusionSamplingConfig, cond: dict, null: dict | None,
+                    generator: torch.Generator | None = None,
+                    progress: Callable[[Iterable], Iterable] | None = None,
+                    noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Draw x_T (or start from ``noise``) and run the configured sampler down to x̂_0 in [-1, 1]
+        (the model's own space)."""
+        s = sampling
+        device = next(self.parameters()).device
+        if generator is None:
+            generator = torch.Generator(device)
+            generator.manual_seed(s.seed) if s.seed is not None else generator.seed()
+        if noise is not None and tuple(noise.shape) != (n, *self.image_shape):
+            raise ValueError(f"noise must have shape {(n, *self.image_shape)}, got {tuple(noise.shape)}")
+        x = torch.randn((n, *self.image_shape), generator=generator, device=device) if noise is None else noise.to(device)
+        denoise = self.denoise_fn(cond, null, s.guidance)
+        if s.sampler == "ddpm":
+            return samplers.ddpm_sample(denoise, self.schedule, x, variance=s.variance, clip=s.clip,
+                                        generator=generator, progress=progress)
+        return samplers.ddim_sample(denoise, self.schedule, x, steps=s.steps, eta=s.eta, clip=s.clip,
+                                    generator=generator, progress=progress)
 
     @torch.no_grad()
     def sample(self, n: int, sampling: DiffusionSamplingConfig | None = None, labels: torch.Tensor | None = None,
@@ -125,17 +158,8 @@ class DDPM(nn.Module):
                 raise ConfigError(f"labels must be in [0, {self.num_classes}), got {labels.tolist()}")
         elif self.num_classes:
             labels = torch.full((n,), self.num_classes, dtype=torch.long, device=device)  # unconditional
-        if generator is None:
-            generator = torch.Generator(device)
-            generator.manual_seed(s.seed) if s.seed is not None else generator.seed()
-        x = torch.randn((n, *self.image_shape), generator=generator, device=device)
-        denoise = self.denoise_fn(labels, s.guidance)
-        if s.sampler == "ddpm":
-            x = samplers.ddpm_sample(denoise, self.schedule, x, variance=s.variance, clip=s.clip,
-                                     generator=generator, progress=progress)
-        else:
-            x = samplers.ddim_sample(denoise, self.schedule, x, steps=s.steps, eta=s.eta, clip=s.clip,
-                                     generator=generator, progress=progress)
+        cond, null = self.label_inputs(labels) if self.num_classes else ({}, None)
+        x = self.run_sampler(n, s, cond, null, generator, progress)
         return ((x + 1) / 2).clamp(0, 1)
 
 

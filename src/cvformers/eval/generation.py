@@ -36,7 +36,7 @@ def caption_fidelity(pipe, split: str = "test", n_captions: int = 100, per_capti
                      seed: int = 0, **sampling: Any) -> dict[str, float]:
     """Share of generated images whose every object is right, with per-field rates."""
     images, records = [], []
-    for i, scene in enumerate(_scenes(split, n_captions, pipe.vae.image_size, seed)):
+    for i, scene in enumerate(_scenes(split, n_captions, pipe.image_size, seed)):
         out = pipe.generate(scene["caption"], num_images=per_caption, seed=seed + i, **sampling)
         images.append(out.images)
         records += [scene] * len(out.images)
@@ -51,10 +51,10 @@ def rerank_gain(pipe, split: str = "heldout", n_captions: int = 100, candidates:
     ``oracle`` is the share of captions with at least one faithful candidate: the ceiling of any
     reranker, which says whether a low top-1 is the reranker's fault or the generator's.
     """
-    if pipe.reranker is None:
+    if not pipe.reranks:
         raise UserError("this model has no CLIP reranker: pass --clip RUN or use a bundle with clip/")
     top1, random_pick, oracle = [], [], []
-    for i, scene in enumerate(_scenes(split, n_captions, pipe.vae.image_size, seed)):
+    for i, scene in enumerate(_scenes(split, n_captions, pipe.image_size, seed)):
         out = pipe.generate(scene["caption"], num_images=candidates, seed=seed + i, **sampling)
         ok = torch.tensor([float(check_image(image, scene)["all_correct"]) for image in out.images])
         top1.append(ok[0].item())  # generate returns reranked candidates best first

@@ -26,7 +26,10 @@ Conditioning (all optional, all added to the timestep embedding or read by atten
   guidance ("randomly setting the CLIP embeddings to zero ... 10% of the time");
 - ``context_dim > 0``: context tokens [B, L, context_dim] (GLIDE's text-encoder outputs, plus
   unCLIP's four CLIP tokens, prepared by the caller) that every attention layer projects to
-  extra keys and values (GLIDE §2.3).
+  extra keys and values (GLIDE §2.3);
+- ``cond_channels > 0``: an image [B, cond_channels, H, W] concatenated to x before the input conv,
+  the low-resolution image (upsampled to H×W) that a super-resolution model is conditioned on
+  (SR3, Saharia et al. 2021; unCLIP's upsamplers, §2.1).
 
 Departures from the DDPM reference: several attention heads instead of one (guided-diffusion's
 choice), PyTorch's default initialisation instead of TF's fan-average uniform one (as
@@ -65,6 +68,7 @@ class UNetConfig:
     num_classes: int = 0  # 0: no label input; else a label embedding with an extra "no label" row
     cond_dim: int = 0  # width of a conditioning vector (e.g. a CLIP embedding) added to the time embedding; 0: none
     context_dim: int = 0  # width of context tokens the attention layers may read; 0: none
+    cond_channels: int = 0  # channels of an image concatenated to the input (super-resolution); 0: none
     groups: int = 32  # GroupNorm groups (fewer where a width is not divisible)
 
     def __post_init__(self) -> None:
@@ -73,7 +77,7 @@ class UNetConfig:
         for name in ("image_size", "in_channels", "base_channels", "num_res_blocks", "heads", "groups"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"unet.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_classes", "cond_dim", "context_dim"):
+        for name in ("num_classes", "cond_dim", "context_dim", "cond_channels"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"unet.{name} must be >= 0, got {getattr(self, name)}")
         if not self.channel_mults or min(self.channel_mults) < 1:
@@ -161,7 +165,7 @@ class UNet(nn.Module):
             return ResAttnBlock(ResBlock(in_ch, out_ch, emb_dim, cfg.dropout, cfg.groups), attn)
 
         # --- down path: remember the width of every tensor that will be kept as a skip --------
-        self.input_conv = nn.Conv2d(cfg.in_channels, base, 3, padding=1)
+        self.input_conv = nn.Conv2d(cfg.in_channels + cfg.cond_channels, base, 3, padding=1)
         skip_widths = [base]
         ch, last = base, len(cfg.channel_mults) - 1
         self.down = nn.ModuleList()
@@ -213,9 +217,11 @@ class UNet(nn.Module):
         return emb
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, *, labels: torch.Tensor | None = None,
-                cond: torch.Tensor | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
+                cond: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                cond_image: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, in_channels, H, W], t [B] (or a scalar for the whole batch), labels [B] long,
-        cond [B, cond_dim], context [B, L, context_dim] -> [B, in_channels, H, W]."""
+        cond [B, cond_dim], context [B, L, context_dim], cond_image [B, cond_channels, H, W]
+        -> [B, in_channels, H, W]."""
         height, width = x.shape[-2:]
         k = self.cfg.min_side_divisor
         if height % k or width % k:
@@ -223,12 +229,15 @@ class UNet(nn.Module):
                              f"its sides must be multiples of {k}, got {height}x{width}")
         if context is not None and self.cfg.context_dim == 0:
             raise ValueError("context was given to a U-Net built with context_dim = 0")
+        if (cond_image is None) != (self.cfg.cond_channels == 0):
+            raise ValueError(f"this U-Net takes a {self.cfg.cond_channels}-channel conditioning image; "
+                             f"got {'none' if cond_image is None else tuple(cond_image.shape)}")
         t = t.to(x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.embed(t, labels, cond)
 
-        h = self.input_conv(x)
+        h = self.input_conv(x if cond_image is None else torch.cat([x, cond_image], dim=1))
         skips = [h]
         for level in self.down:
             for block in level.blocks:

@@ -7,6 +7,12 @@ inference needs is copied: no optimizer state, no cached codes, no metrics. Weig
 stored in fp16 to halve the size; they are upcast to fp32 when loaded.
 
     cvformers bundle runs/dalle --clip runs/clip --out src/cvformers/assets/default
+
+A DALL-E 2 (unCLIP) bundle gathers a folder of stage runs (``prior/``, ``decoder/``, optional
+``upsampler/``) and the CLIP they were trained with into the layout ``UnCLIP.load`` reads, each
+stage's weights being its moving average (``ema.safetensors``) when the run has one:
+
+    cvformers bundle --unclip runs/unclip --out src/cvformers/assets/unclip
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from cvformers.errors import UserError
 from cvformers.utils import atomic_write_bytes, fsync_dir
 
 _RUN_FILES = ("config.toml", "model.safetensors")
-# What a folder written by export_bundle holds; an existing --out with anything else is not replaced.
+# What a folder written by export_bundle (export_unclip_bundle) holds, and the entry it always has;
+# an existing --out with anything else is not replaced.
 _BUNDLE_ENTRIES = {"config.toml", "model.safetensors", "tokenizer.json", "vae", "clip"}
+_UNCLIP_ENTRIES = {"config.toml", "prior", "decoder", "upsampler", "clip"}
 
 
 def _check_run(src: Path, extra: tuple[str, ...] = ()):
@@ -46,7 +54,8 @@ def _write_run(model, src: Path, dst: Path, dtype: torch.dtype | None, extra: tu
     save_weights(model, dst / "model.safetensors", dtype=dtype)
 
 
-def _check_out(out: Path, inputs: list[Path]) -> None:
+def _check_out(out: Path, inputs: list[Path], entries_allowed: set[str] = _BUNDLE_ENTRIES,
+               entry_required: str = "model.safetensors") -> None:
     """Refuse an --out that is, contains or lies inside an input, or that holds anything but a bundle."""
     real_out = out.resolve()
     for src in inputs:
@@ -57,7 +66,7 @@ def _check_out(out: Path, inputs: list[Path]) -> None:
         raise UserError(f"--out {out} exists and is not a folder; choose a new folder")
     if out.is_dir():
         entries = {p.name for p in out.iterdir()}
-        if entries and (not entries <= _BUNDLE_ENTRIES or "model.safetensors" not in entries):
+        if entries and (not entries <= entries_allowed or entry_required not in entries):
             raise UserError(f"--out {out} exists and is not a bundle (it holds {', '.join(sorted(entries)[:4])}); "
                             "choose a new folder: bundle only replaces a folder it wrote")
 
@@ -82,12 +91,22 @@ def export_bundle(dalle_run: str | Path, out: str | Path, clip_run: str | Path |
     models = [_check_run(src, extra) for src, _, extra in parts]
 
     dtype = torch.float16 if half else None
+
+    def write(tmp: Path) -> None:
+        for model, (src, rel, extra) in zip(models, parts):
+            _write_run(model, src, tmp / rel if rel else tmp, dtype, extra)
+
+    return _swap_in(out, write)
+
+
+def _swap_in(out: Path, write) -> Path:
+    """Build the bundle by ``write(tmp)`` in a temporary folder beside ``out``, then put it in
+    place by renames; on any failure a previous ``out`` is left (or put back) as it was."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     old = None
     try:
-        for model, (src, rel, extra) in zip(models, parts):
-            _write_run(model, src, tmp / rel if rel else tmp, dtype, extra)
+        write(tmp)
         os.chmod(tmp, 0o777 & ~_umask())
         if out.is_dir() and any(out.iterdir()):
             old = out.parent / f".{out.name}.{os.getpid()}.old.tmp"
@@ -102,6 +121,44 @@ def export_bundle(dalle_run: str | Path, out: str | Path, clip_run: str | Path |
     if old is not None:
         shutil.rmtree(old)
     return out
+
+
+def export_unclip_bundle(runs: str | Path, out: str | Path, half: bool = True,
+                         sampling: dict | None = None) -> Path:
+    """Write ``out`` from a folder of unCLIP stage runs: ``prior/`` and ``decoder/`` (and
+    ``upsampler/`` when present) with their averaged weights, the decoder's ``clip/``, and a
+    ``config.toml`` (kind "unclip", optional ``[sampling]`` defaults). Safe as ``export_bundle``."""
+    from cvformers.config import dumps_toml, from_dict, to_dict
+    from cvformers.diffusion.model import EMA_FILE
+    from cvformers.loading import load_weights
+    from cvformers.pipelines.unclip import UnCLIPSamplingConfig
+
+    runs, out = Path(runs), Path(out)
+    stages = [name for name in ("prior", "decoder", "upsampler") if (runs / name).is_dir()]
+    for name in ("prior", "decoder"):
+        if name not in stages:
+            raise UserError(f"{runs} cannot be bundled as unCLIP: it has no {name}/ run")
+    clip = runs / "decoder" / "clip"
+    if not (clip / "config.toml").is_file():
+        raise UserError(f"{runs / 'decoder'} has no clip/: it was not written by `cvformers train unclip-decoder`")
+    _check_out(out, [runs], _UNCLIP_ENTRIES, "prior")
+    table = to_dict(from_dict(UnCLIPSamplingConfig, dict(sampling or {}), "sampling"))  # checked before writing
+    parts = []
+    for name in stages:
+        model = _check_run(runs / name)
+        if (runs / name / EMA_FILE).is_file():
+            load_weights(model, runs / name / EMA_FILE)
+        parts.append((model, runs / name, name, ()))
+    clip_extra = ("tokenizer.json",) if (clip / "tokenizer.json").is_file() else ()
+    parts.append((_check_run(clip, clip_extra), clip, "clip", clip_extra))
+    dtype = torch.float16 if half else None
+
+    def write(tmp: Path) -> None:
+        atomic_write_bytes(tmp / "config.toml", dumps_toml({"kind": "unclip", "sampling": table}).encode())
+        for model, src, rel, extra in parts:
+            _write_run(model, src, tmp / rel, dtype, extra)
+
+    return _swap_in(out, write)
 
 
 def _umask() -> int:

@@ -97,7 +97,7 @@ class Generation:
 
     prompt: str
     images: torch.Tensor
-    codes: torch.Tensor
+    codes: torch.Tensor | None  # image ids (DALL-E); None for diffusion models
     scores: torch.Tensor | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -190,6 +190,15 @@ class TextToImage:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def image_size(self) -> int:
+        return self.vae.image_size
+
+    @property
+    def reranks(self) -> bool:
+        """Whether candidates are reranked (a CLIP is attached)."""
+        return self.reranker is not None
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         if not isinstance(prompt, str) or not prompt.strip():

@@ -42,6 +42,7 @@ class TaskArgs:
     batch_size: int | None = None
     lr: float | None = None
     vae: str | None = None  # dalle: run folder of the frozen image tokenizer
+    clip: str | None = None  # unclip-prior / unclip-decoder: run folder of the frozen CLIP
     model: str | None = None  # classifier / clip: preset name
     device: str | None = None
     resume: bool = False
@@ -121,7 +122,7 @@ def task_args_from_cli(args) -> TaskArgs:
         config = load_toml(args.config) if args.config else {}
     return TaskArgs(
         out=Path(args.out), data=args.data, config=config, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, vae=args.vae, model=args.model,
+        batch_size=args.batch_size, lr=args.lr, vae=args.vae, clip=getattr(args, "clip", None), model=args.model,
         device=args.device, resume=args.resume,
     )
 

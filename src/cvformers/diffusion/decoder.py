@@ -1,0 +1,208 @@
+"""unCLIP's decoder: a diffusion U-Net that draws an image from its CLIP image embedding (Ramesh et
+al. 2022, arXiv 2204.06125, §2.1), and its upsampler (the same section's diffusion upsamplers).
+
+**Decoder** (GLIDE-style, kind "unclip_decoder"). The CLIP image embedding conditions the U-Net
+twice, as the paper says: "projecting and adding CLIP embeddings to the existing timestep
+embedding, and by projecting CLIP embeddings into four extra tokens of context that are
+concatenated to the sequence of outputs from the GLIDE text encoder". The caption goes through a
+small transformer text encoder of the decoder's own (GLIDE §2.3) whose outputs every attention
+layer of the U-Net reads. Classifier-free guidance: in training "randomly setting the CLIP
+embeddings to zero (or a learned embedding) 10% of the time, and randomly dropping the text
+caption 50% of the time"; here a dropped embedding is the zero vector and a dropped caption is
+all-zero context rows. Sampling with guidance s mixes the prediction with both conditions and the
+one with neither, in one batched forward.
+
+**Upsampler** (kind "unclip_upsampler"). A U-Net that reads the low-resolution image, enlarged
+bilinearly to its output size, as extra input channels (SR3). In training the low-resolution
+image is corrupted by a Gaussian blur ("for the first upsampling stage, we use gaussian blur",
+§C / Appendix), which makes the model robust to the decoder's own artefacts. The paper's
+upsamplers are not conditioned on the caption, and neither is this one. The paper goes
+64 -> 256 -> 1024 px; this library's shapes go 32 -> 64 px.
+
+Departures: GLIDE's text encoder also adds its last token to the timestep embedding; this one
+does not (the CLIP embedding already sits there). The blur σ is drawn from ``blur_sigma`` in
+low-resolution pixels, our choice for 32 px images (the paper does not state its range).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from cvformers.config import ConfigError
+from cvformers.diffusion.model import DDPM, DDPMConfig
+from cvformers.diffusion.prior import clip_space
+from cvformers.diffusion.samplers import DiffusionSamplingConfig
+from cvformers.models.clip_visual import ClipTransformer
+from cvformers.registry import register_kind
+
+
+@dataclass
+class DecoderConfig(DDPMConfig):
+    """The ``[model]`` table of an unCLIP decoder run (a DDPM whose U-Net reads a CLIP embedding)."""
+
+    clip_dim: int = 64  # width of the CLIP image embedding (fixed by the CLIP run)
+    clip_tokens: int = 4  # context tokens projected from the embedding (paper: four)
+    vocab_size: int = 470  # caption token ids (the CLIP run's BPE); 0: no caption input
+    text_len: int = 32  # caption length in tokens
+    text_width: int = 64  # width of the caption encoder = the U-Net's context width
+    text_layers: int = 1  # transformer blocks of the caption encoder
+    text_heads: int = 2  # attention heads of the caption encoder
+    emb_drop_prob: float = 0.1  # share of training images whose CLIP embedding is zeroed (paper: 10%)
+    caption_drop_prob: float = 0.5  # share of training captions dropped (paper: 50%)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("clip_dim", "clip_tokens", "text_len", "text_width", "text_layers", "text_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.text_width % self.text_heads:
+            raise ConfigError(f"model.text_heads ({self.text_heads}) must divide model.text_width ({self.text_width})")
+        for name in ("emb_drop_prob", "caption_drop_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.unet.num_classes:
+            raise ConfigError("an unCLIP decoder is conditioned on CLIP embeddings, not labels: remove model.unet.num_classes")
+        # the U-Net's conditioning widths follow from the embedding and the caption encoder
+        self.unet.cond_dim, self.unet.context_dim = self.clip_dim, self.text_width
+
+
+@register_kind("unclip_decoder", DecoderConfig)
+class UnCLIPDecoder(DDPM):
+    """``loss(batch)`` (batch: ``image``, ``clip_image``, ``text``); ``sample(embeddings, text)``."""
+
+    cfg: DecoderConfig
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__(cfg)
+        w = cfg.text_width
+        self.clip_to_tokens = nn.Linear(cfg.clip_dim, cfg.clip_tokens * w)
+        if cfg.vocab_size:
+            self.token_embedding = nn.Embedding(cfg.vocab_size, w)
+            self.positional_embedding = nn.Parameter(torch.randn(cfg.text_len, w) * 0.01)
+            self.text_encoder = ClipTransformer(w, cfg.text_layers, cfg.text_heads)
+            self.text_ln = nn.LayerNorm(w)
+
+    def conditions(self, embedding: torch.Tensor, text: torch.Tensor | None,
+                   keep_embedding: torch.Tensor | None = None,
+                   keep_text: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The U-Net's ``cond`` and ``context`` for raw CLIP image embeddings [B, clip_dim] and caption
+        ids [B, text_len] (None: no caption); rows whose ``keep_*`` is False have that input dropped."""
+        b = embedding.shape[0]
+        z = clip_space(embedding)
+        if keep_embedding is not None:
+            z = z * keep_embedding.view(b, 1).to(z.dtype)
+        context = rearrange(self.clip_to_tokens(z), "b (n w) -> b n w", n=self.cfg.clip_tokens)
+        if self.cfg.vocab_size:
+            if text is None:
+                captions = z.new_zeros(b, self.cfg.text_len, self.cfg.text_width)
+            else:
+                if text.shape[1] != self.cfg.text_len:
+                    raise ValueError(f"text has {text.shape[1]} tokens, the decoder expects {self.cfg.text_len}")
+                h = self.text_encoder(self.token_embedding(text) + self.positional_embedding)
+                captions = self.text_ln(h)
+                if keep_text is not None:
+                    captions = captions * keep_text.view(b, 1, 1).to(captions.dtype)
+            context = torch.cat([context, captions], dim=1)
+        return {"cond": z, "context": context}
+
+    def training_inputs(self, batch: dict, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+        b = x0.shape[0]
+        keep_embedding = torch.rand(b, device=x0.device) >= self.cfg.emb_drop_prob
+        keep_text = torch.rand(b, device=x0.device) >= self.cfg.caption_drop_prob
+        text = batch["text"].to(x0.device) if self.cfg.vocab_size else None
+        return self.conditions(batch["clip_image"].to(x0.device), text, keep_embedding, keep_text)
+
+    @torch.no_grad()
+    def sample(self, embeddings: torch.Tensor, text: torch.Tensor | None = None,
+               sampling: DiffusionSamplingConfig | None = None, generator: torch.Generator | None = None,
+               progress: Callable[[Iterable], Iterable] | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """One image [n, C, H, W] in [0, 1] per CLIP image embedding [n, clip_dim] (and caption).
+        ``noise``: the x_T to start from (fixed across rows for interpolations, §3.2); None: drawn."""
+        s = sampling or DiffusionSamplingConfig()
+        device = next(self.parameters()).device
+        embeddings = embeddings.to(device)
+        n = len(embeddings)
+        cond = self.conditions(embeddings, None if text is None else text.to(device))
+        none = torch.zeros(n, dtype=torch.bool, device=device)
+        null = self.conditions(embeddings, None, keep_embedding=none)
+        x = self.run_sampler(n, s, cond, null, generator, progress, noise)
+        return ((x + 1) / 2).clamp(0, 1)
+
+
+@dataclass
+class UpsamplerConfig(DDPMConfig):
+    """The ``[model]`` table of an unCLIP upsampler run; ``unet.image_size`` is the output side."""
+
+    low_res: int = 32  # side of the image it enlarges
+    blur_sigma: tuple[float, float] = (0.4, 0.6)  # range of the training blur's σ, in low-resolution pixels
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.blur_sigma = tuple(float(v) for v in self.blur_sigma)
+        if len(self.blur_sigma) != 2 or not 0.0 <= self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ConfigError(f"model.blur_sigma must be [low, high] with 0 <= low <= high, got {list(self.blur_sigma)}")
+        if self.low_res < 4 or self.low_res >= self.unet.image_size:
+            raise ConfigError(f"model.low_res ({self.low_res}) must be at least 4 and below the output side "
+                              f"model.unet.image_size ({self.unet.image_size})")
+        if self.unet.num_classes:
+            raise ConfigError("an upsampler is conditioned on a low-resolution image: remove model.unet.num_classes")
+        self.unet.cond_channels = self.unet.in_channels
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur each image [B, C, H, W] with its own σ [B] (in pixels) by a separable Gaussian kernel."""
+    radius = max(1, int(3 * float(sigma.max()) + 0.5))
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-offsets[None] ** 2 / (2 * sigma.clamp(min=1e-3)[:, None].to(images.dtype) ** 2))
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # [B, K]
+    b, c, h, w = images.shape
+    x = rearrange(images, "b c h w -> 1 (b c) h w")
+    k = kernel.repeat_interleave(c, dim=0)  # one kernel per (image, channel) group
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k[:, None, None, :], groups=b * c)
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k[:, None, :, None], groups=b * c)
+    return rearrange(x, "1 (b c) h w -> b c h w", b=b)
+
+
+@register_kind("unclip_upsampler", UpsamplerConfig)
+class Upsampler(DDPM):
+    """``loss(batch)`` (batch: ``image`` at the output size); ``sample(low_res_images)``."""
+
+    cfg: UpsamplerConfig
+
+    def enlarge(self, low: torch.Tensor) -> torch.Tensor:
+        """Low-resolution images in [-1, 1] -> the U-Net's conditioning channels at the output size."""
+        side = self.cfg.unet.image_size
+        return F.interpolate(low, size=(side, side), mode="bilinear", align_corners=False)
+
+    def training_inputs(self, batch: dict, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+        low = F.interpolate(x0, size=(self.cfg.low_res,) * 2, mode="area")  # what the decoder would draw
+        lo, hi = self.cfg.blur_sigma
+        if hi > 0:
+            sigma = lo + (hi - lo) * torch.rand(len(x0), device=x0.device)
+            low = gaussian_blur(low, sigma)
+        return {"cond_image": self.enlarge(low)}
+
+    @torch.no_grad()
+    def sample(self, low_res: torch.Tensor, sampling: DiffusionSamplingConfig | None = None,
+               generator: torch.Generator | None = None,
+               progress: Callable[[Iterable], Iterable] | None = None) -> torch.Tensor:
+        """Images [n, C, low_res, low_res] in [0, 1] -> [n, C, side, side] in [0, 1]."""
+        s = sampling or DiffusionSamplingConfig()
+        if s.guidance != 1.0:
+            raise ConfigError("the upsampler has no condition to guide; use guidance 1")
+        device = next(self.parameters()).device
+        if low_res.shape[-1] != self.cfg.low_res or low_res.shape[-2] != self.cfg.low_res:
+            raise ConfigError(f"the upsampler enlarges {self.cfg.low_res}x{self.cfg.low_res} images, got "
+                              f"{low_res.shape[-2]}x{low_res.shape[-1]}")
+        cond = {"cond_image": self.enlarge(low_res.to(device) * 2 - 1)}
+        x = self.run_sampler(len(low_res), s, cond, None, generator, progress)
+        return ((x + 1) / 2).clamp(0, 1)
+
+
+__all__ = ["DecoderConfig", "UnCLIPDecoder", "Upsampler", "UpsamplerConfig", "gaussian_blur"]

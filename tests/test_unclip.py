@@ -1,0 +1,201 @@
+"""DALL-E 2 (unCLIP): the prior, the decoder, the upsampler, their tasks, the bundle, the pipeline and the CLI."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cvformers.config import ConfigError, from_dict
+from cvformers.diffusion.decoder import DecoderConfig, UnCLIPDecoder, Upsampler, UpsamplerConfig, gaussian_blur
+from cvformers.diffusion.prior import DiffusionPrior, PriorConfig, clip_space
+from cvformers.diffusion.samplers import DiffusionSamplingConfig
+from cvformers.errors import UserError
+
+TINY_UNET = {"image_size": 16, "base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1,
+             "attention_resolutions": [8], "heads": 2, "dropout": 0.0}
+
+
+def tiny_decoder(**overrides) -> UnCLIPDecoder:
+    table = {"clip_dim": 8, "vocab_size": 20, "text_len": 5, "text_width": 16, "num_steps": 50, "unet": TINY_UNET,
+             **overrides}
+    return UnCLIPDecoder(from_dict(DecoderConfig, table, "model"))
+
+
+def test_a_tiny_prior_learns_text_to_image_embeddings_and_keeps_the_closer_draw():
+    torch.manual_seed(0)
+    prior = DiffusionPrior(PriorConfig(clip_dim=8, vocab_size=20, text_len=5, width=32, layers=2, heads=2,
+                                       num_steps=100, cond_drop_prob=0.0))
+    text = torch.randint(0, 20, (4, 5))
+    text_emb, image_emb = torch.randn(4, 8), torch.randn(4, 8)
+    opt = torch.optim.Adam(prior.parameters(), 2e-3)
+    for _ in range(250):
+        loss, _ = prior.loss({"text": text, "clip_text": text_emb, "clip_image": image_emb})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    drawn = prior.eval().sample(text, text_emb, DiffusionSamplingConfig(steps=20, clip=False), candidates=2)
+    cos = torch.nn.functional.normalize(drawn, dim=-1) @ torch.nn.functional.normalize(image_emb, dim=-1).T
+    assert bool((cos.diagonal() > 0.9).all()), cos  # each caption gets its own image embedding back ...
+    assert bool((cos.argmax(dim=1) == torch.arange(4)).all())  # ... and not another caption's
+    assert drawn.norm(dim=-1).mean().item() == pytest.approx(math.sqrt(8), rel=0.2)  # in clip_space's scale
+
+
+def test_prior_guidance_mixes_the_text_and_null_rows():
+    torch.manual_seed(0)
+    prior = DiffusionPrior(PriorConfig(clip_dim=8, vocab_size=20, text_len=5, width=16, layers=1, heads=2, num_steps=50))
+    text, te, z = torch.randint(0, 20, (2, 5)), torch.randn(2, 8), torch.randn(2, 8)
+    t = torch.tensor([10, 30])
+    cond = prior(z, t, text, te)
+    null = prior(z, t, text, te, keep_text=torch.zeros(2, dtype=torch.bool))
+    z0, _ = prior.denoise_fn(text, te, 3.0)(z, t)
+    assert torch.allclose(z0, null + 3.0 * (cond - null), atol=1e-5)
+    assert (cond - null).abs().max() > 1e-4  # the null condition is not the text
+    other = prior(z, t, text, te * -1)
+    assert (other - cond).abs().max() > 1e-4  # the text embedding is read
+
+
+def test_decoder_is_deterministic_given_embedding_and_noise_and_reads_the_embedding():
+    torch.manual_seed(0)
+    decoder = tiny_decoder().eval()
+    for p in decoder.parameters():  # leave the zero-initialised output so the conditions matter
+        torch.nn.init.normal_(p, std=0.1)
+    emb, text = torch.randn(2, 8), torch.randint(0, 20, (2, 5))
+    s = DiffusionSamplingConfig(steps=4, guidance=2.0, seed=3)
+    a, b = decoder.sample(emb, text, s), decoder.sample(emb, text, s)
+    assert torch.equal(a, b)
+    other = decoder.sample(torch.randn(2, 8), text, s)
+    assert (other - a).abs().max() > 1e-3
+    noise = torch.randn(1, 3, 16, 16).expand(2, -1, -1, -1)  # one x_T for both rows: only the embedding differs
+    same = decoder.sample(emb[:1].expand(2, -1), None, s, noise=noise)
+    assert torch.equal(same[0], same[1])
+
+
+def test_decoder_drops_the_embedding_and_caption_as_the_paper():
+    decoder = tiny_decoder(emb_drop_prob=0.1, caption_drop_prob=0.5)
+    assert decoder.cfg.unet.cond_dim == 8 and decoder.cfg.unet.context_dim == 16  # derived, not configured
+    torch.manual_seed(0)
+    batch = {"clip_image": torch.randn(4000, 8), "text": torch.randint(0, 20, (4000, 5))}
+    inputs = decoder.training_inputs(batch, torch.zeros(4000, 3, 16, 16))
+    emb_dropped = (inputs["cond"].abs().sum(-1) == 0).float().mean().item()
+    caption_dropped = (inputs["context"][:, 4:].abs().sum((1, 2)) == 0).float().mean().item()
+    assert emb_dropped == pytest.approx(0.1, abs=0.02) and caption_dropped == pytest.approx(0.5, abs=0.03)
+    assert inputs["context"].shape == (4000, 4 + 5, 16)  # four CLIP tokens, then the caption's
+    assert torch.allclose(inputs["cond"][inputs["cond"].abs().sum(-1) > 0].norm(dim=-1), torch.tensor(math.sqrt(8)))
+    with pytest.raises(ConfigError, match="not labels"):
+        tiny_decoder(unet={**TINY_UNET, "num_classes": 3})
+
+
+def test_upsampler_reads_a_blurred_low_resolution_image():
+    blurred = gaussian_blur(torch.rand(3, 3, 12, 12), torch.tensor([0.5, 1.0, 2.0]))
+    flat = torch.full((1, 3, 8, 8), 0.3)
+    assert torch.allclose(gaussian_blur(flat, torch.tensor([1.0])), flat, atol=1e-6)  # a blur keeps a flat image
+    assert blurred[2].std() < blurred[0].std()  # a wider σ blurs more
+    up = Upsampler(from_dict(UpsamplerConfig, {"low_res": 8, "num_steps": 20, "unet": TINY_UNET}, "model"))
+    assert up.cfg.unet.cond_channels == 3 and up.unet.input_conv.in_channels == 6
+    inputs = up.training_inputs({}, torch.rand(2, 3, 16, 16) * 2 - 1)
+    assert inputs["cond_image"].shape == (2, 3, 16, 16)
+    assert up.eval().sample(torch.rand(2, 3, 8, 8), DiffusionSamplingConfig(steps=2)).shape == (2, 3, 16, 16)
+    with pytest.raises(ConfigError, match="enlarges 8x8"):
+        up.sample(torch.rand(1, 3, 16, 16))
+    with pytest.raises(ConfigError, match="below the output side"):
+        from_dict(UpsamplerConfig, {"low_res": 16, "unet": TINY_UNET}, "model")
+
+
+def test_slerp_and_clip_space():
+    from cvformers.pipelines.unclip import slerp
+
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    assert torch.allclose(slerp(a, b, 0.0), a) and torch.allclose(slerp(a, b, 1.0), b / 2)
+    mid = slerp(a, b, 0.5)
+    assert torch.allclose(mid, torch.tensor([[math.sqrt(0.5), math.sqrt(0.5)]]), atol=1e-6)  # on the circle, halfway
+    assert torch.allclose(clip_space(torch.tensor([[3.0, 4.0]])), torch.tensor([[0.6, 0.8]]) * math.sqrt(2))
+
+
+# --- the tasks, the bundle, the pipeline and the CLI on tiny runs ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    from cvformers import cli
+
+    root = tmp_path_factory.mktemp("unclip")
+    common = ("[data]\nsize = 48\neval_size = 16\n\n[unclip]\nsample_steps = 2\n\n"
+              "[train]\nsteps = 2\nbatch_size = 8\ncheckpoint_every = 2\neval_every = 0\nwarmup_steps = 1\n")
+    unet = "\n[model.unet]\nbase_channels = 16\nchannel_mults = [1, 2]\nattention_resolutions = [16]\nheads = 2\n"
+    (root / "decoder.toml").write_text(common.replace("size = 48", "size = 48\nimage_size = 16")
+                                       + "\n[model]\nnum_steps = 50\ntext_layers = 1\n" + unet.replace("[16]", "[8]"))
+    (root / "prior.toml").write_text(common + "\n[model]\nnum_steps = 100\nwidth = 32\nlayers = 1\nheads = 2\n")
+    (root / "upsampler.toml").write_text(common.replace("size = 48", "size = 48\nimage_size = 32")
+                                         + "\n[model]\nnum_steps = 50\n" + unet)
+    runs = root / "runs"
+    for stage in ("decoder", "prior", "upsampler"):
+        assert cli.main(["train", f"unclip-{stage}", "--out", str(runs / stage),
+                         "--config", str(root / f"{stage}.toml")]) == 0
+    return runs
+
+
+def test_tasks_cache_the_clip_embeddings_and_copy_the_clip(tiny_runs, capsys):
+    from cvformers import cli
+
+    decoder = tiny_runs / "decoder"
+    assert (decoder / "clip_embeddings_train.safetensors").is_file() and (decoder / "clip" / "model.safetensors").is_file()
+    assert (decoder / "ema.safetensors").is_file() and (decoder / "samples.png").is_file()
+    capsys.readouterr()
+    assert cli.main(["train", "unclip-decoder", "--out", str(decoder), "--resume", "--steps", "3"]) == 0
+    assert "CLIP-embedding" not in capsys.readouterr().err  # read from the cache, not computed again
+
+
+def test_bundle_load_generate_vary_and_the_cli(tiny_runs, tmp_path, capsys):
+    from PIL import Image
+
+    from cvformers import cli
+    from cvformers.pipelines.unclip import UnCLIP
+
+    bundle = tmp_path / "bundle"
+    assert cli.main(["bundle", "--unclip", str(tiny_runs), "--out", str(bundle)]) == 0
+    assert {p.name for p in bundle.iterdir()} == {"config.toml", "prior", "decoder", "upsampler", "clip"}
+    pipe = UnCLIP.load(bundle)
+    assert pipe.image_size == 32 and pipe.upsampler is not None
+    fast = dict(steps=2, prior_steps=2, upsampler_steps=2)
+    result = pipe.generate("a red circle", num_images=2, candidates=3, **fast)
+    assert result.images.shape == (2, 3, 32, 32) and bool((result.scores[:-1] >= result.scores[1:]).all())
+    again = pipe.generate("a red circle", num_images=2, candidates=3, **fast)
+    assert torch.equal(result.images, again.images)  # same seed, same images
+    assert pipe.vary(result.images[0], 2, **fast).images.shape == (2, 3, 32, 32)
+    assert pipe.interpolate(result.images[0], result.images[1], 3, **fast).shape == (3, 3, 32, 32)
+
+    out = tmp_path / "g.png"
+    assert cli.main(["generate", "a red circle", "--model", str(bundle), "--num", "2", "--steps", "2",
+                     "--out", str(out)]) == 0
+    assert Image.open(out).size[0] >= 2 * 128
+    capsys.readouterr()
+    for argv, message in [
+        (["generate", "a red circle", "--model", str(bundle), "--top-k", "5"], "DALL-E settings"),
+        (["generate", " ", "--model", str(bundle), "--steps", "2"], "the prompt is empty"),
+        (["vary", str(tmp_path / "missing.png"), "--model", str(bundle)], "not found"),
+        (["text-diff", str(out), "--caption", "a", "--to", "b", "--amounts", "0,2", "--model", str(bundle)],
+         "amounts must be numbers in \\[0, 1\\]"),
+        (["interpolate", str(out), str(out), "--steps", "1", "--model", str(bundle)], "between 2 and 64"),
+        (["bundle", "--unclip", str(tmp_path), "--out", str(tmp_path / "b2")], "no prior/ run"),
+        (["bundle", "--unclip", str(tiny_runs), "--out", str(tiny_runs / "decoder")], "overlaps"),
+    ]:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and pytest.importorskip("re").search(message, err), (argv, err)
+
+
+def test_a_bundle_with_a_missing_part_is_refused_in_one_line(tiny_runs, tmp_path):
+    import shutil
+
+    from cvformers.pipelines.unclip import UnCLIP
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_runs, broken)
+    (broken / "prior" / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="prior run: config.toml or model.safetensors is missing"):
+        UnCLIP.load(broken)
+    shutil.rmtree(broken / "prior")
+    with pytest.raises(UserError, match="the prior/ folder is missing"):
+        UnCLIP.load(broken)
