@@ -1,0 +1,228 @@
+"""`cvformers serve` in a real browser: the server runs as its own process on a free loopback port,
+headless Chromium (Debian's `chromium`, driven through playwright with the system executable) types
+and clicks, gradio_client calls the same endpoints a script would, and eight concurrent requests
+must leave the server's memory where it was.
+
+Screenshots of the four tabs land in a temporary folder, or in ``$CVFORMERS_SCREENSHOTS`` when set:
+``CVFORMERS_SCREENSHOTS=docs/images python -m pytest -m browser -s`` refreshes the README's.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
+TIMEOUT_MS = 60_000  # one wait in the browser; sampling takes well under a second a request here
+
+
+def _needs():
+    pytest.importorskip("gradio", reason="the web page needs the ui extra: pip install -e '.[ui]'")
+    pytest.importorskip("gradio_client", reason="gradio_client comes with the ui extra")
+    pytest.importorskip("playwright.sync_api", reason="playwright (the dev extra) drives the browser")
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH: apt-get install chromium")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, from /proc (what the kernel holds in RAM for it)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    _needs()
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cvformers", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"the server stopped: {log.read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the server did not answer within 120 s: {log.read_text()}")
+            time.sleep(0.3)
+        yield url, proc, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    """Two pictures from the shapes data to upload."""
+    from cvformers.data.shapes import parse_caption, render
+    from cvformers.images import save_png
+
+    folder = tmp_path_factory.mktemp("uploads")
+    return [save_png(render(parse_caption(c)), folder / f"{name}.png")
+            for name, c in (("red-circle", "a large red circle"), ("green-square", "a large green square"))]
+
+
+def _shots_dir(tmp_path) -> Path:
+    folder = Path(os.environ.get("CVFORMERS_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _decode_all(page, gallery: str) -> list:
+    """Every image the gallery shows, fetched by its address and decoded."""
+    from PIL import Image
+
+    shown = []
+    for src in page.locator(f"{gallery} .grid-container img").evaluate_all("els => els.map(e => e.src)"):
+        body = page.request.get(src).body()
+        with Image.open(io.BytesIO(body)) as im:
+            im.load()
+            shown.append(im.size)
+    return shown
+
+
+def _set_number(page, field: str, value) -> None:
+    box = page.locator(f"{field} input[type=number]")
+    box.fill(str(value))
+    box.press("Tab")  # the slider takes the typed value when the box loses focus
+
+
+def _wait_for_images(page, gallery: str, count: int) -> None:
+    page.wait_for_function(
+        "([sel, n]) => document.querySelectorAll(sel + ' .grid-container img').length === n"
+        " && !document.querySelector(sel + ' .wrap.generating')",
+        arg=[gallery, count], timeout=TIMEOUT_MS)
+
+
+def test_the_page_in_chromium(server, pictures, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, _, log = server
+    shots = _shots_dir(tmp_path)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            outside = []  # anything the page asks of a host other than this machine (the network is off)
+            page.on("request", lambda r: outside.append(r.url)
+                    if not r.url.startswith((url, "data:", "blob:")) else None)
+            page.goto(url)
+            page.locator("#t2i-generate").wait_for(timeout=TIMEOUT_MS)
+
+            # text to image: three images, each a decodable picture of the tile size
+            page.locator("#t2i-prompt textarea, #t2i-prompt input").first.fill("a small red circle above a large blue square")
+            _set_number(page, "#t2i-num", 3)
+            _set_number(page, "#t2i-candidates", 0)
+            page.locator("#t2i-generate").click()
+            _wait_for_images(page, "#t2i-gallery", 3)
+            assert _decode_all(page, "#t2i-gallery") == [(128, 128)] * 3
+            page.locator("#t2i-grid a").first.wait_for(timeout=TIMEOUT_MS)  # the grid PNG to download
+            page.screenshot(path=str(shots / "serve-text-to-image.png"))
+
+            # an empty prompt: the library's sentence on the page, then the server still draws
+            page.locator("#t2i-prompt textarea, #t2i-prompt input").first.fill("")
+            page.locator("#t2i-generate").click()
+            page.get_by_text("the prompt is empty").first.wait_for(timeout=TIMEOUT_MS)
+            assert "Traceback" not in page.content()
+            page.locator("#t2i-prompt textarea, #t2i-prompt input").first.fill("a large purple plus")
+            _set_number(page, "#t2i-num", 2)
+            page.locator("#t2i-generate").click()
+            _wait_for_images(page, "#t2i-gallery", 2)
+            assert _decode_all(page, "#t2i-gallery") == [(128, 128)] * 2
+
+            # image prompt: the top rows of an upload, the rest completed
+            page.get_by_role("tab", name="Image prompt").click()
+            page.locator("#ip-image input[type=file]").set_input_files(str(pictures[0]))
+            page.locator("#ip-image img").first.wait_for(timeout=TIMEOUT_MS)
+            page.locator("#ip-prompt textarea, #ip-prompt input").first.fill("a large red circle")
+            page.locator("#ip-generate").click()
+            _wait_for_images(page, "#ip-gallery", 8)
+            page.screenshot(path=str(shots / "serve-image-prompt.png"))
+
+            # zero-shot: two uploads, CLIP's probabilities as a bar chart
+            page.get_by_role("tab", name="Zero-shot").click()
+            page.locator("#zs-files input[type=file]").set_input_files([str(p) for p in pictures])
+            page.locator("#zs-files").get_by_text("green-square").first.wait_for(timeout=TIMEOUT_MS)
+            page.locator("#zs-classify").click()
+            page.locator("#zs-chart canvas, #zs-chart .vega-embed svg").first.wait_for(timeout=TIMEOUT_MS)
+            page.wait_for_timeout(500)  # the chart animates in
+            page.screenshot(path=str(shots / "serve-zero-shot.png"))
+
+            # attention: per-head maps and the rollout of a ViT for an upload
+            page.get_by_role("tab", name="Attention").click()
+            page.locator("#at-image input[type=file]").set_input_files(str(pictures[1]))
+            page.locator("#at-image img").first.wait_for(timeout=TIMEOUT_MS)
+            page.locator("#at-show").click()
+            page.locator("#at-picture img").first.wait_for(timeout=TIMEOUT_MS)
+            page.screenshot(path=str(shots / "serve-attention.png"))
+            assert outside == [], f"the page reached outside this machine: {outside}"
+        finally:
+            browser.close()
+    assert "Traceback" not in log.read_text()
+
+
+def test_the_api_under_load(server, pictures):
+    """gradio_client, as a script would: one call per endpoint, then eight concurrent generate
+    calls asking 1..8 images; every answer has its count, and the server's memory after them is
+    within 20% of before."""
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    url, proc, _ = server
+    client = Client(url, verbose=False)
+    gallery, grid = client.predict("a yellow triangle left of a green square", "default", 4, 16, 0, 0.5, 0, 1.0,
+                                   1.25, api_name="/generate")
+    assert len(gallery) == 4 and all(item["caption"].startswith(f"#{i + 1}  CLIP ") for i, item in enumerate(gallery))
+    with Image.open(grid) as im:
+        assert "yellow triangle" in im.text["prompt"] and '"candidates": 16' in im.text["cvformers"]
+    completions, _ = client.predict(handle_file(str(pictures[0])), "a large red circle", "default", 4, 2, 0,
+                                    api_name="/image_prompt")
+    assert len(completions) == 2
+    with pytest.raises(Exception, match="the prompt is empty"):
+        client.predict("", "default", 2, 0, 0, 0.5, 0, 1.0, 1.25, api_name="/generate")
+
+    before = rss_mb(proc.pid)
+    jobs = [client.submit("a small white square below a cyan circle", "default", n, 0, n, 0.5, 0, 1.0, 1.25,
+                          api_name="/generate") for n in range(1, 9)]
+    results = [job.result(timeout=120) for job in jobs]
+    after = rss_mb(proc.pid)
+    assert [len(gallery) for gallery, _ in results] == list(range(1, 9))
+    for gallery, _ in results:
+        for item in gallery:
+            with Image.open(item["image"]) as im:
+                assert im.size == (128, 128)
+    print(f"\nserver memory: {before:.0f} MB before 8 concurrent requests, {after:.0f} MB after "
+          f"({100 * (after - before) / before:+.1f}%)")
+    assert abs(after - before) <= 0.2 * before, (before, after)
