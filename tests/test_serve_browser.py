@@ -85,13 +85,14 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
-    """Two pictures from the shapes data to upload."""
+    """Pictures from the shapes data to upload."""
     from cvformers.data.shapes import parse_caption, render
     from cvformers.images import save_png
 
     folder = tmp_path_factory.mktemp("uploads")
     return [save_png(render(parse_caption(c)), folder / f"{name}.png")
-            for name, c in (("red-circle", "a large red circle"), ("green-square", "a large green square"))]
+            for name, c in (("red-circle", "a large red circle"), ("green-square", "a large green square"),
+                            ("circle-above-square", "a small red circle above a large blue square"))]
 
 
 def _shots_dir(tmp_path) -> Path:
@@ -149,13 +150,16 @@ def test_the_page_in_chromium(server, pictures, tmp_path):
             _wait_for_images(page, "#t2i-gallery", 3)
             assert _decode_all(page, "#t2i-gallery") == [(128, 128)] * 3
             page.locator("#t2i-grid a").first.wait_for(timeout=TIMEOUT_MS)  # the grid PNG to download
-            page.screenshot(path=str(shots / "serve-text-to-image.png"))
+            page.get_by_text("Sampling", exact=True).click()  # show the sampling settings in the picture
+            page.get_by_text("Top-p", exact=True).wait_for(timeout=TIMEOUT_MS)
+            page.screenshot(path=str(shots / "serve-text-to-image.png"), full_page=True)
 
             # an empty prompt: the library's sentence on the page, then the server still draws
             page.locator("#t2i-prompt textarea, #t2i-prompt input").first.fill("")
             page.locator("#t2i-generate").click()
             page.get_by_text("the prompt is empty").first.wait_for(timeout=TIMEOUT_MS)
             assert "Traceback" not in page.content()
+            page.get_by_test_id("toast-close").first.click()
             page.locator("#t2i-prompt textarea, #t2i-prompt input").first.fill("a large purple plus")
             _set_number(page, "#t2i-num", 2)
             page.locator("#t2i-generate").click()
@@ -164,12 +168,13 @@ def test_the_page_in_chromium(server, pictures, tmp_path):
 
             # image prompt: the top rows of an upload, the rest completed
             page.get_by_role("tab", name="Image prompt").click()
-            page.locator("#ip-image input[type=file]").set_input_files(str(pictures[0]))
+            page.locator("#ip-image input[type=file]").set_input_files(str(pictures[2]))
             page.locator("#ip-image img").first.wait_for(timeout=TIMEOUT_MS)
-            page.locator("#ip-prompt textarea, #ip-prompt input").first.fill("a large red circle")
+            page.locator("#ip-prompt textarea, #ip-prompt input").first.fill("a small red circle above a large green plus")
+            _set_number(page, "#ip-rows", 3)  # the circle's rows
             page.locator("#ip-generate").click()
             _wait_for_images(page, "#ip-gallery", 8)
-            page.screenshot(path=str(shots / "serve-image-prompt.png"))
+            page.screenshot(path=str(shots / "serve-image-prompt.png"), full_page=True)
 
             # zero-shot: two uploads, CLIP's probabilities as a bar chart
             page.get_by_role("tab", name="Zero-shot").click()
@@ -178,7 +183,7 @@ def test_the_page_in_chromium(server, pictures, tmp_path):
             page.locator("#zs-classify").click()
             page.locator("#zs-chart canvas, #zs-chart .vega-embed svg").first.wait_for(timeout=TIMEOUT_MS)
             page.wait_for_timeout(500)  # the chart animates in
-            page.screenshot(path=str(shots / "serve-zero-shot.png"))
+            page.screenshot(path=str(shots / "serve-zero-shot.png"), full_page=True)
 
             # attention: per-head maps and the rollout of a ViT for an upload
             page.get_by_role("tab", name="Attention").click()
@@ -186,7 +191,7 @@ def test_the_page_in_chromium(server, pictures, tmp_path):
             page.locator("#at-image img").first.wait_for(timeout=TIMEOUT_MS)
             page.locator("#at-show").click()
             page.locator("#at-picture img").first.wait_for(timeout=TIMEOUT_MS)
-            page.screenshot(path=str(shots / "serve-attention.png"))
+            page.screenshot(path=str(shots / "serve-attention.png"), full_page=True)
             assert outside == [], f"the page reached outside this machine: {outside}"
         finally:
             browser.close()
@@ -212,6 +217,16 @@ def test_the_api_under_load(server, pictures):
     assert len(completions) == 2
     with pytest.raises(Exception, match="the prompt is empty"):
         client.predict("", "default", 2, 0, 0, 0.5, 0, 1.0, 1.25, api_name="/generate")
+
+    # progress while sampling: 64 candidates are 4 batches of an 8x8 grid, 256 steps
+    job = client.submit("a large purple plus", "default", 4, 64, 0, 0.5, 0, 1.0, 1.25, api_name="/generate")
+    reported = set()
+    while not job.done():
+        for step in job.status().progress_data or []:
+            reported.add((step.index, step.length, step.unit))
+        time.sleep(0.01)
+    assert len(job.result()[0]) >= 1 and reported, "no progress reported while sampling"
+    assert {(length, unit) for _, length, unit in reported} == {(256, "steps")}
 
     before = rss_mb(proc.pid)
     jobs = [client.submit("a small white square below a cyan circle", "default", n, 0, n, 0.5, 0, 1.0, 1.25,

@@ -174,7 +174,7 @@ def build_app(cfg: ServeConfig | None = None, output_dir: str | Path | None = No
                                            elem_id="ip-prompt")
                     ip_model = gr.Dropdown(model_choices, value=cfg.models[0], label="Model")
                     with gr.Row():
-                        ip_rows = gr.Slider(0, grid_side, value=grid_side // 2, step=1, label="Rows of image ids kept",
+                        ip_rows = gr.Slider(0, grid_side, value=grid_side // 2, step=1, label="Rows of image ids kept", elem_id="ip-rows",
                                             info=f"of {grid_side}; the rest are sampled (DALL-E §3.3)")
                         ip_num = gr.Slider(1, cfg.max_images, value=min(8, cfg.max_images), step=1, label="Images")
                         ip_seed = gr.Number(0, precision=0, minimum=0, label="Seed")
