@@ -35,6 +35,13 @@ def picture(tmp_path_factory):
     return save_png(render(parse_caption("a large red circle")), tmp_path_factory.mktemp("up") / "red-circle.png")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]
+
+
 SAMPLING = dict(seed=0, temperature=0.5, top_k=0, top_p=1.0, guidance=1.25)
 
 
@@ -192,16 +199,29 @@ def test_cli_refuses_bad_settings_in_one_line(capsys, monkeypatch):
             main(argv)
         assert stop.value.code == 2 and message in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "gradio", None)  # as if the ui extra were not installed
-    assert main(["serve", "--port", "7999"]) == 2
+    assert main(["serve", "--port", str(_free_port())]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install -e '.[ui]'" in err
 
 
+def test_cli_refuses_a_port_in_use_before_loading_anything(capsys):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"cvformers: error: cannot listen on 127.0.0.1:{port} (Address already in use); choose another --port or --host\n"
+
+
 def test_cli_refuses_a_model_that_does_not_draw(capsys):
     pytest.importorskip("gradio")
-    assert main(["serve", "--model", "default/clip", "--port", "7999"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "holds a 'clip' model" in err
+    for argv, message in ((["--model", "default/clip"], "holds a 'clip' model"),
+                          (["--classifier", "no_such_run"], "neither a run folder nor a model preset"),
+                          (["--clip", "no_such_clip"], "not found: no_such_clip")):
+        assert main(["serve", "--port", str(_free_port()), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
 
 
 def test_build_app_offers_each_tab_as_an_endpoint_sharing_one_queue_slot():

@@ -93,7 +93,10 @@ def build_app(cfg: ServeConfig | None = None, output_dir: str | Path | None = No
     outputs = handlers.Outputs(output_dir or tempfile.mkdtemp(prefix="cvformers-serve-"), cfg)
     first = models.generator(cfg.models[0])  # loaded now: the first request does not wait for it,
     sampling = first.sampling  # and its [sampling] table gives the form's defaults
-    grid_side = first.model.cfg.grid_size if hasattr(first, "model") else 8
+    grid_side = handlers.image_rows(first)
+    models.clip()  # a bad --clip or --classifier fails now, in one line, not on the first click
+    for run in cfg.classifiers:
+        models.classifier(run)
     model_choices = [(f"{m} ({models.kinds[m].__name__})", m) for m in cfg.models]
     cpu = {"concurrency_id": QUEUE, "concurrency_limit": cfg.concurrency}
 
@@ -160,10 +163,9 @@ def build_app(cfg: ServeConfig | None = None, output_dir: str | Path | None = No
                                          object_fit="contain", elem_id="t2i-gallery", interactive=False)
                     grid = gr.File(label="Grid PNG (prompt and settings in its metadata)", elem_id="t2i-grid",
                                    interactive=False)
-            go.click(generate, [prompt, model, num_images, candidates, seed, temperature, top_k, top_p, guidance],
-                     [gallery, grid], api_name="generate", **cpu)
-            prompt.submit(generate, [prompt, model, num_images, candidates, seed, temperature, top_k, top_p,
-                                     guidance], [gallery, grid], api_visibility="private", **cpu)
+            gr.on([go.click, prompt.submit], generate,  # the button, or Enter in the prompt
+                  [prompt, model, num_images, candidates, seed, temperature, top_k, top_p, guidance],
+                  [gallery, grid], api_name="generate", **cpu)
 
         with gr.Tab("Image prompt", id="image-prompt"):
             with gr.Row():
@@ -221,9 +223,22 @@ def build_app(cfg: ServeConfig | None = None, output_dir: str | Path | None = No
     return app
 
 
+def _check_port(host: str, port: int) -> None:
+    """Refuse, in the CLI's words, an address this machine cannot listen on before loading anything."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise UserError(f"cannot listen on {host}:{port} ({reason}); choose another --port or --host") from None
+
+
 def serve(cfg: ServeConfig | None = None, **launch) -> None:
     """``cvformers serve``: build the page and serve it until interrupted."""
     cfg = cfg or ServeConfig()
+    _check_port(cfg.host, cfg.port)
     app = build_app(cfg)
     print(f"cvformers: serving on http://{cfg.host}:{cfg.port}", flush=True)
     app.launch(server_name=cfg.host, server_port=cfg.port, max_file_size=cfg.max_upload_bytes, css=CSS,

@@ -71,6 +71,13 @@ class Models:
         return self._get("classifier", run, lambda: load_classifier(run))
 
 
+def image_rows(pipe) -> int:
+    """Rows of image ids a generator samples (the range of the image-prompt tab's slider): a
+    DALL-E's grid side; 8, the shipped model's, for a generator that does not say."""
+    cfg = getattr(getattr(pipe, "model", None), "cfg", None)
+    return int(getattr(cfg, "grid_size", 8))
+
+
 # --- parsing the form's values ------------------------------------------------------------------
 
 
