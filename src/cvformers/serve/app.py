@@ -7,17 +7,20 @@ the page (``gr.Error``), never a traceback, and the server goes on serving.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
 
 from cvformers.config import ConfigError
 from cvformers.errors import UserError
-from cvformers.serve.config import ServeConfig
+from cvformers.models.dalle_sampling import SamplingConfig
 from cvformers.serve import handlers
+from cvformers.serve.config import ServeConfig
 
 log = logging.getLogger("cvformers.serve")
 
@@ -56,6 +59,8 @@ def _on_page(handler):
     @functools.wraps(handler)
     def run(*args, **kwargs):
         try:
+            # catch_warnings is process-wide: with concurrency above 1 a notice may reach the
+            # other request's page, which is harmless (the images are unaffected)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 result = handler(*args, **kwargs)
@@ -90,9 +95,12 @@ def build_app(cfg: ServeConfig | None = None, output_dir: str | Path | None = No
     gr = _gradio()
     cfg = cfg or ServeConfig()
     models = handlers.Models(cfg)
-    outputs = handlers.Outputs(output_dir or tempfile.mkdtemp(prefix="cvformers-serve-"), cfg)
+    if output_dir is None:
+        output_dir = tempfile.mkdtemp(prefix="cvformers-serve-")
+        atexit.register(shutil.rmtree, output_dir, ignore_errors=True)
+    outputs = handlers.Outputs(output_dir, cfg)
     first = models.generator(cfg.models[0])  # loaded now: the first request does not wait for it,
-    sampling = first.sampling  # and its [sampling] table gives the form's defaults
+    sampling = getattr(first, "sampling", None) or SamplingConfig()  # and its defaults fill the form
     grid_side = handlers.image_rows(first)
     models.clip()  # a bad --clip or --classifier fails now, in one line, not on the first click
     for run in cfg.classifiers:
@@ -176,7 +184,8 @@ def build_app(cfg: ServeConfig | None = None, output_dir: str | Path | None = No
                                            elem_id="ip-prompt")
                     ip_model = gr.Dropdown(model_choices, value=cfg.models[0], label="Model")
                     with gr.Row():
-                        ip_rows = gr.Slider(0, grid_side, value=grid_side // 2, step=1, label="Rows of image ids kept", elem_id="ip-rows",
+                        ip_rows = gr.Slider(0, grid_side, value=grid_side // 2, step=1, elem_id="ip-rows",
+                                            label="Rows of image ids kept",
                                             info=f"of {grid_side}; the rest are sampled (DALL-E §3.3)")
                         ip_num = gr.Slider(1, cfg.max_images, value=min(8, cfg.max_images), step=1, label="Images")
                         ip_seed = gr.Number(0, precision=0, minimum=0, label="Seed")

@@ -41,9 +41,9 @@ UPLOAD_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # image files the page acc
 class ServeConfig:
     """The web page's models, address and limits; checked once when built."""
 
-    models: tuple[str, ...] = SHIPPED_GENERATORS  # text-to-image generators: shipped names or run folders, first is preselected
+    models: tuple[str, ...] = SHIPPED_GENERATORS  # text-to-image generators (shipped names, run folders); first preselected
     clip: str = f"{DEFAULT_NAME}/clip"  # CLIP run or weight file of the zero-shot tab
-    classifiers: tuple[str, ...] = ("vit_nano_patch4_28",)  # classifier runs of the attention tab (a preset name: random weights)
+    classifiers: tuple[str, ...] = ("vit_nano_patch4_28",)  # attention tab's classifier runs (a preset: random weights)
     host: str = "127.0.0.1"  # address to listen on; 0.0.0.0 opens the page to the network
     port: int = 7860  # TCP port to listen on
     concurrency: int = 1  # requests computed at once over all tabs; each already uses every core through torch
