@@ -128,7 +128,7 @@ def test_image_prompt_keeps_the_upload_rows(models, outputs, picture):
     drawn = handlers.image_prompt(models, outputs, picture, "a large red circle", "default", 8, 2, 0)
     assert len(drawn.images) == 2
     # all 8 rows kept: nothing is sampled, both images are the upload's own ids decoded
-    assert list(drawn.images[0].getdata()) == list(drawn.images[1].getdata())
+    assert drawn.images[0].tobytes() == drawn.images[1].tobytes()
     with pytest.raises(UserError, match="prompt rows must be between 0 and 8"):
         handlers.image_prompt(models, outputs, picture, "a large red circle", "default", 9, 2, 0)
 
