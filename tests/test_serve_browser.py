@@ -125,6 +125,7 @@ def _wait_for_images(page, gallery: str, count: int) -> None:
         "([sel, n]) => document.querySelectorAll(sel + ' .grid-container img').length === n"
         " && !document.querySelector(sel + ' .wrap.generating')",
         arg=[gallery, count], timeout=TIMEOUT_MS)
+    page.wait_for_timeout(400)  # the gallery fades back in from its pending look
 
 
 def test_the_page_in_chromium(server, pictures, tmp_path):
@@ -169,7 +170,7 @@ def test_the_page_in_chromium(server, pictures, tmp_path):
             # image prompt: the top rows of an upload, the rest completed
             page.get_by_role("tab", name="Image prompt").click()
             page.locator("#ip-image input[type=file]").set_input_files(str(pictures[2]))
-            page.locator("#ip-image img").first.wait_for(timeout=TIMEOUT_MS)
+            page.locator("#ip-preview img").first.wait_for(timeout=TIMEOUT_MS)
             page.locator("#ip-prompt textarea, #ip-prompt input").first.fill("a small red circle above a large green plus")
             _set_number(page, "#ip-rows", 3)  # the circle's rows
             page.locator("#ip-generate").click()
@@ -188,7 +189,7 @@ def test_the_page_in_chromium(server, pictures, tmp_path):
             # attention: per-head maps and the rollout of a ViT for an upload
             page.get_by_role("tab", name="Attention").click()
             page.locator("#at-image input[type=file]").set_input_files(str(pictures[1]))
-            page.locator("#at-image img").first.wait_for(timeout=TIMEOUT_MS)
+            page.locator("#at-preview img").first.wait_for(timeout=TIMEOUT_MS)
             page.locator("#at-show").click()
             page.locator("#at-picture img").first.wait_for(timeout=TIMEOUT_MS)
             page.screenshot(path=str(shots / "serve-attention.png"), full_page=True)
@@ -217,6 +218,14 @@ def test_the_api_under_load(server, pictures):
     assert len(completions) == 2
     with pytest.raises(Exception, match="the prompt is empty"):
         client.predict("", "default", 2, 0, 0, 0.5, 0, 1.0, 1.25, api_name="/generate")
+
+    # uploads that are not images: refused with a sentence, and the server goes on
+    broken = Path(grid).with_name("broken.png")
+    broken.write_bytes(b"\x89PNG but not really")
+    with pytest.raises(Exception, match="broken.png is not a readable image"):
+        client.predict(handle_file(str(broken)), "vit_nano_patch4_28", api_name="/attention")
+    with pytest.raises(Exception, match="Invalid file type"):
+        client.predict([handle_file(__file__)], "circle, square", "a {}", api_name="/zero_shot")
 
     # progress while sampling: 64 candidates are 4 batches of an 8x8 grid, 256 steps
     job = client.submit("a large purple plus", "default", 4, 64, 0, 0.5, 0, 1.0, 1.25, api_name="/generate")

@@ -131,6 +131,10 @@ def build_app(cfg: ServeConfig | None = None, output_dir: str | Path | None = No
         return gr.BarPlot(table, sort=list(table["bar"]))
 
     @_on_page
+    def show_upload(path):  # checked as soon as it arrives: a bad file is a message before any click
+        return str(handlers.check_upload(path, cfg))
+
+    @_on_page
     def attend(image, classifier):
         return handlers.attention(models, image, classifier)
 
@@ -178,8 +182,10 @@ def build_app(cfg: ServeConfig | None = None, output_dir: str | Path | None = No
         with gr.Tab("Image prompt", id="image-prompt"):
             with gr.Row():
                 with gr.Column(scale=2):
-                    ip_image = gr.Image(type="filepath", sources=["upload"], label="Image whose top rows are kept",
-                                        elem_id="ip-image", height=256)
+                    with gr.Row():
+                        ip_image = gr.File(file_types=list(handlers.UPLOAD_SUFFIXES), type="filepath",
+                                           label="Image whose top rows are kept", elem_id="ip-image")
+                        ip_preview = gr.Image(label="Upload", interactive=False, height=160, elem_id="ip-preview")
                     ip_prompt = gr.Textbox(label="Prompt", value=cfg.examples[0], max_length=cfg.max_prompt_chars,
                                            elem_id="ip-prompt")
                     ip_model = gr.Dropdown(model_choices, value=cfg.models[0], label="Model")
@@ -194,6 +200,7 @@ def build_app(cfg: ServeConfig | None = None, output_dir: str | Path | None = No
                     ip_gallery = gr.Gallery(label="Completions", columns=4, format="png", object_fit="contain",
                                             elem_id="ip-gallery", interactive=False)
                     ip_grid = gr.File(label="Grid PNG", elem_id="ip-grid", interactive=False)
+            ip_image.upload(show_upload, ip_image, ip_preview, queue=False, api_visibility="private")
             ip_go.click(complete, [ip_image, ip_prompt, ip_model, ip_rows, ip_num, ip_seed], [ip_gallery, ip_grid],
                         api_name="image_prompt", **cpu)
 
@@ -216,8 +223,9 @@ def build_app(cfg: ServeConfig | None = None, output_dir: str | Path | None = No
         with gr.Tab("Attention", id="attention"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    at_image = gr.Image(type="filepath", sources=["upload"], label="Image", elem_id="at-image",
-                                        height=256)
+                    at_image = gr.File(file_types=list(handlers.UPLOAD_SUFFIXES), type="filepath", label="Image",
+                                       elem_id="at-image")
+                    at_preview = gr.Image(label="Upload", interactive=False, height=160, elem_id="at-preview")
                     at_model = gr.Dropdown(list(cfg.classifiers), value=cfg.classifiers[0], label="Classifier run",
                                            info="a preset name has random weights; give runs to "
                                                 "`cvformers serve --classifier`")
@@ -226,6 +234,7 @@ def build_app(cfg: ServeConfig | None = None, output_dir: str | Path | None = No
                     at_picture = gr.Image(label="Per-head maps of the class token and the centre patch, "
                                                 "patch-to-patch matrices, attention rollout",
                                           type="pil", format="png", interactive=False, elem_id="at-picture")
+            at_image.upload(show_upload, at_image, at_preview, queue=False, api_visibility="private")
             at_go.click(attend, [at_image, at_model], [at_picture], api_name="attention", **cpu)
 
     app.queue(max_size=cfg.queue_size, default_concurrency_limit=cfg.concurrency)
