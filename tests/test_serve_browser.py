@@ -134,7 +134,8 @@ def test_the_page_in_chromium(server, pictures, tmp_path):
     url, _, log = server
     shots = _shots_dir(tmp_path)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        # no sandbox: CI runs as root; no /dev/shm: containers give it 64 MB
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 860})
             outside = []  # anything the page asks of a host other than this machine (the network is off)
