@@ -19,7 +19,7 @@ GENERATOR_KINDS: dict[str, tuple[str, str]] = {
     "dalle": ("cvformers.pipelines.text_to_image", "TextToImage"),
 }
 
-# Generators that ship inside the package, offered in the model menu when they are installed.
+# Generators that ship inside the package: the model menu of a plain `cvformers serve`.
 SHIPPED_GENERATORS: tuple[str, ...] = (DEFAULT_NAME,)
 
 # Example prompts in the shipped model's words (its captions are the `shapes` data's). The last
