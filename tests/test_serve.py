@@ -4,10 +4,13 @@ test_serve_browser.py), the one-line refusals of `cvformers serve`, and the gene
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from cvformers.cli import main
@@ -20,6 +23,12 @@ from cvformers.serve.config import EXAMPLE_PROMPTS, GENERATOR_KINDS, ServeConfig
 @pytest.fixture(scope="module")
 def models():
     return handlers.Models(ServeConfig())
+
+
+@pytest.fixture(scope="module")
+def small_models():
+    """Low limits, so that the values a fuzzer finds valid draw quickly."""
+    return handlers.Models(ServeConfig(max_images=2, max_candidates=4))
 
 
 @pytest.fixture
@@ -252,3 +261,28 @@ def test_on_page_turns_errors_into_messages_without_tracebacks():
         _on_page(crash)()
     assert "secret internals" not in str(caught.value) and "RuntimeError" in str(caught.value)
     assert _on_page(lambda x: x + 1)(1) == 2
+
+
+# whatever a script sends to an endpoint: numbers of any size and kind, text, nothing
+_ANY = st.one_of(st.none(), st.booleans(), st.integers(-10**400, 10**400), st.integers(0, 6),
+                 st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 3), st.text(max_size=8))
+_VALID = (2, 0, 0, 0.5, 0, 1.0, 1.25)  # images, candidates, seed, temperature, top-k, top-p, guidance
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=st.one_of(st.none(), st.text(max_size=40), st.sampled_from(EXAMPLE_PROMPTS)),
+       field=st.integers(0, len(_VALID) - 1), value=_ANY)
+def test_any_form_value_gives_images_or_a_sentence(small_models, tmp_path, prompt, field, value):
+    """Any value in any one field of the generate endpoint (the others valid) either draws or is
+    refused with a UserError or ConfigError (the sentence the page shows), never another exception."""
+    values = list(_VALID)
+    values[field] = value
+    outputs = handlers.Outputs(tmp_path / "grids", small_models.cfg)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # words the model does not know
+            drawn = handlers.text_to_image(small_models, outputs, prompt, "default", *values)
+    except (UserError, ConfigError) as e:
+        assert str(e) and "\n" not in str(e)
+    else:
+        assert 1 <= len(drawn.images) <= small_models.cfg.max_images and drawn.grid.is_file()

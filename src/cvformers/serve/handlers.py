@@ -87,7 +87,7 @@ def whole_number(value: Any, name: str, low: int, high: int | None = None) -> in
         raise UserError(f"{name} must be a whole number, got {value!r}")
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond any float
         raise UserError(f"{name} must be a whole number, got {value!r}") from None
     if not number.is_integer():
         raise UserError(f"{name} must be a whole number, got {value!r}")
@@ -100,7 +100,7 @@ def whole_number(value: Any, name: str, low: int, high: int | None = None) -> in
 def real_number(value: Any, name: str) -> float:
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"{name} must be a number, got {value!r}") from None
 
 
