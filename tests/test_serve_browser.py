@@ -238,6 +238,21 @@ def test_the_api_under_load(server, pictures):
     assert len(job.result()[0]) >= 1 and reported, "no progress reported while sampling"
     assert {(length, unit) for _, length, unit in reported} == {(256, "steps")}
 
+    # one queue slot for every tab: a quick zero-shot request sent just after a long generation
+    # waits for it, instead of taking a core from it
+    long = client.submit("a small red circle above a large blue square", "default", 16, 128, 0, 0.5, 0, 1.0, 1.25,
+                         api_name="/generate")
+    time.sleep(0.2)
+    quick = client.submit([handle_file(str(pictures[0]))], "circle, square", "a picture of a {}",
+                          api_name="/zero_shot")
+    while quick.status().code.name != "PROCESSING" and not quick.done():
+        time.sleep(0.002)
+    state = long.status()  # how far the long one was when the quick one started: finished, or nearly
+    steps = state.progress_data
+    assert state.code.name == "FINISHED" or (steps and steps[-1].index >= 0.9 * steps[-1].length), \
+        f"the quick request ran beside the long one: {state.code.name}, {steps}"
+    assert len(long.result()[0]) >= 1 and quick.result() is not None
+
     before = rss_mb(proc.pid)
     jobs = [client.submit("a small white square below a cyan circle", "default", n, 0, n, 0.5, 0, 1.0, 1.25,
                           api_name="/generate") for n in range(1, 9)]
