@@ -201,9 +201,9 @@ def test_the_page_in_chromium(server, pictures, tmp_path):
 
 
 def test_the_api_under_load(server, pictures):
-    """gradio_client, as a script would: one call per endpoint, then eight concurrent generate
-    calls asking 1..8 images; every answer has its count, and the server's memory after them is
-    within 20% of before."""
+    """gradio_client, as a script would: the endpoints and their refusals, progress per step, one
+    queue slot shared by the tabs, then eight concurrent generate calls asking 1..8 images; every
+    answer has its count, and the server's memory after them is within 20% of before."""
     from gradio_client import Client, handle_file
     from PIL import Image
 
