@@ -6,7 +6,7 @@ tested without the ``ui`` extra.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cvformers.errors import UserError
 from cvformers.loading import DEFAULT_NAME
@@ -57,7 +57,7 @@ class ServeConfig:
     max_image_side: int = 4096  # pixels along either side of an uploaded image
     tile_size: int = 128  # generated images are enlarged by whole pixels to this side, on the page and in the grid
     keep_outputs_minutes: float = 60.0  # grid PNGs offered for download are deleted after this long
-    examples: tuple[str, ...] = field(default=EXAMPLE_PROMPTS)  # example prompts under the text-to-image form
+    examples: tuple[str, ...] = EXAMPLE_PROMPTS  # example prompts under the text-to-image form
 
     def __post_init__(self) -> None:
         if not self.models:
