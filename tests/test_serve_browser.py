@@ -27,9 +27,12 @@ CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) 
 TIMEOUT_MS = 60_000  # one wait in the browser; sampling takes well under a second a request here
 
 
-def _needs():
+def _needs_gradio():
     pytest.importorskip("gradio", reason="the web page needs the ui extra: pip install -e '.[ui]'")
     pytest.importorskip("gradio_client", reason="gradio_client comes with the ui extra")
+
+
+def _needs_browser():
     pytest.importorskip("playwright.sync_api", reason="playwright (the dev extra) drives the browser")
     if CHROMIUM is None:
         pytest.skip("no chromium on PATH: apt-get install chromium")
@@ -51,7 +54,7 @@ def rss_mb(pid: int) -> float:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    _needs()
+    _needs_gradio()
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -129,6 +132,7 @@ def _wait_for_images(page, gallery: str, count: int) -> None:
 
 
 def test_the_page_in_chromium(server, pictures, tmp_path):
+    _needs_browser()
     from playwright.sync_api import sync_playwright
 
     url, _, log = server
