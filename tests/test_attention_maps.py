@@ -8,6 +8,7 @@ from cvformers.errors import UserError
 from cvformers.models.vision import ImageClassifier, classifier_config
 from cvformers.pipelines.attention import (
     attention_figure,
+    attention_picture,
     attention_rollout,
     mixer_token_mixing_figure,
     patch_attention,
@@ -78,3 +79,23 @@ def test_attention_figure_from_preset_and_image_file(tmp_path):
         attention_figure("convmixer_256_8_28", image, tmp_path / "c.png")
     with pytest.raises(UserError, match="neither a run folder nor a model preset"):
         attention_figure("no_such_model", image, tmp_path / "c.png")
+
+
+def test_attention_picture_in_memory_matches_the_written_figure(tmp_path):
+    """The in-memory picture (what a web page shows) is the figure the command writes, pixel for
+    pixel; a PIL image is taken like a file; a Mixer needs no image, a ViT does."""
+    from PIL import Image
+
+    from cvformers.images import save_png
+
+    torch.manual_seed(0)
+    clf = ImageClassifier(classifier_config("vit_nano_patch4_28")).eval()
+    path = save_png(torch.rand(3, 28, 28), tmp_path / "x.png")
+    shown = attention_picture(clf, Image.open(path)).render()
+    attention_picture(clf, path).save(tmp_path / "attn.png")
+    assert shown.tobytes() == Image.open(tmp_path / "attn.png").convert("RGB").tobytes()
+    assert shown.size[0] > 500
+    mixer = ImageClassifier(classifier_config("mixer_nano_patch4_28")).eval()
+    assert attention_picture(mixer, units=4).render().size[0] > 100
+    with pytest.raises(UserError, match="need an image"):
+        attention_picture(clf, None)

@@ -130,6 +130,22 @@ def test_sampling_draws_from_the_softmax_of_the_filtered_logits():
     torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
 
 
+def test_progress_counts_every_step_of_every_batch(run):
+    """progress(done, total) climbs by one per sampled id across batches and ends at total; an
+    image prompt's fixed rows are not steps. The callback does not change the images."""
+    pipe = TextToImage.load(run)
+    pipe.batch_size = 2  # 5 candidates: batches of 2, 2 and 1
+    calls = []
+    out = pipe.generate("a red circle", num_images=5, seed=3, progress=lambda d, t: calls.append((d, t)))
+    steps = 16  # a 4x4 grid of ids per batch
+    assert calls == [(d, 3 * steps) for d in range(1, 3 * steps + 1)]
+    assert torch.equal(out.codes, pipe.generate("a red circle", num_images=5, seed=3).codes)
+    calls.clear()
+    pipe.generate("a red circle", num_images=1, image_prompt=torch.rand(3, 8, 8), prompt_rows=3,
+                  progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
 def test_image_prompt_keeps_the_top_rows(pipe):
     image = torch.rand(3, 8, 8)
     prompt_ids = pipe.vae.encode(image[None])

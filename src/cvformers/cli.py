@@ -578,9 +578,48 @@ def _cmd_text_diff(args) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    """A TCP port, 1..65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 1..65535, got {port}")
+    return port
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="a web page (Gradio) to try the models: text to image, image prompt, "
+                                     "zero-shot, attention (pip install -e '.[ui]')")
+    p.add_argument("--model", action="append", default=None,
+                   help="text-to-image generator: 'default' (the shipped DALL-E) or a run folder; repeat for a menu")
+    p.add_argument("--clip", default="default/clip", help="CLIP run or weight file of the zero-shot tab")
+    p.add_argument("--classifier", action="append", default=None,
+                   help="classifier run of the attention tab; repeat for a menu (default: an untrained ViT preset)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=_port, default=7860, help="TCP port")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="requests computed at once over all tabs (each uses every core)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    from cvformers.serve.config import ServeConfig
+
+    defaults = ServeConfig()
+    cfg = ServeConfig(models=tuple(args.model or defaults.models), clip=args.clip,
+                      classifiers=tuple(args.classifier or defaults.classifiers), host=args.host, port=args.port,
+                      concurrency=args.concurrency)
+    from cvformers.serve import serve  # after the settings are checked: a bad flag needs no Gradio
+
+    serve(cfg)
+    return 0
+
+
 _COMMANDS = [
-    _add_generate, _add_vary, _add_interpolate, _add_text_diff, _add_sample, _add_train, _add_bundle, _add_reconstruct, _add_tokenizer, _add_data, _add_zero_shot, _add_eval,
-    _add_models, _add_attention, _add_model_info,
+    _add_generate, _add_vary, _add_interpolate, _add_text_diff, _add_sample, _add_train, _add_bundle, _add_reconstruct,
+    _add_tokenizer, _add_data, _add_zero_shot, _add_eval, _add_models, _add_attention, _add_model_info, _add_serve,
 ]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from typing import Callable
 
 import torch
 
@@ -113,7 +114,8 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> tor
 
 def sample_codes(model, text: torch.Tensor, sampling: SamplingConfig | None = None, *,
                  prompt_codes: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 use_cache: bool = True, packed: bool = True) -> torch.Tensor:
+                 use_cache: bool = True, packed: bool = True,
+                 on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Sample the image ids of a DALLE for text ids [B, T] -> LongTensor[B, grid, grid].
 
     ``sampling`` gives temperature, top-k, top-p and guidance (its seed and candidates are the
@@ -122,18 +124,21 @@ def sample_codes(model, text: torch.Tensor, sampling: SamplingConfig | None = No
     run in one forward per step. ``use_cache=False`` recomputes the whole prefix every step (the
     slow baseline, for benchmarks); ``packed=False`` keeps the decode step's products on
     ``F.linear`` instead of oneDNN's packed weights (``cvformers.nn.decode_linear``; the same ids
-    up to float rounding, for A/B timing).
+    up to float rounding, for A/B timing). ``on_step(done, total)`` is called after each drawn
+    image id (a progress bar; ``total`` counts the ids sampled, not those an image prompt fixed).
     """
     s = sampling or SamplingConfig()
     # inference mode skips autograd's bookkeeping (version counters, views' metadata) on every op,
     # which shows in a loop of ~80 small ops per token
     with torch.inference_mode():
         codes = _sample_codes(model, text, prompt_codes, s.temperature, s.top_k or None,
-                              s.top_p if s.top_p < 1 else None, s.guidance, generator, use_cache, packed)
+                              s.top_p if s.top_p < 1 else None, s.guidance, generator, use_cache, packed,
+                              on_step)
     return codes.clone()  # a normal tensor again: callers may edit it or feed it to autograd
 
 
-def _sample_codes(model, text, prompt_codes, temperature, top_k, top_p, guidance, generator, use_cache, packed):
+def _sample_codes(model, text, prompt_codes, temperature, top_k, top_p, guidance, generator, use_cache, packed,
+                  on_step):
     cfg = model.cfg
     B, T, n, G = text.shape[0], cfg.text_len, cfg.grid_size**2, cfg.grid_size
     guided = guidance != 1.0
@@ -169,10 +174,14 @@ def _sample_codes(model, text, prompt_codes, temperature, top_k, top_p, guidance
         logits = model.prefill(text, caches, both(codes[:, :start]) if start else None)
         for i in range(start, n):
             codes[:, i] = pick(logits, i)
+            if on_step is not None:
+                on_step(i + 1 - start, n - start)
             if i + 1 < n:
                 logits = model.decode_step(both(codes[:, i]), T + i, caches)
     else:
         for i in range(start, n):
             h = model(text, both(codes[:, :i]) if i else None)
             codes[:, i] = pick(model.image_head(h[:, -1]), i)
+            if on_step is not None:
+                on_step(i + 1 - start, n - start)
     return codes.view(B, G, G)

@@ -251,19 +251,23 @@ def load_classifier(model: str | Path):
     raise UserError(f"{model}: neither a run folder nor a model preset (see `cvformers models`)")
 
 
-def attention_figure(model: str | Path, image: str | Path | None, out: str | Path,
-                     query: tuple[int, int] | None = None, units: int = 16) -> Path:
-    """``cvformers attention``: the figure for a ViT run (needs ``image``) or a Mixer run."""
-    classifier = load_classifier(model)
+def attention_picture(classifier, image=None, query: tuple[int, int] | None = None, units: int = 16) -> Figure:
+    """The figure for a loaded classifier: a ViT's attention maps for ``image`` (a path, a PIL
+    image or a [C, H, W] tensor in [0, 1], fitted to the model's size), or a Mixer's
+    token-mixing weights (no image needed)."""
     family = classifier.cfg.family
     if family == "vit":
         if image is None:
             raise UserError("a ViT's attention maps need an image: give IMAGE")
         pixels = load_image(image, classifier.image_size, classifier.in_chans)
         with torch.no_grad():
-            fig = vit_attention_figure(classifier, pixels, query)
-    elif family == "mixer":
-        fig = mixer_token_mixing_figure(classifier.backbone, units=units)
-    else:
-        raise UserError(f"attention pictures exist for vit and mixer models; this one is a {family}")
-    return fig.save(out)
+            return vit_attention_figure(classifier, pixels, query)
+    if family == "mixer":
+        return mixer_token_mixing_figure(classifier.backbone, units=units)
+    raise UserError(f"attention pictures exist for vit and mixer models; this one is a {family}")
+
+
+def attention_figure(model: str | Path, image: str | Path | None, out: str | Path,
+                     query: tuple[int, int] | None = None, units: int = 16) -> Path:
+    """``cvformers attention``: the figure for a ViT run (needs ``image``) or a Mixer run."""
+    return attention_picture(load_classifier(model), image, query, units).save(out)

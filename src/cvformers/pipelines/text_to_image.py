@@ -30,7 +30,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -216,7 +216,7 @@ class TextToImage:
 
     def generate(self, prompt: str, num_images: int = 8, sampling: SamplingConfig | None = None, *,
                  image_prompt: Any = None, prompt_rows: int | None = None, use_cache: bool = True,
-                 **settings) -> Generation:
+                 progress: Callable[[int, int], None] | None = None, **settings) -> Generation:
         """Sample ``candidates`` images (default ``num_images``), keep the ``num_images`` best by the reranker.
 
         ``sampling`` (default: the model's own ``[sampling]`` defaults) says how; keyword
@@ -251,12 +251,17 @@ class TextToImage:
         else:
             generator.manual_seed(s.seed)
         chunks = []
-        for start in range(0, candidates, self.batch_size):
+        batches = -(-candidates // self.batch_size)
+        for index, start in enumerate(range(0, candidates, self.batch_size)):
             b = min(self.batch_size, candidates - start)
+            on_step = None
+            if progress is not None:  # the steps of this batch, counted after those of the batches before it
+                def on_step(done: int, total: int, before: int = index) -> None:
+                    progress(before * total + done, batches * total)
             chunks.append(sample_codes(
                 self.model, text.expand(b, -1), s,
                 prompt_codes=None if prompt_codes is None else prompt_codes.expand(b, -1),
-                generator=generator, use_cache=use_cache))
+                generator=generator, use_cache=use_cache, on_step=on_step))
         codes = torch.cat(chunks)
         images = torch.cat([self.vae.decode(c) for c in codes.split(self.batch_size)]).clamp(0, 1)
 
