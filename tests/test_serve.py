@@ -3,6 +3,8 @@ test_serve_browser.py), the one-line refusals of `cvformers serve`, and the gene
 
 from __future__ import annotations
 
+import dataclasses
+
 import sys
 import warnings
 from pathlib import Path
@@ -170,10 +172,19 @@ def test_attention_picture_for_an_upload(models, picture):
         handlers.attention(models, picture, "runs/other")
 
 
+@dataclasses.dataclass(frozen=True)
+class FakeSampling:
+    candidates: int = 0
+    seed: int | None = 0
+    guidance: float = 1.0
+
+
 class FakeGenerator:
-    """Another generator with the face the page uses: load(path), generate(...) -> .images, .scores."""
+    """Another generator with the face the page uses: load(path), .sampling (the settings it takes),
+    generate(...) -> .images, .scores."""
 
     loaded: list = []
+    sampling = FakeSampling()
 
     @classmethod
     def load(cls, path):
@@ -183,6 +194,7 @@ class FakeGenerator:
     def generate(self, prompt, num_images, candidates=0, seed=None, progress=None, **sampling):
         from cvformers.pipelines.text_to_image import Generation
 
+        assert set(sampling) == {"guidance"}  # only the settings its sampling config has
         progress(1, 1)
         return Generation(prompt, torch.full((num_images, 3, 4, 4), 0.5), torch.zeros(num_images, 2, 2),
                           torch.linspace(1, 0, num_images), {"sampling": sampling})

@@ -165,6 +165,10 @@ def test_bundle_load_generate_vary_and_the_cli(tiny_runs, tmp_path, capsys):
     assert torch.equal(result.images, again.images)  # same seed, same images
     assert pipe.vary(result.images[0], 2, **fast).images.shape == (2, 3, 32, 32)
     assert pipe.interpolate(result.images[0], result.images[1], 3, **fast).shape == (3, 3, 32, 32)
+    from cvformers.eval.generation import caption_fidelity
+
+    report = caption_fidelity(pipe, "heldout", n_captions=2, per_caption=1, **fast)  # the checker reads 32-px scenes
+    assert report["images"] == 2 and 0.0 <= report["fidelity"] <= 1.0
 
     out = tmp_path / "g.png"
     assert cli.main(["generate", "a red circle", "--model", str(bundle), "--num", "2", "--steps", "2",

@@ -17,6 +17,7 @@ from cvformers.loading import DEFAULT_NAME
 # A new generator is one more line here (imported only when a run of that kind is served).
 GENERATOR_KINDS: dict[str, tuple[str, str]] = {
     "dalle": ("cvformers.pipelines.text_to_image", "TextToImage"),
+    "unclip": ("cvformers.pipelines.unclip", "UnCLIP"),
 }
 
 # Generators that ship inside the package: the model menu of a plain `cvformers serve`.

@@ -7,7 +7,9 @@ shows. Loaded models are kept in one ``Models`` object so each is read from disk
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 import threading
 import time
 import uuid
@@ -189,10 +191,14 @@ def text_to_image(models: Models, outputs: Outputs, prompt: Any, model: str, num
     candidates = whole_number(candidates, "candidates", 0, cfg.max_candidates)
     seed = None if seed is None or seed == "" else whole_number(seed, "seed", 0, 2**63 - 1)
     pipe = models.generator(model)
-    result = pipe.generate(prompt, num_images=num_images, candidates=candidates, seed=seed,
-                           temperature=real_number(temperature, "temperature"),
-                           top_k=whole_number(top_k, "top-k", 0), top_p=real_number(top_p, "top-p"),
-                           guidance=real_number(guidance, "guidance"), progress=progress)
+    settings = {"candidates": candidates, "seed": seed, "temperature": real_number(temperature, "temperature"),
+                "top_k": whole_number(top_k, "top-k", 0), "top_p": real_number(top_p, "top-p"),
+                "guidance": real_number(guidance, "guidance")}
+    # each generator takes the settings its sampling config has (unCLIP: no temperature / top-k / top-p)
+    known = {f.name for f in dataclasses.fields(pipe.sampling)}
+    if "progress" in inspect.signature(pipe.generate).parameters:
+        settings["progress"], known = progress, known | {"progress"}
+    result = pipe.generate(prompt, num_images=num_images, **{k: v for k, v in settings.items() if k in known})
     return _drawn(result, cfg, outputs)
 
 

@@ -202,7 +202,12 @@ def _image_data_config(args: TaskArgs, default_size: int = 32) -> DataConfig:
 
 
 def _unet_table(args: TaskArgs, preset: dict, data_cfg: DataConfig) -> tuple[dict, dict]:
-    table = dict(args.config.get("model", {}))
+    """([model] with the diffusion defaults of these tasks, [model.unet] with the preset and the data's sizes).
+
+    Defaults: v-prediction on the cosine schedule. With ε-prediction on the linear schedule, a
+    CPU-sized budget left the decoder's global colour wrong: it is decided at high noise, where
+    ε's errors reach x̂_0 multiplied by sqrt((1-ᾱ)/ᾱ) (about 160 at t = T)."""
+    table = {"schedule": "cosine", "prediction": "v", **dict(args.config.get("model", {}))}
     unet = {"attention_resolutions": (data_cfg.image_size // 2, data_cfg.image_size // 4), **preset,
             "image_size": data_cfg.image_size, "in_channels": data_cfg.channels, **dict(table.pop("unet", {}) or {})}
     return table, unet
