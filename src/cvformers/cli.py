@@ -53,7 +53,7 @@ def _add_train(sub) -> None:
     p.add_argument("--until", type=int, default=None,
                    help="stop (and checkpoint) after this step; --resume continues on the same schedule")
     p.add_argument("--vae", default=None, help="(dalle) run folder of the trained image tokenizer")
-    p.add_argument("--model", default=None, help="(classifier, clip) model preset name")
+    p.add_argument("--model", default=None, help="(classifier, clip, dino) model preset name")
     p.add_argument("--device", default=None, type=_device, help="cpu | cuda (default: cuda when available)")
     p.set_defaults(func=_cmd_train)
 
@@ -171,6 +171,33 @@ def _cmd_eval_classifier(args) -> int:
     return 0
 
 
+def _add_eval_knn(esub) -> None:
+    p = esub.add_parser("knn", help="weighted k-NN and linear-probe accuracy of frozen features (DINO §4.1)")
+    p.add_argument("run", help="dino run (its teacher), classifier run (its backbone), or a preset name (random init)")
+    p.add_argument("--data", default="fashion-mnist", help="labelled data: fashion-mnist | mnist | shapes | folder:PATH")
+    p.add_argument("--k", type=int, default=20, help="neighbours that vote (paper: 20)")
+    p.add_argument("--temperature", type=float, default=0.07, help="T of the exp(similarity / T) vote weights")
+    p.add_argument("--train-limit", type=int, default=None, help="memory bank: the first N train images (default all)")
+    p.add_argument("--test-limit", type=int, default=None, help="queries: the first N test images (default all)")
+    p.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+    p.add_argument("--student", action="store_true", help="(dino runs) the student's weights instead of the teacher's")
+    p.set_defaults(func=_cmd_eval_knn)
+
+
+def _cmd_eval_knn(args) -> int:
+    import json
+
+    from cvformers.eval.knn import evaluate_features
+
+    for name in ("train_limit", "test_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    print(json.dumps(evaluate_features(args.run, args.data, k=args.k, temperature=args.temperature,
+                                       train_limit=args.train_limit, test_limit=args.test_limit,
+                                       probe=not args.no_probe, student=args.student)))
+    return 0
+
+
 # `cvformers eval WHAT`: each evaluation adds itself here
 def _add_eval_fidelity(esub) -> None:
     p = esub.add_parser("fidelity", help="caption fidelity of generated shapes (and the CLIP reranking gain)")
@@ -211,7 +238,7 @@ def _cmd_eval_fidelity(args) -> int:
     return 0
 
 
-_EVAL_COMMANDS = [_add_eval_fidelity, _add_eval_retrieval, _add_eval_classifier]
+_EVAL_COMMANDS = [_add_eval_fidelity, _add_eval_retrieval, _add_eval_classifier, _add_eval_knn]
 
 
 def _add_eval(sub) -> None:
