@@ -211,3 +211,42 @@ def test_cli_dino_resumes_bit_exactly_and_evaluates(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["weights"] == "teacher" and 0 <= result["knn_top1"] <= 1 and "linear_top1" in result
     assert cli.main(["eval", "knn", str(tmp_path / "nothing")]) == 2
+
+    from cvformers.images import save_image
+    picture = tmp_path / "scene.png"
+    save_image(torch.rand(3, 32, 32), picture)
+    assert cli.main(["attention", str(picture), "--model", whole, "--out", str(tmp_path / "att.png")]) == 0
+    assert (tmp_path / "att.png").stat().st_size > 0
+    assert cli.main(["attention", str(picture), "--model", whole, "--out", str(tmp_path / "a.png"), "--keep", "0"]) == 2
+
+
+def test_attention_mass_mask_keeps_the_largest_patches_up_to_the_share():
+    from cvformers.pipelines.attention import attention_mass_mask
+
+    att = torch.tensor([0.05, 0.5, 0.05, 0.3, 0.1])
+    assert attention_mass_mask(att, 0.6).tolist() == [False, True, False, True, False]  # 0.5 < 0.6 <= 0.8
+    assert attention_mass_mask(att, 0.5).tolist() == [False, True, False, False, False]
+    assert attention_mass_mask(att, 1.0).all()
+
+
+def test_classifier_starts_from_a_dino_run_and_refuses_another_architecture(tmp_path, capsys):
+    cfg = tmp_path / "dino.toml"
+    cfg.write_text(TOY_CONFIG)
+    dino = tmp_path / "dino"
+    assert cli.main(["train", "dino", "--data", "shapes", "--out", str(dino), "--config", str(cfg), "--steps", "2"]) == 0
+    teacher = load_file(str(dino / "teacher.safetensors"))
+    cls = tmp_path / "cls.toml"
+    cls.write_text(f'[model]\npreset = "vit_nano_patch4_32"\ninit_from = "{dino}"\n[model.backbone]\nembed_dim = 16\n'
+                   'depth = 1\nnum_heads = 2\n[data]\nsize = 48\neval_size = 24\n[train]\nbatch_size = 8\nlr = 1e-9\n'
+                   'warmup_steps = 0\n')
+    run = tmp_path / "cls"
+    assert cli.main(["train", "classifier", "--data", "shapes", "--out", str(run), "--config", str(cls),
+                     "--steps", "1"]) == 0
+    trained = load_file(str(run / "model.safetensors"))
+    torch.testing.assert_close(trained["backbone.patch_embed.proj.weight"],
+                               teacher["backbone.patch_embed.proj.weight"], atol=1e-6, rtol=1e-4)
+    capsys.readouterr()
+    cls.write_text(cls.read_text().replace("depth = 1", "depth = 2"))
+    assert cli.main(["train", "classifier", "--data", "shapes", "--out", str(tmp_path / "bad"), "--config", str(cls),
+                     "--steps", "1"]) == 2
+    assert "depth 1 there, 2 here" in capsys.readouterr().err
