@@ -112,7 +112,11 @@ class DINOTeacher(TrainerHook):
         the views' mean output is kept for the centre update after the step."""
         logits = self.teacher.forward_views(global_views)
         if training:
-            self._batch_mean = torch.cat(logits).mean(dim=0, keepdim=True)
+            mean = torch.cat(logits).mean(dim=0, keepdim=True)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(mean)  # under torchrun: the mean over every process's batch
+                mean /= torch.distributed.get_world_size()
+            self._batch_mean = mean
         tau = self.temperature(self.updates)
         return [((t - self.center) / tau).softmax(dim=-1) for t in logits]
 
