@@ -211,6 +211,8 @@ def test_cli_dino_resumes_bit_exactly_and_evaluates(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["weights"] == "teacher" and 0 <= result["knn_top1"] <= 1 and "linear_top1" in result
     assert cli.main(["eval", "knn", str(tmp_path / "nothing")]) == 2
+    assert cli.main(["eval", "knn", whole, "--k", "0"]) == 2
+    assert cli.main(["eval", "knn", whole, "--temperature", "nan"]) == 2
 
     from cvformers.images import save_image
     picture = tmp_path / "scene.png"

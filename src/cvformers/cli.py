@@ -189,6 +189,10 @@ def _cmd_eval_knn(args) -> int:
 
     from cvformers.eval.knn import evaluate_features
 
+    import math
+
+    if args.k < 1 or not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise UserError(f"--k must be >= 1 and --temperature a number > 0, got {args.k} and {args.temperature}")
     for name in ("train_limit", "test_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
