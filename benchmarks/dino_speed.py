@@ -23,7 +23,6 @@ all alike; the median images/s of each and the ratios are printed.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
@@ -90,7 +89,8 @@ def lightly_pipeline(images: torch.Tensor, batch: int, our_views: bool):
             return self.head(self.backbone((x - 0.5) / 0.5 if our_views else x))
 
     student = Net()
-    teacher = copy.deepcopy(student)
+    teacher = Net()  # lightly's head holds a weight_norm, which deepcopy refuses
+    teacher.load_state_dict(student.state_dict())
     deactivate_requires_grad(teacher)
     criterion = DINOLoss(output_dim=K, warmup_teacher_temp_epochs=5)
     opt = torch.optim.AdamW(student.parameters(), lr=5e-4, weight_decay=0.04)
