@@ -54,7 +54,7 @@ def _add_train(sub) -> None:
                    help="stop (and checkpoint) after this step; --resume continues on the same schedule")
     p.add_argument("--vae", default=None, help="(dalle) run folder of the trained image tokenizer")
     p.add_argument("--clip", default=None, help="(unclip-prior, unclip-decoder) CLIP run folder (default: default/clip)")
-    p.add_argument("--model", default=None, help="(classifier, clip) model preset name")
+    p.add_argument("--model", default=None, help="(classifier, clip, dino) model preset name")
     p.add_argument("--device", default=None, type=_device, help="cpu | cuda (default: cuda when available)")
     p.set_defaults(func=_cmd_train)
 
@@ -172,6 +172,37 @@ def _cmd_eval_classifier(args) -> int:
     return 0
 
 
+def _add_eval_knn(esub) -> None:
+    p = esub.add_parser("knn", help="weighted k-NN and linear-probe accuracy of frozen features (DINO §4.1)")
+    p.add_argument("run", help="dino run (its teacher), classifier run (its backbone), or a preset name (random init)")
+    p.add_argument("--data", default="fashion-mnist", help="labelled data: fashion-mnist | mnist | shapes | folder:PATH")
+    p.add_argument("--k", type=int, default=20, help="neighbours that vote (paper: 20)")
+    p.add_argument("--temperature", type=float, default=0.07, help="T of the exp(similarity / T) vote weights")
+    p.add_argument("--train-limit", type=int, default=None, help="memory bank: the first N train images (default all)")
+    p.add_argument("--test-limit", type=int, default=None, help="queries: the first N test images (default all)")
+    p.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+    p.add_argument("--student", action="store_true", help="(dino runs) the student's weights instead of the teacher's")
+    p.set_defaults(func=_cmd_eval_knn)
+
+
+def _cmd_eval_knn(args) -> int:
+    import json
+
+    from cvformers.eval.knn import evaluate_features
+
+    import math
+
+    if args.k < 1 or not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise UserError(f"--k must be >= 1 and --temperature a number > 0, got {args.k} and {args.temperature}")
+    for name in ("train_limit", "test_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    print(json.dumps(evaluate_features(args.run, args.data, k=args.k, temperature=args.temperature,
+                                       train_limit=args.train_limit, test_limit=args.test_limit,
+                                       probe=not args.no_probe, student=args.student)))
+    return 0
+
+
 # `cvformers eval WHAT`: each evaluation adds itself here
 def _add_eval_fidelity(esub) -> None:
     p = esub.add_parser("fidelity", help="caption fidelity of generated shapes (and the CLIP reranking gain)")
@@ -228,7 +259,7 @@ def _cmd_eval_fidelity(args) -> int:
     return 0
 
 
-_EVAL_COMMANDS = [_add_eval_fidelity, _add_eval_retrieval, _add_eval_classifier]
+_EVAL_COMMANDS = [_add_eval_fidelity, _add_eval_retrieval, _add_eval_classifier, _add_eval_knn]
 
 
 def _add_eval(sub) -> None:
@@ -251,12 +282,14 @@ def _cmd_models(args) -> int:
 
 
 def _add_attention(sub) -> None:
-    p = sub.add_parser("attention", help="ViT attention maps + rollout, or Mixer token-mixing weights, as a PNG")
+    p = sub.add_parser("attention", help="ViT attention maps + rollout, DINO [CLS] attention + masks, or Mixer token-mixing weights, as a PNG")
     p.add_argument("image", nargs="?", default=None, help="image file (needed for a ViT)")
-    p.add_argument("--model", required=True, help="classifier run folder (or a preset name: random weights)")
+    p.add_argument("--model", required=True, help="classifier or dino run folder (or a preset name: random weights)")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--query", default=None, help="ROW,COL of the query patch (default: the centre patch)")
     p.add_argument("--units", type=int, default=16, help="(mixer) hidden units shown per block")
+    p.add_argument("--keep", type=float, default=0.6,
+                   help="(dino runs) share of each head's attention mass its mask keeps (DINO Fig. 3: 0.6)")
     p.set_defaults(func=_cmd_attention)
 
 
@@ -270,7 +303,7 @@ def _cmd_attention(args) -> int:
         except ValueError:
             raise UserError(f"--query takes ROW,COL (two integers), got {args.query!r}") from None
         query = (row, col)
-    print(attention_figure(args.model, args.image, args.out, query=query, units=args.units))
+    print(attention_figure(args.model, args.image, args.out, query=query, units=args.units, keep=args.keep))
     return 0
 
 

@@ -26,6 +26,7 @@ from cvformers.utils import atomic_save
 
 CONFIG = "config.toml"
 WEIGHTS = "model.safetensors"
+TEACHER_WEIGHTS = "teacher.safetensors"  # a dino run's teacher (the EMA of the student), what evaluation uses
 TOKENIZER_FILE = "tokenizer.json"  # a run's caption BPE (cvformers.text)
 DEFAULT_NAME = "default"  # the shipped DALL-E bundle; "default/vae" and "default/clip" name its parts
 UNCLIP_NAME = "unclip"  # the shipped DALL-E 2 (unCLIP) bundle; "unclip/prior", "unclip/decoder", …
@@ -159,19 +160,22 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
 
 # --- runs -----------------------------------------------------------------
 
-def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_run(path: str | Path, device: str | torch.device = "cpu", weights: str | None = None
+             ) -> tuple[nn.Module, dict[str, Any]]:
     """A trained model from its run folder, in eval mode, and the run's config as a dict.
 
     Reads ``config.toml`` (``kind`` + ``[model]``), rebuilds the module with
-    ``cvformers.registry.build_model`` and loads ``model.safetensors`` strictly. Nothing is
-    unpickled.
+    ``cvformers.registry.build_model`` and loads ``model.safetensors`` (or the run's other weight
+    file ``weights`` with the same keys, e.g. a dino run's ``teacher.safetensors``) strictly.
+    Nothing is unpickled.
     """
+    weights = weights or WEIGHTS
     from cvformers.registry import build_model
 
     run_dir = resolve_run(path)
     if not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}")
-    for name in (CONFIG, WEIGHTS):
+    for name in (CONFIG, weights):
         if not (run_dir / name).is_file():
             raise UserError(f"{run_dir} is not a finished run: {name} is missing")
     cfg = load_toml(run_dir / CONFIG)
@@ -181,9 +185,9 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.M
     # that would allocate far more than the file holds, is refused before anything is allocated.
     with torch.device("meta"):
         skeleton = build_model(cfg["kind"], cfg.get("model", {}))
-    check_shapes(skeleton, run_dir / WEIGHTS)
+    check_shapes(skeleton, run_dir / weights)
     model = build_model(cfg["kind"], cfg.get("model", {}))
-    load_weights(model, run_dir / WEIGHTS)
+    load_weights(model, run_dir / weights)
     return model.to(device).eval(), cfg
 
 

@@ -44,6 +44,7 @@ class CLIPConfig:
     embed_dim: int = 64  # size of the shared image-text embedding
     # image tower
     image_encoder: str = "vit"  # "vit" (CLIP's own, OpenAI layout) or a cvformers.models.vision name
+    init_from: str = ""  # (registry image encoders) a dino or classifier run whose backbone starts the image tower
     image_size: int = 32  # input resolution (square)
     in_channels: int = 3  # image channels; 1-channel inputs are repeated to 3 when this is 3
     patch_size: int = 4  # ViT patch side in pixels

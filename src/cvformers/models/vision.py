@@ -208,6 +208,7 @@ class ClassifierConfig:
     hflip: bool = True  # random horizontal flips (off for digits, where mirroring changes meaning)
     mean: list[float] = field(default_factory=lambda: [0.5])  # input normalisation, per channel or one value
     std: list[float] = field(default_factory=lambda: [0.5])  # (x - mean) / std before the backbone
+    init_from: str = ""  # a dino or classifier run whose backbone weights a new run starts from ("": random init)
 
 
 def classifier_config(preset: str, **overrides: Any) -> ClassifierConfig:

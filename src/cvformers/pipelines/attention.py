@@ -212,6 +212,48 @@ def vit_attention_figure(classifier, image: torch.Tensor, query: tuple[int, int]
     return fig
 
 
+def attention_mass_mask(attention: torch.Tensor, keep: float = 0.6) -> torch.Tensor:
+    """DINO §4.2.1 / Fig. 3: the smallest set of patches holding ``keep`` of the attention mass.
+
+    ``attention``: [..., N] weights of one query over the N patches. Returns a bool mask of the
+    same shape: the patches, largest first, until their sum reaches ``keep`` of the total."""
+    values, order = attention.sort(dim=-1, descending=True)
+    share = values.cumsum(-1) / values.sum(-1, keepdim=True).clamp_min(1e-12)
+    before = share - values / values.sum(-1, keepdim=True).clamp_min(1e-12)  # mass of the larger patches
+    kept_sorted = before < keep  # a patch is kept while the mass before it is short of `keep`
+    return torch.zeros_like(kept_sorted).scatter(-1, order, kept_sorted)
+
+
+def _mask_picture(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The image where the mask [gh, gw] is set, tinted blue elsewhere (also on a black
+    background, as Fashion-MNIST's) -> [3, H, W]."""
+    rgb = image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
+    up = F.interpolate(mask[None, None].float(), size=rgb.shape[-2:], mode="nearest")[0]
+    blue = torch.tensor([0.15, 0.3, 0.75]).view(3, 1, 1)
+    return up * rgb + (1 - up) * (0.3 * rgb + 0.7 * blue)
+
+
+def dino_attention_figure(dino, image: torch.Tensor, keep: float = 0.6) -> Figure:
+    """The DINO pictures (§4.2.1, Fig. 1 and 3) for one image [C, H, W] in [0, 1]: the last
+    layer's [CLS] self-attention of each head over the patches, and each head's mask of the
+    patches that hold ``keep`` (60%) of its attention mass. ``dino``: a ``DINO`` model (a run's
+    teacher) whose backbone is a ViT."""
+    vit = dino.backbone
+    grid = (image.shape[-2] // vit.cfg.patch_size, image.shape[-1] // vit.cfg.patch_size)
+    maps = vit_attention(vit, (image - dino.mean[0]) / dino.std[0])
+    last = maps[-1][:, 0, 1:].reshape(-1, *grid)  # [heads, gh, gw]: where [CLS] looks in the last layer
+    masks = attention_mass_mask(last.flatten(1), keep).reshape_as(last)
+    heads = last.shape[0]
+    fig = Figure()
+    fig.add("input / head mean", [[("image", image), ("cls mean", overlay(image, last.mean(0))),
+                                   (f"mask {keep:.0%} mean", _mask_picture(image, attention_mass_mask(
+                                       last.mean(0).flatten(), keep).reshape(grid)))]])
+    fig.add(f"last layer [CLS] attention, {heads} heads", [[(f"head {h}", overlay(image, last[h])) for h in range(heads)]])
+    fig.add(f"masks: {keep:.0%} of the attention mass", [[(f"head {h}", _mask_picture(image, masks[h]))
+                                                          for h in range(heads)]])
+    return fig
+
+
 def mixer_token_mixing_figure(mixer, blocks: list[int] | None = None, units: int = 16) -> Figure:
     """Token-mixing weights of the first ``units`` hidden units of ``blocks`` (default: the
     first three) as images over the patch grid, blue = negative, red = positive."""
@@ -267,7 +309,29 @@ def attention_picture(classifier, image=None, query: tuple[int, int] | None = No
     raise UserError(f"attention pictures exist for vit and mixer models; this one is a {family}")
 
 
+def _dino_run(model: str | Path) -> bool:
+    from cvformers.config import load_toml
+
+    config = Path(model) / "config.toml"
+    return config.is_file() and load_toml(config).get("kind") == "dino"
+
+
 def attention_figure(model: str | Path, image: str | Path | None, out: str | Path,
-                     query: tuple[int, int] | None = None, units: int = 16) -> Path:
-    """``cvformers attention``: the figure for a ViT run (needs ``image``) or a Mixer run."""
+                     query: tuple[int, int] | None = None, units: int = 16, keep: float = 0.6) -> Path:
+    """``cvformers attention``: the figure for a ViT run (needs ``image``) or a Mixer run; for a
+    dino run, its teacher's last-layer [CLS] attention per head and the ``keep``-mass masks."""
+    if not 0 < keep <= 1:
+        raise UserError(f"--keep is a share of the attention mass in (0, 1], got {keep}")
+    if _dino_run(model):
+        from cvformers.loading import TEACHER_WEIGHTS, load_run
+
+        weights = TEACHER_WEIGHTS if (Path(model) / TEACHER_WEIGHTS).is_file() else None
+        dino, _ = load_run(model, weights=weights)
+        if dino.cfg.family != "vit":
+            raise UserError(f"attention pictures of a dino run need a ViT backbone; this one is a {dino.cfg.family}")
+        if image is None:
+            raise UserError("a ViT's attention maps need an image: give IMAGE")
+        pixels = load_image(image, dino.image_size, dino.in_chans)
+        with torch.no_grad():
+            return dino_attention_figure(dino, pixels, keep).save(out)
     return attention_picture(load_classifier(model), image, query, units).save(out)

@@ -73,6 +73,10 @@ def classifier_task(args: TaskArgs) -> TaskSetup:
         raise UserError(f"{data_cfg.name}: the training split is empty")
     model_cfg.backbone["num_classes"] = count_classes(data_cfg.name, train_data)
     model = ImageClassifier(model_cfg)
+    if model_cfg.init_from and not args.resume:  # a resumed run has its own weights
+        from cvformers.tasks.transfer import init_backbone_from
+
+        init_backbone_from(model.backbone, model_cfg.family, model_cfg.init_from)
     train_cfg = train_config_from(args, default_train_config())
     return TaskSetup(kind="classifier", model=model, model_config=model_cfg, train_config=train_cfg,
                      train_data=train_data, eval_data=eval_data if len(eval_data) else None,

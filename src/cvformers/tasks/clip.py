@@ -123,8 +123,18 @@ def clip_task(args: TaskArgs) -> TaskSetup:
         return batch
 
     defaults = default_train_config()
+    model = CLIP(cfg)
+    if cfg.init_from and not args.resume:  # a resumed run has its own weights
+        from cvformers.tasks.transfer import init_backbone_from
+
+        if cfg.image_encoder == "vit":
+            raise ConfigError("model.init_from needs a registry image tower (image_encoder = a preset name such as "
+                              "'vit_nano_patch4_32'); CLIP's own 'vit' keeps OpenAI's layout")
+        from cvformers.models.vision import PRESETS
+
+        init_backbone_from(model.visual.trunk, PRESETS[cfg.image_encoder][0], cfg.init_from)
     return TaskSetup(
-        kind="clip", model=CLIP(cfg), model_config=cfg, train_config=train_config_from(args, defaults),
+        kind="clip", model=model, model_config=cfg, train_config=train_config_from(args, defaults),
         train_data=train_data, eval_data=eval_data, collate=clip_collate,
         extra_config={"data": to_dict(data_cfg), "text": to_dict(text_cfg)}, extra_files=extra_files,
     )

@@ -35,6 +35,11 @@ class TrainerHook:
     def after_step(self, model: nn.Module, step: int) -> None:
         """After optimizer step ``step`` (0-based) has updated ``model``."""
 
+    def on_log(self, model: nn.Module, step: int, metrics: dict[str, float]) -> list[str]:
+        """After the train metrics of ``step`` are logged (means since the last log line): warnings
+        to show the user, one line each (e.g. a collapse the metrics show)."""
+        return []
+
     def on_evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
         """After an evaluation at ``step`` (1-based count of steps done); extra metrics to log."""
         return {}

@@ -41,6 +41,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = processes x batch_size x grad_accum)
     lr: float = 3e-4  # peak learning rate, reached at the end of warmup
     weight_decay: float = 0.01  # AdamW decoupled decay; not applied to biases/norms/embeddings (see param_groups)
+    weight_decay_end: float | None = None  # if set, weight decay follows a cosine from weight_decay to this at the last step (DINO)
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates
     eps: float = 1e-8  # AdamW denominator epsilon
     warmup_steps: int = 100  # linear warmup from lr/warmup_steps to lr
@@ -68,6 +69,8 @@ class TrainConfig:
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         # AdamW's own checks come as tracebacks at step 0, and a NaN lr only as a NaN loss at step 1
+        if self.weight_decay_end is not None and not (math.isfinite(self.weight_decay_end) and self.weight_decay_end >= 0):
+            raise ValueError(f"train.weight_decay_end must be a finite number >= 0, got {self.weight_decay_end}")
         for name in ("lr", "weight_decay", "eps", "grad_clip", "min_lr_ratio"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"train.{name} must be a finite number, got {getattr(self, name)}")
@@ -97,6 +100,12 @@ def train_config_from(args: Any, defaults: TrainConfig | None = None) -> TrainCo
     return from_dict(TrainConfig, merged, "train")
 
 
+def weight_decay_at(step: int, start: float, end: float, total_steps: int) -> float:
+    """Cosine from ``start`` at step 0 to ``end`` at the last step (DINO's weight-decay schedule)."""
+    t = step / max(total_steps - 1, 1)
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Split trainable parameters into decayed and not decayed.
 
@@ -116,7 +125,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             no_decay.append(p)
         else:
             decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "decayed": True},
+              {"params": no_decay, "weight_decay": 0.0, "decayed": False}]
     return [g for g in groups if g["params"]]
 
 
@@ -339,6 +349,11 @@ class Trainer:
             lr = lr_at(step, lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            if cfg.weight_decay_end is not None:  # DINO's cosine schedule of the decay (appendix: 0.04 -> 0.4)
+                wd = weight_decay_at(step, cfg.weight_decay, cfg.weight_decay_end, cfg.steps)
+                for group in optimizer.param_groups:
+                    if group.get("decayed", group["weight_decay"] > 0):
+                        group["weight_decay"] = wd
             self._window.add(self._train_step(forward, optimizer, params, batches, step))
             for hook in self.hooks:
                 hook.after_step(model, step)
@@ -370,10 +385,16 @@ class Trainer:
         result = {"step": done, "split": "train", **means, "lr": lr, "items_per_s": speed, "elapsed": elapsed}
         if self.dist.is_main:
             ckpt.append_metrics(self.out, result)
+            # a model names metrics worth watching live (DINO: teacher entropy and KL, which show collapse)
+            shown = {k: f"{result[k]:.4g}" for k in getattr(self.model, "progress_metrics", ()) if k in result}
             if self._bar is not None:
-                self._bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}", items_s=f"{speed:.1f}")
+                self._bar.set_postfix(loss=f"{result['loss']:.4f}", **shown, lr=f"{lr:.2e}", items_s=f"{speed:.1f}")
             else:  # no terminal (a log file, a job scheduler): one line per log step
-                self._say(f"step {done}/{cfg.steps} loss {result['loss']:.4f} lr {lr:.2e} items/s {speed:.1f}")
+                extra = "".join(f" {k} {v}" for k, v in shown.items())
+                self._say(f"step {done}/{cfg.steps} loss {result['loss']:.4f}{extra} lr {lr:.2e} items/s {speed:.1f}")
+            for hook in self.hooks:
+                for line in hook.on_log(self.model, done, result):
+                    self._say(f"warning: {line}")
         return result
 
     def _evaluate_and_log(self, model: nn.Module, done: int) -> dict[str, float]:
