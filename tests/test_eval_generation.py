@@ -19,15 +19,15 @@ class StandInPipe:
         data = ShapesDataset(split=split, image_size=32)
         self.truth = {data.item(i)["caption"]: data.item(i)["record"] for i in range(20)}
         self.good, self.period = good, period
-        self.vae = SimpleNamespace(image_size=32)
-        self.reranker = object() if rerank else None
+        self.image_size = 32
+        self.reranks = rerank
 
     def generate(self, caption, num_images, seed, **sampling):
         g = torch.Generator().manual_seed(seed)
         images = torch.stack([render(self.truth[caption], 32) if i % self.period < self.good
                               else torch.rand(3, 32, 32, generator=g) for i in range(num_images)])
         is_true = torch.tensor([i % self.period < self.good for i in range(num_images)], dtype=torch.float)
-        order = is_true.argsort(descending=True, stable=True) if self.reranker else torch.arange(num_images)
+        order = is_true.argsort(descending=True, stable=True) if self.reranks else torch.arange(num_images)
         return SimpleNamespace(images=images[order])
 
 
