@@ -203,3 +203,33 @@ def test_a_bundle_with_a_missing_part_is_refused_in_one_line(tiny_runs, tmp_path
     shutil.rmtree(broken / "prior")
     with pytest.raises(UserError, match="the prior/ folder is missing"):
         UnCLIP.load(broken)
+
+
+# --- the shipped bundle -------------------------------------------------------------------------------
+
+
+def test_shipped_unclip_variations_keep_the_clip_content_of_their_source():
+    """Variations (§3.1) decode the source's CLIP image embedding: each must be closer, in that CLIP,
+    to its own source than to the other source."""
+    from cvformers.data.shapes import ShapesDataset
+    from cvformers.pipelines.unclip import UnCLIP
+
+    pipe = UnCLIP.load("unclip")
+    data = ShapesDataset("test", image_size=32)
+    sources = torch.stack([data[0]["image"], data[3]["image"]])
+    source_emb = pipe.encode_images(sources)
+    assert (source_emb[0] @ source_emb[1]).item() < 0.9  # two different scenes
+    for i in range(2):
+        drawn = pipe.vary(sources[i], 2, steps=10, seed=i).images
+        sims = pipe.encode_images(drawn) @ source_emb.T  # [2 variations, 2 sources]
+        assert bool((sims[:, i] > sims[:, 1 - i]).all()), sims
+
+
+def test_shipped_unclip_generates_from_the_cli(tmp_path, capsys):
+    from PIL import Image
+
+    from cvformers import cli
+
+    out = tmp_path / "u.png"
+    assert cli.main(["generate", "a red circle", "--model", "unclip", "--num", "1", "--steps", "5", "--out", str(out)]) == 0
+    assert Image.open(out).size == (128, 128)  # one image, written as itself, enlarged to the default tile

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cvformers.errors import UserError
-from cvformers.loading import DEFAULT_NAME
+from cvformers.loading import DEFAULT_NAME, UNCLIP_NAME
 
 # The generators the text-to-image tab loads, by the ``kind`` in a run's config.toml: the module
 # and class of a pipeline with ``load(path)`` and ``generate(prompt, num_images=..., candidates=...,
@@ -21,7 +21,7 @@ GENERATOR_KINDS: dict[str, tuple[str, str]] = {
 }
 
 # Generators that ship inside the package: the model menu of a plain `cvformers serve`.
-SHIPPED_GENERATORS: tuple[str, ...] = (DEFAULT_NAME,)
+SHIPPED_GENERATORS: tuple[str, ...] = (DEFAULT_NAME, UNCLIP_NAME)
 
 # Example prompts in the shipped model's words (its captions are the `shapes` data's). The last
 # three use colour–shape pairs that never occur in its training captions (``HELDOUT_PAIRS``).
