@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Rebuild the shipped DALL-E 2 (unCLIP) model, src/cvformers/assets/unclip, from the shipped CLIP:
-# a diffusion prior (caption -> CLIP image embedding), a CLIP-conditioned diffusion decoder (32 px)
-# and a diffusion upsampler (32 -> 64 px), all trained on the built-in shapes data, then bundled as
-# fp16 safetensors. One thread per run (on a shared 2-core machine more threads oversubscribe the
-# cores); the decoder and the prior can run side by side, then the upsampler.
+# a diffusion prior (caption -> CLIP image embedding) and a CLIP-conditioned diffusion decoder
+# (32 px), trained side by side on the built-in shapes data, then bundled as fp16 safetensors. One
+# thread per run (on a shared 2-core machine more threads oversubscribe the cores). The shipped
+# bundle has no upsampler; UPSAMPLER=1 also trains one (32 -> 64 px) and bundles it.
 #
 #   bash scripts/build_unclip_bundle.sh            # runs go to runs/unclip/, bundle to assets
 set -euo pipefail
@@ -18,5 +18,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 decoder=$!
 "$cvf" train unclip-prior --config configs/unclip_prior.toml --clip default/clip --out "$runs/prior" --until 1500
 wait "$decoder"
-"$cvf" train unclip-upsampler --config configs/unclip_upsampler.toml --out "$runs/upsampler"
+if [ "${UPSAMPLER:-0}" = 1 ]; then
+    "$cvf" train unclip-upsampler --config configs/unclip_upsampler.toml --out "$runs/upsampler"
+fi
 "$cvf" bundle --unclip "$runs" --out src/cvformers/assets/unclip
