@@ -54,6 +54,18 @@ def prompt_slug(prompt: str, limit: int = 60) -> str:
     return slug or "prompt"
 
 
+def count_candidates(num_images: int, candidates: int) -> int:
+    """The number of images to draw for ``num_images`` kept (``candidates`` 0: as many), checked."""
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise UserError(f"number of images must be at least 1, got {num_images}")
+    candidates = candidates or num_images
+    if candidates > MAX_CANDIDATES:
+        raise UserError(f"{candidates} images in one call is more than {MAX_CANDIDATES}; split the request")
+    if candidates < num_images:
+        raise UserError(f"candidates ({candidates}) must be at least the number of images ({num_images})")
+    return candidates
+
+
 class UnknownWords(UserWarning):
     """The prompt holds words the model's caption vocabulary does not: it draws something else."""
 
@@ -223,13 +235,7 @@ class TextToImage:
         ``settings`` (``seed=3, guidance=2.0``; ``None`` keeps the value) change single fields.
         """
         s = (sampling or self.sampling).override(**settings)
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise UserError(f"number of images must be at least 1, got {num_images}")
-        candidates = s.candidates or num_images
-        if candidates > MAX_CANDIDATES:
-            raise UserError(f"{candidates} images in one call is more than {MAX_CANDIDATES}; split the request")
-        if candidates < num_images:
-            raise UserError(f"candidates ({candidates}) must be at least the number of images ({num_images})")
+        candidates = count_candidates(num_images, s.candidates)
         if candidates > num_images and self.reranker is None:
             raise UserError("more candidates than images needs a reranker (e.g. a CLIP run) to choose them")
         text = self.encode_prompt(prompt)

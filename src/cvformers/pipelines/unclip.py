@@ -39,7 +39,7 @@ from cvformers.diffusion.samplers import DiffusionSamplingConfig
 from cvformers.errors import UserError
 from cvformers.images import load_image
 from cvformers.loading import load_clip, load_run, load_weights, resolve_run
-from cvformers.pipelines.text_to_image import MAX_CANDIDATES, Generation, UnknownWords
+from cvformers.pipelines.text_to_image import MAX_CANDIDATES, Generation, UnknownWords, count_candidates
 
 PARTS = ("prior", "decoder", "upsampler", "clip")
 KINDS = {"prior": "unclip_prior", "decoder": "unclip_decoder", "upsampler": "unclip_upsampler"}
@@ -235,13 +235,7 @@ class UnCLIP:
         """Draw ``candidates`` images (default ``num_images``) for a prompt, keep the ``num_images`` CLIP
         scores best (best first). ``settings`` change single fields of ``sampling`` (``seed=3``)."""
         s = (sampling or self.sampling).override(**settings)
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise UserError(f"number of images must be at least 1, got {num_images}")
-        candidates = s.candidates or num_images
-        if candidates > MAX_CANDIDATES:
-            raise UserError(f"{candidates} images in one call is more than {MAX_CANDIDATES}; split the request")
-        if candidates < num_images:
-            raise UserError(f"candidates ({candidates}) must be at least the number of images ({num_images})")
+        candidates = count_candidates(num_images, s.candidates)
         text, text_embedding = self.encode_prompt(prompt)
         generator = self._generator(s)
         embeddings = self.prior.sample(text.expand(candidates, -1), text_embedding.expand(candidates, -1),
