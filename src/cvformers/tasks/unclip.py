@@ -143,9 +143,6 @@ class EmbeddedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cache["index"])
 
-    def caption_ids(self, n: int) -> torch.Tensor:
-        return self.cache["ids"][:n].long()
-
     def __getitem__(self, i: int) -> dict:
         item = {"clip_image": self.cache["image"][i].float(), "clip_text": self.cache["text"][i].float(),
                 "text": self.cache["ids"][i].long()}
@@ -213,7 +210,8 @@ def _unet_table(args: TaskArgs, preset: dict, data_cfg: DataConfig) -> tuple[dic
     return table, unet
 
 
-def _clip_fixed(clip, tokenizer) -> dict:
+def _clip_fixed(clip) -> dict:
+    """What the CLIP run fixes in a prior's or a decoder's [model]."""
     return {"clip_dim": clip.cfg.embed_dim, "vocab_size": clip.cfg.vocab_size, "text_len": clip.cfg.context_length}
 
 
@@ -239,7 +237,7 @@ def decoder_task(args: TaskArgs) -> TaskSetup:
         print(f"note: CLIP reads {clip.cfg.image_size}-px images; the decoder draws {data_cfg.image_size} px",
               file=sys.stderr)
     table, unet = _unet_table(args, DECODER_UNET, data_cfg)
-    fixed = _clip_fixed(clip, tokenizer)
+    fixed = _clip_fixed(clip)
     _refuse_conflicts(table, fixed)
     cfg = from_dict(DecoderConfig, {**table, **fixed, "unet": unet}, "model")
     ema = _ema(task_cfg)
@@ -275,7 +273,7 @@ def prior_task(args: TaskArgs) -> TaskSetup:
     clip_path = _clip_source(args)
     clip, tokenizer, train_data, eval_data = _embedded_splits(args, data_cfg, clip_path, with_images=False)
     table = dict(args.config.get("model", {}))
-    fixed = _clip_fixed(clip, tokenizer)
+    fixed = _clip_fixed(clip)
     _refuse_conflicts(table, fixed)
     cfg = from_dict(PriorConfig, {**table, **fixed}, "model")
     ema = _ema(task_cfg)
