@@ -21,3 +21,19 @@ def test_a_closed_pipe_is_not_a_traceback():
     proc.stdout.close()  # what `| head -1` does
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
+
+
+def test_help_states_defaults_including_the_shipped_models_sampling(capsys):
+    import pytest
+
+    from cvformers.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--num NUM images per prompt (default: 8)" in text
+    assert "(default: 0)" in text  # --seed: a zero default is still stated
+    assert "'default': temperature 0.5" in text and "'unclip': steps" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "(default:" in capsys.readouterr().out

@@ -246,3 +246,50 @@ def test_checker_reads_blurred_small_shapes_and_still_rejects_wrong_ones(sigma):
                 wrong = copy.deepcopy(rec)
                 wrong["objects"][0]["shape"] = other
                 assert not check_image(img, wrong)["all_correct"], (shape, other, sigma)
+
+
+def test_paraphrases_say_the_same_scene_and_keep_scenes_and_heldout_pairs():
+    import random
+
+    from cvformers.data.shapes import PARAPHRASE_FORMS, paraphrase_caption, parse_caption
+
+    plain, reworded = ShapesDataset("train", size=400), ShapesDataset("train", size=400, paraphrase=1.0)
+    forms_seen = set()
+    for i in range(len(plain)):
+        a, b = plain[i], reworded[i]
+        assert torch.equal(a["image"], b["image"])  # the wording changes, never the scene
+        assert b["caption"] != a["caption"]
+        stated = parse_caption(b["caption"])  # the checker reads it back as the same scene
+        assert check_image(b["image"], stated)["all_correct"], b["caption"]
+        assert not {(o["colour"], o["shape"]) for o in stated["objects"]} & HELDOUT_PAIRS
+        words = b["caption"].split()
+        forms_seen.update(f for f, hit in (("no articles", not {"a", "an", "the"} & set(words)),
+                                           ("is", "is" in words and words[0] != "there"),
+                                           ("there is", words[:2] == ["there", "is"]),
+                                           ("with it", words[-1] == "it")) if hit)
+    assert forms_seen == set(PARAPHRASE_FORMS) - {"the"}
+    # the relation said from the other object: "a blue square with a red circle above it"
+    record = parse_caption("a red circle above a blue square")
+    text = paraphrase_caption(record, random.Random(0), form="with it")
+    assert text.endswith(" it") and parse_caption(text)["objects"][0]["position"] in ("top", "bottom")
+    assert {o["colour"]: o["position"] for o in parse_caption(text)["objects"]} == {"red": "top", "blue": "bottom"}
+    # the scenes and template captions are those of paraphrase = 0; a share of 0.5 rewords about half
+    half = ShapesDataset("train", size=400, paraphrase=0.5)
+    assert ShapesDataset("train").item(0)["caption"] == plain.item(0)["caption"]
+    changed = sum(half.item(i)["caption"] != plain.item(i)["caption"] for i in range(400))
+    assert 150 < changed < 250
+    before = [half.caption(i) for i in range(50)]
+    half.set_epoch(1)  # other epochs, other wordings of the same items
+    assert [half.caption(i) for i in range(50)] != before
+    with pytest.raises(UserError, match="paraphrase"):
+        ShapesDataset("train", paraphrase=1.5)
+
+
+def test_everyday_wordings_parse():
+    from cvformers.data.shapes import parse_caption
+
+    for text in ("red circle above blue square", "the red circle is above the blue square",
+                 "there is a red circle above a blue square", "a blue square with a red circle above it"):
+        rec = parse_caption(text)
+        assert {o["colour"]: o["position"] for o in rec["objects"]} == {"red": "top", "blue": "bottom"}, text
+    assert parse_caption("the small red circle is on the left")["objects"][0]["position"] == "left"

@@ -52,3 +52,26 @@ def test_rerank_gain_top1_against_random():
         rerank_gain(StandInPipe("heldout", 1, 8, rerank=False), "heldout", n_captions=2)
     with pytest.raises(UserError, match="captions"):
         caption_fidelity(StandInPipe("test", 1, 1), "test", n_captions=0)
+
+
+def test_paraphrase_wording_scores_the_same_scenes_in_other_words():
+    class Wording(StandInPipe):  # draws the true scene of a caption in either wording
+        def __init__(self):
+            super().__init__("test", good=1, period=1)
+            reworded = ShapesDataset(split="test", image_size=32, paraphrase=1.0)
+            self.truth.update({reworded.item(i)["caption"]: reworded.item(i)["record"] for i in range(20)})
+            self.asked = []
+            self.tokenizer = SimpleNamespace(unknown_words=lambda text: [w for w in ("is", "there") if w in text.split()])
+
+        def generate(self, caption, num_images, seed, **sampling):
+            self.asked.append(caption)
+            return super().generate(caption, num_images, seed, **sampling)
+
+    pipe = Wording()
+    r = caption_fidelity(pipe, "test", n_captions=10, per_caption=2, wording="paraphrase")
+    template = [ShapesDataset("test").item(i)["caption"] for i in range(10)]
+    assert r["wording"] == "paraphrase" and r["fidelity"] == 1.0
+    assert all(a != t for a, t in zip(pipe.asked, template))  # every caption reworded
+    assert set(r["words_never_seen"]) <= {"is", "there"}
+    with pytest.raises(UserError, match="wording"):
+        caption_fidelity(pipe, "test", n_captions=2, wording="shouting")

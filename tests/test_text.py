@@ -71,3 +71,28 @@ def test_cli_train(tmp_path, capsys):
     assert BPETokenizer.load(out).text_len == 16
     assert main(["tokenizer", "encode", "   ", "--tokenizer", str(out)]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_tokenizer_json_loads_in_hugging_face_tokenizers(tok, tmp_path):
+    import glob
+    import json
+
+    from tokenizers import Tokenizer
+
+    from cvformers.loading import default_bundle
+
+    path = tok.save(tmp_path / "tokenizer.json")
+    hf = Tokenizer.from_file(str(path))
+    cap = "a large orange plus to the right of a white box"
+    assert hf.encode(cap).ids == tok.tokenize(cap)
+    assert len(hf.encode(cap + " and more" * 20).ids) == 24  # the caption length travels with the file
+    shipped = glob.glob(str(default_bundle("default").parent / "**" / "tokenizer.json"), recursive=True)
+    assert len(shipped) >= 2
+    for file in shipped:
+        Tokenizer.from_file(file)
+    # a file of the earlier layout (length in a "cvformers" table) still loads
+    legacy = json.loads(path.read_text())
+    legacy.pop("truncation")
+    legacy["cvformers"] = {"text_len": 24}
+    (tmp_path / "legacy.json").write_text(json.dumps(legacy))
+    assert BPETokenizer.load(tmp_path / "legacy.json").text_len == 24

@@ -214,6 +214,8 @@ def _add_eval_fidelity(esub) -> None:
     p.add_argument("--rerank", type=int, default=None,
                    help="instead: draw this many candidates a caption, CLIP top-1 vs a random candidate")
     p.add_argument("--seed", type=int, default=0, help="seed of the scenes and of sampling")
+    p.add_argument("--wording", choices=("template", "paraphrase"), default="template",
+                   help="the data's caption wording, or the same scenes said as people type them")
     p.add_argument("--temperature", type=float, default=None, help="softmax temperature")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely ids")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
@@ -252,9 +254,11 @@ def _cmd_eval_fidelity(args) -> int:
         sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                     "guidance": args.guidance}
     if args.rerank:
-        result = rerank_gain(pipe, args.split, args.captions, args.rerank, seed=args.seed, **sampling)
+        result = rerank_gain(pipe, args.split, args.captions, args.rerank, seed=args.seed,
+                             wording=args.wording, **sampling)
     else:
-        result = caption_fidelity(pipe, args.split, args.captions, args.per_caption, seed=args.seed, **sampling)
+        result = caption_fidelity(pipe, args.split, args.captions, args.per_caption, seed=args.seed,
+                                  wording=args.wording, **sampling)
     print(json.dumps(result))
     return 0
 
@@ -334,7 +338,9 @@ def _cmd_data_openclipart(args) -> int:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="text to images with DALL-E or DALL-E 2 (unCLIP) as a PNG grid")
+    p = sub.add_parser("generate", help="text to images with DALL-E or DALL-E 2 (unCLIP) as a PNG grid",
+                       epilog="Sampling flags left out take the model's own settings; the shipped models' are "
+                              f"{_shipped_sampling()}.")
     p.add_argument("prompt", nargs="*", help="the caption(s) to draw")
     p.add_argument("--prompt-file", default=None, help="a text file of captions, one a line (added to the prompts)")
     p.add_argument("--model", default="default", help="'default' (the shipped DALL-E), 'unclip' (the shipped "
@@ -656,6 +662,43 @@ _COMMANDS = [
 ]
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Help that states each option's default, as argparse's ArgumentDefaultsHelpFormatter does,
+    but not for switches and options whose default is "unset" (those say in their help where the
+    value comes from, e.g. the model's own sampling settings)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or action.default is None or action.default is argparse.SUPPRESS
+                or not action.option_strings or isinstance(action.default, bool)):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _shipped_sampling() -> str:
+    """The sampling defaults of the shipped models, for the help of the flags they fill in."""
+    from cvformers.config import load_toml
+    from cvformers.loading import SHIPPED, default_bundle
+
+    parts = []
+    for name in SHIPPED:
+        try:
+            table = load_toml(default_bundle(name) / "config.toml").get("sampling", {})
+        except (OSError, ValueError):
+            continue
+        shown = ", ".join(f"{k} {v}" for k, v in table.items() if k in ("temperature", "top_k", "guidance", "steps"))
+        parts.append(f"'{name}': {shown}")
+    return "; ".join(parts)
+
+
+def _help_everywhere(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _DefaultsHelp
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _help_everywhere(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cvformers", description="Text to image (DALL-E: dVAE + sparse transformer + CLIP reranking), CLIP, "
@@ -666,6 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _COMMANDS:
         add(sub)
+    _help_everywhere(parser)
     return parser
 
 

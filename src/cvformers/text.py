@@ -88,8 +88,12 @@ class BPETokenizer:
         return cls(tok, text_len)
 
     def to_bytes(self) -> bytes:
+        """A tokenizer.json that Hugging Face ``tokenizers.Tokenizer.from_file`` reads as it is: the
+        caption length is stored as its truncation length (a user of the file alone gets captions
+        cut where the model cuts them)."""
         data = json.loads(self._tok.to_str())
-        data["cvformers"] = {"text_len": self.text_len}
+        data["truncation"] = {"direction": "Right", "max_length": self.text_len, "strategy": "LongestFirst",
+                              "stride": 0}
         return json.dumps(data, ensure_ascii=False).encode("utf-8")
 
     @classmethod
@@ -98,11 +102,14 @@ class BPETokenizer:
 
         try:
             obj = json.loads(data.decode("utf-8"))
-            extra = obj.pop("cvformers")
+            # files written before the length moved into "truncation" keep it in a table of their own
+            legacy = obj.pop("cvformers", None)
+            text_len = int(legacy["text_len"] if legacy else obj["truncation"]["max_length"])
+            obj["truncation"] = None  # encode() cuts captions itself, with a warning
             tok = Tokenizer.from_str(json.dumps(obj))
-        except Exception as e:  # bad JSON, missing table, or tokenizers refusing it
+        except Exception as e:  # bad JSON, no caption length, or tokenizers refusing it
             raise UserError(f"not a cvformers tokenizer.json ({type(e).__name__}: {e})") from None
-        return cls(tok, int(extra["text_len"]))
+        return cls(tok, text_len)
 
     def save(self, path: str | Path) -> Path:
         atomic_write_bytes(Path(path), self.to_bytes())

@@ -33,6 +33,7 @@ class DataConfig:
     channels: int = 3  # 3: RGB (grayscale data repeated), 1: grayscale
     eval_split: str = "test"  # split used for evaluation during training
     holdout: float = 0.0  # folder data: fraction of files (by path hash) forming the test split; 0 = none
+    paraphrase: float = 0.0  # shapes: share of captions in an everyday wording ("the red circle is above ...")
 
 
 def collate(items: list[dict]) -> dict:
@@ -83,6 +84,8 @@ def build_from_config(cfg: DataConfig, split: str = "train"):
     if name == "shapes":
         size = cfg.size if split == "train" else cfg.eval_size
         kw.update(seed=cfg.seed, size=size or None)
+        if cfg.paraphrase:
+            kw.update(paraphrase=cfg.paraphrase)
     if name == "folder" and cfg.holdout > 0:
         kw.update(holdout=cfg.holdout)
     return build_dataset(cfg.name, split=split, image_size=cfg.image_size, **kw)

@@ -169,6 +169,60 @@ def caption_for(record: dict, rng: random.Random, uncoloured: tuple[int, ...] = 
     return rng.choice(_FRAMES).format(text)
 
 
+# --- wordings as people type them ----------------------------------------------------------
+# Everyday rewordings of the same scene: what a user types rather than the template. A model
+# trained only on "a red circle above a blue square" reads "red circle above blue square" or
+# "the red circle is above the blue square" as unfamiliar text; training with some of these
+# (``[data] paraphrase``) teaches it that they mean the same. Only words and relations of the
+# template vocabulary, plus the glue words "the", "is", "there", "with", "and", "it".
+PARAPHRASE_FORMS = ("no articles", "the", "is", "there is", "with it")
+
+
+def _phrase(obj: dict, rng: random.Random, article: str, with_size: bool = True) -> str:
+    words = ([rng.choice(_SIZE_WORDS[obj["size"]])] if with_size else []) + [
+        rng.choice(_COLOUR_WORDS[obj["colour"]]), rng.choice(_SHAPE_WORDS[obj["shape"]])]
+    text = " ".join(words)
+    return {"": text, "the": "the " + text, "a": _a(text)}[article]
+
+
+def paraphrase_caption(record: dict, rng: random.Random, form: str | None = None) -> str:
+    """A caption of ``record`` in one of ``PARAPHRASE_FORMS`` (drawn from ``rng`` when not given).
+
+    "small red circle above large blue square" (no articles), "the red circle below the blue
+    square", "the red circle is above the blue square", "there is a red circle above a blue
+    square", "a blue square with a red circle above it" (the relation said from the other object).
+    A single object: "red circle on the left", "the red circle is on the left", "there is a red
+    circle on the left".
+    """
+    objs = record["objects"]
+    forms = PARAPHRASE_FORMS if record["relation"] is not None else PARAPHRASE_FORMS[:4]
+    form = form or rng.choice(forms)
+    if form not in forms:
+        raise UserError(f"unknown caption form {form!r} for this scene; known: {', '.join(forms)}")
+    article = {"no articles": "", "the": "the", "is": rng.choice(("the", "a")), "there is": "a", "with it": "a"}[form]
+    if record["relation"] is None:
+        obj = objs[0]
+        where = rng.choice(_POSITION_PHRASES[obj["position"]]) if obj["position_stated"] else ""
+        if form == "is" and not where:
+            form = "the"  # "the red circle is" says nothing: keep the phrase
+        text = _phrase(obj, rng, article)
+        text = {"is": f"{text} is {where}", "there is": f"there is {text} {where}"}.get(form, f"{text} {where}")
+        return text.strip()
+    with_size = rng.random() < 0.75
+    a, b, rel = 0, 1, record["relation"]
+    if rng.random() < 0.5:
+        a, b, rel = b, a, _INVERSE[rel]
+    first, second = _phrase(objs[a], rng, article, with_size), _phrase(objs[b], rng, article, with_size)
+    relation = rng.choice(_RELATION_PHRASES[rel])
+    if form == "is":
+        return f"{first} is {relation} {second}"
+    if form == "there is":
+        return f"there is {first} {relation} {second}"
+    if form == "with it":  # "B with A <rel> it": the first-named object is the relation's object
+        return f"{second} with {first} {relation} it"
+    return f"{first} {relation} {second}"
+
+
 def colourless_caption(record: dict, rng: random.Random) -> str:
     """A caption still true of ``record`` that leaves out the colour of one object or of all.
 
@@ -298,11 +352,13 @@ class ShapesDataset(Dataset):
 
     ``test`` is the train distribution drawn from different random streams; ``heldout``
     uses the held-out colour–shape pairs. Items: {"image", "caption", "label": -1, "record"}.
+    ``paraphrase``: the share of captions said in an everyday wording (``paraphrase_caption``)
+    instead of the template; the scenes do not change.
     """
 
     def __init__(self, split: str = "train", image_size: int = 32, size: int | None = None, seed: int = 0,
                  two_object_prob: float = 0.5, center_prob: float = 0.3, jitter: int | None = None,
-                 channels: int = 3):
+                 channels: int = 3, paraphrase: float = 0.0):
         if split not in SPLITS:
             raise UserError(f"shapes has no split {split!r}; known: {', '.join(SPLITS)}")
         if image_size < 16:
@@ -313,6 +369,9 @@ class ShapesDataset(Dataset):
         self.size = DEFAULT_SIZES[split] if size is None or size <= 0 else int(size)
         self.two_object_prob, self.center_prob, self.jitter = two_object_prob, center_prob, jitter
         self.channels = channels
+        if not 0.0 <= paraphrase <= 1.0:
+            raise UserError(f"paraphrase is a share between 0 and 1, got {paraphrase}")
+        self.paraphrase, self.epoch = float(paraphrase), 0
 
     def __len__(self) -> int:
         return self.size
@@ -330,8 +389,21 @@ class ShapesDataset(Dataset):
         rng = self._rng(index)
         rec = sample_record(self.split, rng, self.image_size, self.two_object_prob, self.center_prob, self.jitter)
         caption = caption_for(rec, rng)
+        if self.paraphrase:
+            # its own stream, so that the scenes and template captions stay those of paraphrase = 0;
+            # the epoch in the seed gives an item other wordings in other epochs (``set_epoch``)
+            wording = random.Random(f"shapes/{self.seed}/{self.split}/{index}/wording/{self.epoch}")
+            if wording.random() < self.paraphrase:
+                caption = paraphrase_caption(rec, wording)
         rec["caption"] = caption
         return {"caption": caption, "label": -1, "record": rec}
+
+    def set_epoch(self, epoch: int) -> None:
+        """The trainer calls this each epoch: with ``paraphrase`` > 0 an item's wording changes."""
+        self.epoch = int(epoch)
+
+    def caption(self, index: int) -> str:
+        return self.item(index)["caption"]
 
     def __getitem__(self, index: int) -> dict:
         out = self.item(index)
@@ -374,7 +446,7 @@ def parse_caption(text: str, image_size: int = 32) -> dict:
     obj = (rf"(?:an? |the )?(?:({_alternation(size_w)}) )?({_alternation(colour_w)}) "
            rf"({_alternation(shape_w)})")
     t = " ".join(text.lower().split()).strip(" .")
-    t = re.sub(r"^(?:an image of|a picture of|a drawing of|a photo of) ", "", t)
+    t = re.sub(r"^(?:an image of|a picture of|a drawing of|a photo of|there is|there's) ", "", t)
     t = re.sub(r" on a black background$", "", t)
 
     def make(m, offset):
@@ -382,9 +454,13 @@ def parse_caption(text: str, image_size: int = 32) -> dict:
         return {"colour": colour_w[colour], "shape": shape_w[shape], "size": size_w.get(size),
                 "position": "center", "position_stated": True}
 
-    m = re.fullmatch(rf"{obj} ({_alternation(rel_w)}) {obj}", t)
-    if m:
-        objects, relation = [make(m, 1), make(m, 5)], rel_w[m.group(4)]
+    m = re.fullmatch(rf"{obj} (?:is )?({_alternation(rel_w)}) {obj}", t)
+    with_it = re.fullmatch(rf"{obj} with {obj} ({_alternation(rel_w)}) it", t)
+    if m or with_it:
+        if m:
+            objects, relation = [make(m, 1), make(m, 5)], rel_w[m.group(4)]
+        else:  # "B with A <rel> it" says "A <rel> B"
+            objects, relation = [make(with_it, 4), make(with_it, 1)], rel_w[with_it.group(7)]
         if objects[0]["colour"] == objects[1]["colour"]:
             raise UserError(f"the two objects of {text!r} have the same colour; shapes scenes never do")
         slots = {"above": ("top", "bottom"), "below": ("bottom", "top"),
@@ -392,7 +468,7 @@ def parse_caption(text: str, image_size: int = 32) -> dict:
         for o, pos in zip(objects, slots):
             o["position"] = pos
     else:
-        m = re.fullmatch(rf"{obj}(?: ({_alternation(pos_w)}))?", t)
+        m = re.fullmatch(rf"{obj}(?: (?:is )?({_alternation(pos_w)}))?", t)
         if not m:
             raise UserError(f"{text!r} is not a shapes caption (e.g. 'a small red circle on the left', "
                             "'a blue square above a yellow plus')")
