@@ -101,3 +101,19 @@ def test_cli_eval_retrieval(run_dir, capsys):
     assert main(["eval", "retrieval", "--clip", str(run_dir), "--limit", "16"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["pairs"] == 16 and 0.0 <= result["i2t_R@1"] <= result["i2t_R@5"] <= result["i2t_R@10"] <= 1.0
+
+
+def test_a_clip_run_carries_its_own_zero_shot_wording(run_dir):
+    from cvformers.config import load_toml
+    from cvformers.data.shapes import parse_caption, render, zero_shot_templates
+    from cvformers.pipelines.zero_shot import DEFAULT_TEMPLATES, run_templates
+
+    # the run writes the templates it was trained to read, and zero-shot uses them by default
+    assert load_toml(run_dir / "config.toml")["text"]["zero_shot_templates"] == zero_shot_templates()
+    assert ZeroShotClassifier.load(run_dir, LABELS).templates == zero_shot_templates()
+    assert ZeroShotClassifier.load(run_dir, LABELS, ["a {}"]).templates == ["a {}"]  # given ones win
+    assert run_templates("no/such/run.pt") == list(DEFAULT_TEMPLATES)
+    # the shipped CLIP in its own wording names a green plus (a held-out pair) a plus
+    clf = ZeroShotClassifier.load("default/clip", ["circle", "square", "triangle", "plus"])
+    assert clf.templates == zero_shot_templates()
+    assert clf.predict(render(parse_caption("a large green plus"))[None]) == ["plus"]

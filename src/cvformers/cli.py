@@ -109,7 +109,8 @@ def _add_zero_shot(sub) -> None:
     p.add_argument("--clip", required=True, help="CLIP run folder, or an OpenAI / open_clip weight file")
     p.add_argument("--labels", required=True, help='comma-separated class names, e.g. "circle,square"')
     p.add_argument("--template", action="append", default=None,
-                   help='prompt with {} for the label (repeat for an ensemble); default "a photo of a {}."')
+                   help='prompt with {} for the label (repeat for an ensemble); default: the CLIP run\'s own '
+                        'training wording (the shipped CLIP: "a {size} {colour} {}"), "a photo of a {}." for weight files')
     p.add_argument("--vocab", default=None, help="CLIP BPE merges file (default: the installed open_clip's)")
     p.add_argument("--no-quick-gelu", action="store_true", help="(weight files) the checkpoint used exact GELU")
     p.set_defaults(func=_cmd_zero_shot)

@@ -223,6 +223,13 @@ def paraphrase_caption(record: dict, rng: random.Random, form: str | None = None
     return f"{first} {relation} {second}"
 
 
+def zero_shot_templates() -> list[str]:
+    """Zero-shot prompt templates in the training wording, for a CLIP trained on shapes: every
+    size and colour ("a large red {}"), averaged as CLIP's prompt ensembling does (CLIP §3.1.4).
+    Shapes captions always name a colour, so "a photo of a {}." is text such a CLIP never read."""
+    return [f"a {size} {colour} {{}}" for colour in COLOURS for size in SIZES]
+
+
 def colourless_caption(record: dict, rng: random.Random) -> str:
     """A caption still true of ``record`` that leaves out the colour of one object or of all.
 

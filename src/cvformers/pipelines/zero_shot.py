@@ -23,6 +23,27 @@ from cvformers.images import fit_images, load_images
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
+def run_templates(source: str | Path) -> list[str]:
+    """The templates a CLIP run was trained to read: its ``[text] zero_shot_templates``; for a
+    shapes run that does not list them, the shapes wording; otherwise ``DEFAULT_TEMPLATES``
+    (weight files, runs on other data)."""
+    from cvformers.config import load_toml
+    from cvformers.loading import resolve_run
+
+    try:
+        config = load_toml(resolve_run(source) / "config.toml")
+    except Exception:  # a weight file or a folder without a config: the paper's template
+        return list(DEFAULT_TEMPLATES)
+    listed = config.get("text", {}).get("zero_shot_templates")
+    if listed:
+        return check_templates(listed)
+    if config.get("data", {}).get("name") == "shapes":
+        from cvformers.data.shapes import zero_shot_templates
+
+        return zero_shot_templates()
+    return list(DEFAULT_TEMPLATES)
+
+
 def parse_labels(labels: str | Sequence[str]) -> list[str]:
     """"circle, square" or ["circle", "square"] -> ["circle", "square"]; refuses an empty list."""
     items = labels.split(",") if isinstance(labels, str) else list(labels)
@@ -89,7 +110,8 @@ class ZeroShotClassifier:
         """From a CLIP run folder or an OpenAI / open_clip weight file (see ``load_clip``)."""
         from cvformers.loading import load_clip
 
-        labels, templates = parse_labels(labels), check_templates(templates)  # fail before loading
+        labels = parse_labels(labels)
+        templates = run_templates(source) if templates is None else check_templates(templates)  # fail before loading
         model, tokenizer = load_clip(source, vocab=vocab, quick_gelu=quick_gelu, device=device)
         return cls(model, tokenizer, labels, templates)
 
@@ -113,7 +135,8 @@ class ZeroShotClassifier:
 def zero_shot_classify(source: str | Path, labels, images, templates=None, vocab=None,
                        quick_gelu: bool = True) -> tuple[list[str], torch.Tensor]:
     """One call for the CLI: (labels, [B, K] probabilities). Bad input fails before loading."""
-    labels, templates = parse_labels(labels), check_templates(templates)
+    labels = parse_labels(labels)
+    templates = None if templates is None else check_templates(templates)  # None: the run's own
     if not isinstance(images, torch.Tensor):
         check_images(images)
     clf = ZeroShotClassifier.load(source, labels, templates, vocab=vocab, quick_gelu=quick_gelu)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,6 +36,10 @@ class ClipTextConfig:
     # (only `shapes`; cvformers.data.shapes.colourless_caption): shape features that cannot lean
     # on the colours a shape was seen in, so unseen colour-shape pairs are read by their shape.
     colourless_captions: float = 0.0
+    # Prompt templates `zero-shot` uses with this CLIP when none are given: its own training
+    # wording. Empty: filled in from the data (shapes: "a {size} {colour} {}" for every size and
+    # colour), else "a photo of a {}.".
+    zero_shot_templates: list[str] = field(default_factory=list)
 
 
 # --- tokenizers -------------------------------------------------------------------------
@@ -90,6 +94,10 @@ def clip_task(args: TaskArgs) -> TaskSetup:
     if text_cfg.colourless_captions and data_cfg.name != "shapes":
         raise ConfigError(f"text.colourless_captions needs the shapes data (its scenes say what each object is), "
                           f"not {data_cfg.name!r}: set colourless_captions = 0")
+    if not text_cfg.zero_shot_templates and data_cfg.name == "shapes":
+        from cvformers.data.shapes import zero_shot_templates
+
+        text_cfg = replace(text_cfg, zero_shot_templates=zero_shot_templates())
     train_data, eval_data = train_and_eval_data(data_cfg)
     bpe_data = train_data  # merges are learnt from the full captions (a colourless one uses no new word)
     if text_cfg.colourless_captions:
