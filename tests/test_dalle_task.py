@@ -44,6 +44,12 @@ def test_train_dalle_end_to_end(vae_run, tmp_path, monkeypatch):
     for name in ("config.toml", "model.safetensors", "tokenizer.json", "vae/config.toml", "vae/model.safetensors",
                  "codes_train.safetensors", "codes_test.safetensors", "samples.png"):
         assert (out / name).is_file(), name
+    # only what the run draws is encoded: 3 steps x 8 train items of the 48, 1 eval batch of 8 of the 16
+    from safetensors.torch import load_file
+
+    train_codes = load_file(out / "codes_train.safetensors")
+    assert len(train_codes["codes"]) == 24 and len(set(train_codes["index"].tolist())) == 24
+    assert len(load_file(out / "codes_test.safetensors")["codes"]) == 8
     assert Image.open(out / "samples.png").size[0] > 16
 
     pipe = TextToImage.load(out)
@@ -56,7 +62,8 @@ def test_train_dalle_end_to_end(vae_run, tmp_path, monkeypatch):
         raise AssertionError("encoded again")
 
     monkeypatch.setattr(dalle_task, "encode_dataset", no_encoding)
-    setup = get_task("dalle")(TaskArgs(out=out, data="shapes", config=CONFIG, vae=str(vae_run), resume=True))
+    setup = get_task("dalle")(TaskArgs(out=out, data="shapes", config=CONFIG, vae=str(vae_run), resume=True,
+                                       steps=3, batch_size=8))
     item = setup.train_data[0]
     assert item["codes"].shape == (4, 4) and isinstance(item["caption"], str)
     batch = setup.collate([setup.train_data[i] for i in range(3)])

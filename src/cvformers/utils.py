@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -84,3 +85,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def progress(iterable=None, total: int | None = None, desc: str = "", unit: str = "it"):
+    """A tqdm bar on stderr for a loop a user waits for: redrawn in place on a terminal, updated
+    every 30 s when stderr is a log file (so that a log shows progress without a line per item)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 30.0)

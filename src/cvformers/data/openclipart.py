@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvformers.errors import UserError
+from cvformers.utils import progress
 
 log = logging.getLogger("cvformers.data")
 
@@ -213,11 +214,12 @@ def build_openclipart(out: str | Path, image_size: int = 64, png_root: str | Pat
         return True
 
     pngs = sorted(png_root.rglob("*.png"))
-    metas = {png: svg_caption(svg_root / png.relative_to(png_root).with_suffix(".svg")) for png in pngs}
+    metas = {png: svg_caption(svg_root / png.relative_to(png_root).with_suffix(".svg"))
+             for png in progress(pngs, desc="reading titles", unit="file")}
     # Icon sets and pattern collections give every file the set's name as its title
     # ("Lemon SVG theme", "Gramastar"); there the file name says what the picture is.
     title_counts = Counter(m[0].lower() for m in metas.values() if m is not None)
-    for png in pngs:
+    for png in progress(pngs, desc="clip art", unit="file"):
         if limit is not None and stats.written >= limit:
             break
         rel = png.relative_to(png_root).with_suffix("")
@@ -253,7 +255,7 @@ def build_openclipart(out: str | Path, image_size: int = 64, png_root: str | Pat
         if not Path(emoji_font).is_file():
             stats.notes.append(f"no emoji font at {emoji_font} (apt-get install fonts-noto-color-emoji); skipped")
         else:
-            for name, im in iter_emoji(Path(emoji_font)):
+            for name, im in progress(iter_emoji(Path(emoji_font)), desc="emoji", unit="glyph"):
                 if limit is not None and stats.written >= limit:
                     break
                 square = square_on_white(im, image_size)

@@ -24,6 +24,7 @@ def accuracy(model: torch.nn.Module, dataset, batch_size: int = 256, limit: int 
              num_classes: int | None = None) -> dict[str, Any]:
     """Top-1 accuracy, mean cross-entropy, per-class accuracy and images/s of ``model`` on ``dataset``."""
     from cvformers.data import collate
+    from cvformers.utils import progress
 
     model.eval()
     device = next(model.parameters()).device
@@ -32,7 +33,7 @@ def accuracy(model: torch.nn.Module, dataset, batch_size: int = 256, limit: int 
     loss_sum = 0.0
     per_class: dict[int, list[int]] = {}
     start = time.perf_counter()
-    for batch in loader:
+    for batch in progress(loader, desc="classifying", unit="batch"):
         images, labels = batch["image"].to(device), batch["label"].to(device)
         if limit is not None and total >= limit:
             break

@@ -28,6 +28,7 @@ import torch
 
 from cvformers.errors import UserError
 from cvformers.eval.fidelity import check_image, fidelity_report
+from cvformers.utils import progress
 
 
 WORDINGS = ("template", "paraphrase")
@@ -49,7 +50,8 @@ def caption_fidelity(pipe, split: str = "test", n_captions: int = 100, per_capti
                      seed: int = 0, wording: str = "template", **sampling: Any) -> dict[str, float]:
     """Share of generated images whose every object is right, with per-field rates."""
     images, records, unknown = [], [], set()
-    for i, scene in enumerate(_scenes(split, n_captions, pipe.image_size, seed, wording)):
+    for i, scene in enumerate(progress(_scenes(split, n_captions, pipe.image_size, seed, wording),
+                                       desc=f"{split} captions", unit="caption")):
         with warnings.catch_warnings():  # one count in the report rather than a warning per caption
             warnings.simplefilter("ignore")
             out = pipe.generate(scene["caption"], num_images=per_caption, seed=seed + i, **sampling)
@@ -72,7 +74,8 @@ def rerank_gain(pipe, split: str = "heldout", n_captions: int = 100, candidates:
     if not pipe.reranks:
         raise UserError("this model has no CLIP reranker: pass --clip RUN or use a bundle with clip/")
     top1, random_pick, oracle = [], [], []
-    for i, scene in enumerate(_scenes(split, n_captions, pipe.image_size, seed, wording)):
+    for i, scene in enumerate(progress(_scenes(split, n_captions, pipe.image_size, seed, wording),
+                                       desc=f"{split} captions", unit="caption")):
         out = pipe.generate(scene["caption"], num_images=candidates, seed=seed + i, **sampling)
         ok = torch.tensor([float(check_image(image, scene)["all_correct"]) for image in out.images])
         top1.append(ok[0].item())  # generate returns reranked candidates best first

@@ -48,13 +48,14 @@ def embed_pairs(model, tokenizer, dataset, limit: int = 1000, batch_size: int = 
     """(image features, text features, captions) of the first ``limit`` items of ``dataset``."""
     from cvformers.data import collate
     from cvformers.images import fit_images
+    from cvformers.utils import progress
 
     n = min(limit, len(dataset)) if limit else len(dataset)
     if n == 0:
         raise UserError("the retrieval dataset is empty")
     device = next(model.parameters()).device
     images, texts, captions = [], [], []
-    for start in range(0, n, batch_size):
+    for start in progress(range(0, n, batch_size), desc="embedding pairs", unit="batch"):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, n))])
         pixels = fit_images(batch["image"], model.cfg.image_size).to(device)
         images.append(model.encode_image(pixels, normalize=True).cpu())

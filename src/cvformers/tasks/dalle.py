@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -66,38 +67,53 @@ def file_hash(path: Path) -> str:
 
 
 @torch.no_grad()
-def encode_dataset(vae, dataset, batch_size: int = 256, desc: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """All images of ``dataset`` -> (ids [N', h, w] (int16 when the codebook fits), source index [N']).
+def encode_dataset(vae, dataset, batch_size: int = 256, desc: str = "",
+                   items: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of ``dataset`` (those of ``items``, default all) -> (ids [N', h, w] (int16 when
+    the codebook fits), source index [N']).
 
     An item whose own image failed to decode (a folder dataset then hands over the next file's
     item, saying so in ``record["index"]``) is left out, so that row ``i`` of the ids always
     belongs to item ``index[i]`` and to its caption.
     """
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Subset
 
     from cvformers.data import collate
+    from cvformers.utils import progress
 
     device = next(vae.parameters()).device
+    items = torch.arange(len(dataset)) if items is None else items.long()
     out, kept = [], []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    for i, batch in enumerate(loader):
-        first = i * batch_size
-        asked = torch.arange(first, first + len(batch["image"]))
-        got = torch.tensor([r["index"] if isinstance(r, dict) and "index" in r else int(a)
-                            for r, a in zip(batch["record"], asked)])
-        own = got == asked
-        out.append(vae.encode(batch["image"][own].to(device)).cpu())
-        kept.append(asked[own])
-        if desc and (i % 20 == 0 or (i + 1) * batch_size >= len(dataset)):
-            print(f"{desc}: {min((i + 1) * batch_size, len(dataset))}/{len(dataset)} images", file=sys.stderr)
+    loader = DataLoader(Subset(dataset, items.tolist()), batch_size=batch_size, shuffle=False, collate_fn=collate)
+    with progress(total=len(items), desc=desc or "encoding", unit="image") as bar:
+        for i, batch in enumerate(loader):
+            asked = items[i * batch_size: i * batch_size + len(batch["image"])]
+            got = torch.tensor([r["index"] if isinstance(r, dict) and "index" in r else int(a)
+                                for r, a in zip(batch["record"], asked)])
+            own = got == asked
+            out.append(vae.encode(batch["image"][own].to(device)).cpu())
+            kept.append(asked[own])
+            bar.update(len(asked))
     codes = torch.cat(out)
     codes = codes.to(torch.int16) if vae.num_tokens <= 2**15 else codes.to(torch.int32)
     return codes, torch.cat(kept)
 
 
-def cached_codes(vae, dataset, path: Path, key: str, desc: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, source index) of ``dataset`` from ``path`` when its key matches, else encode once and
-    save. A cache that cannot be read or does not fit the dataset is rebuilt, with a warning."""
+def items_needed(n_items: int, items_drawn: int, seed: int) -> torch.Tensor | None:
+    """Which items a run that draws ``items_drawn`` samples needs ids for: all (None) when it will
+    see the whole set, else a fixed random subset of that size, in order (one epoch of it is what
+    the run sees). A 10-step try then encodes 640 images, not 50,000."""
+    if items_drawn >= n_items:
+        return None
+    chosen = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed))[:items_drawn]
+    return chosen.sort().values
+
+
+def cached_codes(vae, dataset, path: Path, key: str, desc: str = "",
+                 items: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, source index) of ``dataset`` (``items`` of it, default all) from ``path`` when its key
+    matches, else encode once and save. A cache that cannot be read or does not fit the dataset
+    is rebuilt, with a warning."""
     from safetensors import safe_open
     from safetensors.torch import save
 
@@ -113,7 +129,7 @@ def cached_codes(vae, dataset, path: Path, key: str, desc: str = "") -> tuple[to
                         return codes, index.long()
         except Exception as e:  # a torn or foreign file: safetensors raises several types
             print(f"warning: {path} is unreadable ({type(e).__name__}); encoding again", file=sys.stderr)
-    codes, index = encode_dataset(vae, dataset, desc=desc)
+    codes, index = encode_dataset(vae, dataset, desc=desc, items=items)
     atomic_write_bytes(path, save({"codes": codes.contiguous(), "index": index.contiguous()}, metadata={"key": key}))
     return codes, index
 
@@ -230,12 +246,26 @@ def dalle_task(args: TaskArgs) -> TaskSetup:
     # the frozen tokenizer's ids, computed once per (weights, data, split)
     vae_hash = file_hash(vae_path / "model.safetensors")
 
+    # only the items the run will draw are encoded: steps x global batch for training, the
+    # evaluated batches for the eval split (the whole set when the run sees all of it)
+    train_cfg = train_config_from(args, default_train_config())
+    global_batch = train_cfg.batch_size * train_cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+    drawn = {"train": train_cfg.steps * global_batch,
+             data_cfg.eval_split: (train_cfg.eval_batches * train_cfg.batch_size) or sys.maxsize}
+    # captions do not change the images: the wording share is left out of the cache key
+    image_data = {k: v for k, v in to_dict(data_cfg).items() if k != "paraphrase"}
+
     def split_data(split: str):
         source = build_from_config(data_cfg, split)
-        key = hashlib.sha256(json.dumps([vae_hash, to_dict(data_cfg), split], sort_keys=True).encode()).hexdigest()
-        codes, index = cached_codes(vae, source, out / f"codes_{split}.safetensors", key, desc=f"encoding {split}")
-        if len(index) < len(source):
-            print(f"{split}: {len(source) - len(index)} unreadable image(s) left out", file=sys.stderr)
+        items = items_needed(len(source), drawn[split], data_cfg.seed)
+        subset = None if items is None else len(items)
+        key = hashlib.sha256(json.dumps([vae_hash, image_data, split] + ([subset] if subset else []),
+                                        sort_keys=True).encode()).hexdigest()
+        codes, index = cached_codes(vae, source, out / f"codes_{split}.safetensors", key,
+                                    desc=f"encoding {split}", items=items)
+        left_out = (len(source) if items is None else len(items)) - len(index)
+        if left_out:
+            print(f"{split}: {left_out} unreadable image(s) left out", file=sys.stderr)
         return CaptionCodesDataset(source, codes, index)
 
     train_data = split_data("train")
@@ -264,7 +294,7 @@ def dalle_task(args: TaskArgs) -> TaskSetup:
     shown = eval_data if eval_data is not None else train_data
     prompts = shown.captions(4)
     return TaskSetup(
-        kind="dalle", model=DALLE(cfg), model_config=cfg, train_config=train_config_from(args, default_train_config()),
+        kind="dalle", model=DALLE(cfg), model_config=cfg, train_config=train_cfg,
         train_data=train_data, eval_data=eval_data, collate=text_collate(tokenizer),
         extra_config={"data": to_dict(data_cfg), "text": to_dict(text_cfg), "sampling": sampling_cfg.to_table(),
                       "dalle": {"vae_source": str(vae_path), "vae_sha256": vae_hash}},
