@@ -30,6 +30,7 @@ from cvformers.loading import load_vae, resolve_run
 from cvformers.models.dalle_sampling import SamplingConfig
 from cvformers.models.dalle import DALLE, PRESETS, DalleConfig, image_inner_vocab_of
 from cvformers.tasks import TaskArgs, TaskSetup, data_config_from, register_task
+from cvformers.tasks.cache import cached_tensors
 
 TOKENIZER_FILE = "tokenizer.json"
 VAE_DIR = "vae"
@@ -112,26 +113,18 @@ def items_needed(n_items: int, items_drawn: int, seed: int) -> torch.Tensor | No
 def cached_codes(vae, dataset, path: Path, key: str, desc: str = "",
                  items: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, source index) of ``dataset`` (``items`` of it, default all) from ``path`` when its key
-    matches, else encode once and save. A cache that cannot be read or does not fit the dataset
-    is rebuilt, with a warning."""
-    from safetensors import safe_open
-    from safetensors.torch import save
+    matches and the index fits the dataset, else encoded once and saved."""
+    def fits(t: dict[str, torch.Tensor]) -> bool:
+        codes, index = t["codes"], t["index"]
+        return (len(codes) == len(index) and index.ndim == 1
+                and (len(index) == 0 or (0 <= int(index.min()) and int(index.max()) < len(dataset))))
 
-    from cvformers.utils import atomic_write_bytes
+    def encode() -> dict[str, torch.Tensor]:
+        codes, index = encode_dataset(vae, dataset, desc=desc, items=items)
+        return {"codes": codes, "index": index}
 
-    if path.is_file():
-        try:
-            with safe_open(str(path), "pt") as f:
-                if (f.metadata() or {}).get("key") == key:
-                    codes, index = f.get_tensor("codes"), f.get_tensor("index")
-                    if (len(codes) == len(index) and index.ndim == 1
-                            and (len(index) == 0 or (0 <= int(index.min()) and int(index.max()) < len(dataset)))):
-                        return codes, index.long()
-        except Exception as e:  # a torn or foreign file: safetensors raises several types
-            print(f"warning: {path} is unreadable ({type(e).__name__}); encoding again", file=sys.stderr)
-    codes, index = encode_dataset(vae, dataset, desc=desc, items=items)
-    atomic_write_bytes(path, save({"codes": codes.contiguous(), "index": index.contiguous()}, metadata={"key": key}))
-    return codes, index
+    t = cached_tensors(path, key, ("codes", "index"), encode, fits, what="encoding")
+    return t["codes"], t["index"].long()
 
 
 class CaptionCodesDataset(Dataset):

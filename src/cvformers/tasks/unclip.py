@@ -34,6 +34,7 @@ from cvformers.diffusion.samplers import DiffusionSamplingConfig
 from cvformers.errors import UserError
 from cvformers.loading import TOKENIZER_FILE, load_clip, resolve_run
 from cvformers.tasks import TaskArgs, TaskSetup, data_config_from, register_task
+from cvformers.tasks.cache import cached_tensors
 from cvformers.train.hooks import EMA, EMAConfig
 
 CLIP_DIR = "clip"  # the frozen CLIP a prior / decoder run was trained with, copied into the run
@@ -89,11 +90,12 @@ def embed_dataset(clip, tokenizer, dataset, batch_size: int = 256, desc: str = "
 
     from cvformers.data import collate
     from cvformers.images import fit_images
+    from cvformers.utils import progress
 
     device = next(clip.parameters()).device
     images, texts, ids, kept = [], [], [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(progress(loader, desc=desc or "embedding", unit="batch")):
         asked = torch.arange(i * batch_size, i * batch_size + len(batch["image"]))
         got = torch.tensor([r["index"] if isinstance(r, dict) and "index" in r else int(a)
                             for r, a in zip(batch["record"], asked)])
@@ -107,8 +109,6 @@ def embed_dataset(clip, tokenizer, dataset, batch_size: int = 256, desc: str = "
         texts.append(clip.encode_text(text.to(device), normalize=True).cpu())
         ids.append(text.to(torch.int32))
         kept.append(asked[torch.tensor(own)])
-        if desc and (i % 20 == 0 or (i + 1) * batch_size >= len(dataset)):
-            print(f"{desc}: {min((i + 1) * batch_size, len(dataset))}/{len(dataset)} images", file=sys.stderr)
     if not kept:
         raise UserError("no readable image in the data: nothing to embed")
     return {"image": torch.cat(images), "text": torch.cat(texts), "ids": torch.cat(ids), "index": torch.cat(kept)}
@@ -116,21 +116,8 @@ def embed_dataset(clip, tokenizer, dataset, batch_size: int = 256, desc: str = "
 
 def cached_embeddings(clip, tokenizer, dataset, path: Path, key: str, desc: str = "") -> dict[str, torch.Tensor]:
     """``embed_dataset`` read from ``path`` when its key matches, else computed once and saved."""
-    from safetensors import safe_open
-    from safetensors.torch import save
-
-    from cvformers.utils import atomic_write_bytes
-
-    if path.is_file():
-        try:
-            with safe_open(str(path), "pt") as f:
-                if (f.metadata() or {}).get("key") == key:
-                    return {name: f.get_tensor(name) for name in ("image", "text", "ids", "index")}
-        except Exception as e:  # a torn or foreign file: safetensors raises several types
-            print(f"warning: {path} is unreadable ({type(e).__name__}); embedding again", file=sys.stderr)
-    out = embed_dataset(clip, tokenizer, dataset, desc=desc)
-    atomic_write_bytes(path, save({k: v.contiguous() for k, v in out.items()}, metadata={"key": key}))
-    return out
+    return cached_tensors(path, key, ("image", "text", "ids", "index"),
+                          lambda: embed_dataset(clip, tokenizer, dataset, desc=desc), what="embedding")
 
 
 class EmbeddedDataset(Dataset):
