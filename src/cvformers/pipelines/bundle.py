@@ -13,6 +13,9 @@ A DALL-E 2 (unCLIP) bundle gathers a folder of stage runs (``prior/``, ``decoder
 stage's weights being its moving average (``ema.safetensors``) when the run has one:
 
     cvformers bundle --unclip runs/unclip --out src/cvformers/assets/unclip
+
+Both commands and the pipelines' ``save_pretrained`` describe what to write as a list of
+``BundlePart`` and hand it to ``write_bundle``: one writer, one set of safety rules.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from cvformers.errors import UserError
 from cvformers.utils import atomic_write_bytes, fsync_dir
@@ -30,8 +35,21 @@ from cvformers.utils import atomic_write_bytes, fsync_dir
 _RUN_FILES = ("config.toml", "model.safetensors")
 # What a folder written by export_bundle (export_unclip_bundle) holds, and the entry it always has;
 # an existing --out with anything else is not replaced.
-_BUNDLE_ENTRIES = {"config.toml", "model.safetensors", "tokenizer.json", "vae", "clip"}
-_UNCLIP_ENTRIES = {"config.toml", "prior", "decoder", "upsampler", "clip"}
+# README.md is the model card that ``save_pretrained`` writes.
+_BUNDLE_ENTRIES = {"config.toml", "model.safetensors", "tokenizer.json", "vae", "clip", "README.md"}
+_UNCLIP_ENTRIES = {"config.toml", "prior", "decoder", "upsampler", "clip", "README.md"}
+# What each kind of bundle may hold at its root, and the entry that proves a folder is one.
+BUNDLE_LAYOUTS = {"dalle": (_BUNDLE_ENTRIES, "model.safetensors"), "unclip": (_UNCLIP_ENTRIES, "prior")}
+
+
+@dataclass
+class BundlePart:
+    """One folder of a bundle: its model (written as ``model.safetensors``) and files beside it."""
+
+    rel: str  # folder inside the bundle; "" is the bundle's root
+    model: nn.Module | None = None  # None: a part without weights (an unCLIP bundle's root)
+    files: dict[str, bytes] = field(default_factory=dict)  # name -> content: config.toml, tokenizer.json …
+    metadata: dict[str, str] = field(default_factory=dict)  # stored in the safetensors header
 
 
 def _check_run(src: Path, extra: tuple[str, ...] = ()):
@@ -45,13 +63,32 @@ def _check_run(src: Path, extra: tuple[str, ...] = ()):
     return model
 
 
-def _write_run(model, src: Path, dst: Path, dtype: torch.dtype | None, extra: tuple[str, ...] = ()) -> None:
+def _run_part(model, src: Path, rel: str, extra: tuple[str, ...] = ()) -> BundlePart:
+    """A part copied from run folder ``src``: its config.toml and ``extra`` files as they are."""
+    return BundlePart(rel, model, {name: (src / name).read_bytes() for name in ("config.toml",) + extra})
+
+
+def _write_parts(root: Path, parts: list[BundlePart], dtype: torch.dtype | None) -> None:
     from cvformers.loading import save_weights
 
-    dst.mkdir(parents=True, exist_ok=True)
-    for rel in ("config.toml",) + extra:
-        atomic_write_bytes(dst / rel, (src / rel).read_bytes())
-    save_weights(model, dst / "model.safetensors", dtype=dtype)
+    for part in parts:
+        dst = root / part.rel if part.rel else root
+        dst.mkdir(parents=True, exist_ok=True)
+        for name, data in part.files.items():
+            atomic_write_bytes(dst / name, data)
+        if part.model is not None:
+            save_weights(part.model, dst / "model.safetensors", dtype=dtype, metadata=part.metadata)
+
+
+def write_bundle(out: str | Path, parts: list[BundlePart], layout: str, half: bool = False) -> Path:
+    """Write ``parts`` as the bundle ``out`` (``layout``: "dalle" or "unclip"), weights in fp16 when
+    ``half``. The same rules as ``cvformers bundle``: ``out`` may only be new, empty or a bundle
+    of that layout; it is built beside ``out`` and swapped in, so a failure leaves ``out`` as it was."""
+    out = Path(out)
+    entries, required = BUNDLE_LAYOUTS[layout]
+    _check_out(out, [], entries, required)
+    dtype = torch.float16 if half else None
+    return _swap_in(out, lambda tmp: _write_parts(tmp, parts, dtype))
 
 
 def _check_out(out: Path, inputs: list[Path], entries_allowed: set[str] = _BUNDLE_ENTRIES,
@@ -84,19 +121,13 @@ def export_bundle(dalle_run: str | Path, out: str | Path, clip_run: str | Path |
         raise UserError(f"{dalle_run} is not a dalle run folder (it has no vae/)")
     inputs = [dalle_run] + ([Path(clip_run)] if clip_run is not None else [])
     _check_out(out, inputs)
-    parts = [(dalle_run, "", ("tokenizer.json",)), (dalle_run / "vae", "vae", ())]
+    sources = [(dalle_run, "", ("tokenizer.json",)), (dalle_run / "vae", "vae", ())]
     if clip_run is not None:
         clip_run = Path(clip_run)
-        parts.append((clip_run, "clip", ("tokenizer.json",) if (clip_run / "tokenizer.json").is_file() else ()))
-    models = [_check_run(src, extra) for src, _, extra in parts]
-
+        sources.append((clip_run, "clip", ("tokenizer.json",) if (clip_run / "tokenizer.json").is_file() else ()))
+    parts = [_run_part(_check_run(src, extra), src, rel, extra) for src, rel, extra in sources]
     dtype = torch.float16 if half else None
-
-    def write(tmp: Path) -> None:
-        for model, (src, rel, extra) in zip(models, parts):
-            _write_run(model, src, tmp / rel if rel else tmp, dtype, extra)
-
-    return _swap_in(out, write)
+    return _swap_in(out, lambda tmp: _write_parts(tmp, parts, dtype))
 
 
 def _swap_in(out: Path, write) -> Path:
@@ -143,22 +174,16 @@ def export_unclip_bundle(runs: str | Path, out: str | Path, half: bool = True,
         raise UserError(f"{runs / 'decoder'} has no clip/: it was not written by `cvformers train unclip-decoder`")
     _check_out(out, [runs], _UNCLIP_ENTRIES, "prior")
     table = to_dict(from_dict(UnCLIPSamplingConfig, dict(sampling or {}), "sampling"))  # checked before writing
-    parts = []
+    parts = [BundlePart("", None, {"config.toml": dumps_toml({"kind": "unclip", "sampling": table}).encode()})]
     for name in stages:
         model = _check_run(runs / name)
         if (runs / name / EMA_FILE).is_file():
             load_weights(model, runs / name / EMA_FILE)
-        parts.append((model, runs / name, name, ()))
+        parts.append(_run_part(model, runs / name, name))
     clip_extra = ("tokenizer.json",) if (clip / "tokenizer.json").is_file() else ()
-    parts.append((_check_run(clip, clip_extra), clip, "clip", clip_extra))
+    parts.append(_run_part(_check_run(clip, clip_extra), clip, "clip", clip_extra))
     dtype = torch.float16 if half else None
-
-    def write(tmp: Path) -> None:
-        atomic_write_bytes(tmp / "config.toml", dumps_toml({"kind": "unclip", "sampling": table}).encode())
-        for model, src, rel, extra in parts:
-            _write_run(model, src, tmp / rel, dtype, extra)
-
-    return _swap_in(out, write)
+    return _swap_in(out, lambda tmp: _write_parts(tmp, parts, dtype))
 
 
 def _umask() -> int:
