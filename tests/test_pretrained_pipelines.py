@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from cvformers.errors import UserError
-from cvformers.pipelines.pretrained import ImagePipelineOutput, LAST_EVAL_KEY
+from cvformers.pipelines.bundle import LAST_EVAL_KEY, export_bundle
+from cvformers.pipelines.pretrained import ImagePipelineOutput
 from cvformers.pipelines.text_to_image import TextToImage
 from cvformers.pipelines.unclip import UnCLIP
 
@@ -90,7 +91,9 @@ def test_save_pretrained_keeps_the_training_log_figure(tmp_path):
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     first = TextToImage.from_pretrained(run).save_pretrained(tmp_path / "b1")
     second = TextToImage.from_pretrained(first).save_pretrained(tmp_path / "b2")
-    for bundle in (first, second):
+    exported = export_bundle(run, tmp_path / "b3")  # `cvformers bundle` carries it too
+    third = TextToImage.from_pretrained(exported).save_pretrained(tmp_path / "b4")
+    for bundle in (first, second, third):
         assert "| step 500: loss 3.25 |" in (bundle / "README.md").read_text()
     from safetensors import safe_open
 

@@ -20,11 +20,13 @@ Both commands and the pipelines' ``save_pretrained`` describe what to write as a
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +35,8 @@ from cvformers.errors import UserError
 from cvformers.utils import atomic_write_bytes, fsync_dir
 
 _RUN_FILES = ("config.toml", "model.safetensors")
+METRICS = "metrics.jsonl"  # a training run's log (train/): its last "eval" line is the run's own figure
+LAST_EVAL_KEY = "cvformers.last_eval"  # safetensors metadata: that line, carried into a bundle's weights
 # What a folder written by export_bundle (export_unclip_bundle) holds, and the entry it always has;
 # an existing --out with anything else is not replaced.
 # README.md is the model card that ``save_pretrained`` writes.
@@ -63,9 +67,40 @@ def _check_run(src: Path, extra: tuple[str, ...] = ()):
     return model
 
 
+def last_evaluation(folder: Path) -> dict[str, Any] | None:
+    """The last evaluation a part's training logged: from its run's ``metrics.jsonl``, or from the
+    weights' metadata where a bundle carries it. None when neither holds one."""
+    log = folder / METRICS
+    if log.is_file():
+        last = None
+        for line in log.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a crash: the lines before it still count
+                continue
+            if isinstance(record, dict) and record.get("split") == "eval":
+                last = record
+        if last is not None:
+            return last
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt", device="cpu") as f:
+                stored = (f.metadata() or {}).get(LAST_EVAL_KEY)
+            return json.loads(stored) if stored else None
+        except Exception:  # an unreadable header: loading the weights reports it; the card just lacks it
+            return None
+    return None
+
+
 def _run_part(model, src: Path, rel: str, extra: tuple[str, ...] = ()) -> BundlePart:
-    """A part copied from run folder ``src``: its config.toml and ``extra`` files as they are."""
-    return BundlePart(rel, model, {name: (src / name).read_bytes() for name in ("config.toml",) + extra})
+    """A part copied from run folder ``src``: its config.toml and ``extra`` files as they are, and
+    its last logged evaluation in the weights' metadata (the model card of ``save_pretrained`` shows it)."""
+    evaluation = last_evaluation(src)
+    metadata = {LAST_EVAL_KEY: json.dumps(evaluation, sort_keys=True)} if evaluation else {}
+    return BundlePart(rel, model, {name: (src / name).read_bytes() for name in ("config.toml",) + extra}, metadata)
 
 
 def _write_parts(root: Path, parts: list[BundlePart], dtype: torch.dtype | None) -> None:

@@ -25,11 +25,9 @@ from torch import nn
 from cvformers.config import ConfigError, dumps_toml, load_toml, to_dict
 from cvformers.errors import UserError
 from cvformers.nn.layers import count_parameters
-from cvformers.pipelines.bundle import BundlePart, write_bundle
+from cvformers.pipelines.bundle import LAST_EVAL_KEY, BundlePart, last_evaluation, write_bundle
 
 CARD = "README.md"  # the model card inside a saved bundle
-METRICS = "metrics.jsonl"  # a training run's log (train/): its last "eval" line is the run's own figure
-LAST_EVAL_KEY = "cvformers.last_eval"  # safetensors metadata: that line, carried into a bundle's weights
 
 
 @dataclass
@@ -51,34 +49,6 @@ class ImagePipelineOutput:
 
     def __iter__(self) -> Iterator:
         return iter(self.images)
-
-
-def last_evaluation(folder: Path) -> dict[str, Any] | None:
-    """The last evaluation a part's training logged: from its run's ``metrics.jsonl``, or from the
-    weights' metadata where a bundle carries it. None when neither holds one."""
-    log = folder / METRICS
-    if log.is_file():
-        last = None
-        for line in log.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line torn by a crash: the lines before it still count
-                continue
-            if isinstance(record, dict) and record.get("split") == "eval":
-                last = record
-        if last is not None:
-            return last
-    weights = folder / "model.safetensors"
-    if weights.is_file():
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(weights), framework="pt", device="cpu") as f:
-                stored = (f.metadata() or {}).get(LAST_EVAL_KEY)
-            return json.loads(stored) if stored else None
-        except Exception:  # an unreadable header: loading the weights reports it; the card just lacks it
-            return None
-    return None
 
 
 @dataclass
@@ -239,4 +209,4 @@ def text_tokenizer_files(tokenizer) -> dict[str, bytes]:
     return {"tokenizer.json": tokenizer.to_bytes()} if hasattr(tokenizer, "to_bytes") else {}
 
 
-__all__ = ["ImagePipelineOutput", "PretrainedPipeline", "last_evaluation"]
+__all__ = ["ImagePipelineOutput", "PretrainedPipeline"]
