@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cvformers.config import ConfigError
 from cvformers.errors import UserError
 from cvformers.pipelines.bundle import LAST_EVAL_KEY, export_bundle
 from cvformers.pipelines.pretrained import ImagePipelineOutput
@@ -123,6 +124,20 @@ def test_unclip_call_round_trip(unclip, tmp_path):
     assert np.array_equal(pixels(out.images), pixels(same.images))
     card = (saved / "README.md").read_text()
     assert "| prior | unclip_prior |" in card and "| 1500 |" in card
+
+
+def test_diffusers_setting_names(dalle, unclip):
+    a = unclip("a green square", generator=seeded(0), num_inference_steps=2, guidance_scale=2.0, prior_steps=2)
+    b = unclip("a green square", generator=seeded(0), steps=2, guidance=2.0, prior_steps=2)
+    c = unclip("a green square", generator=seeded(0), steps=2, guidance=4.0, prior_steps=2)
+    assert np.array_equal(pixels(a.images), pixels(b.images)) and not np.array_equal(pixels(a.images), pixels(c.images))
+    d = dalle("a red circle", generator=seeded(0), guidance_scale=2.0)
+    e = dalle("a red circle", generator=seeded(0), guidance=2.0)
+    assert np.array_equal(pixels(d.images), pixels(e.images))
+    with pytest.raises(UserError, match="not both"):
+        dalle("a red circle", guidance_scale=2.0, guidance=3.0)
+    with pytest.raises(ConfigError, match="num_inference_steps"):  # DALL-E draws one id per step: no such setting
+        dalle("a red circle", num_inference_steps=10)
 
 
 def test_bad_calls_are_one_line_user_errors(dalle, unclip):

@@ -75,6 +75,8 @@ class PretrainedPipeline:
     (its models, by part folder) and ``bundle_parts()``."""
 
     bundle_layout = "dalle"  # which bundle layout save_pretrained writes (pipelines/bundle.py)
+    # diffusers' keyword -> the sampling field it sets, where the pipeline has one
+    diffusers_settings = {"guidance_scale": "guidance"}
     title = "cvformers pipeline"  # the model card's heading
     parts_record: dict[str, PartRecord]  # part folder -> what it came with; set by ``load``
 
@@ -106,11 +108,17 @@ class PretrainedPipeline:
 
         ``generator`` (a ``torch.Generator``) draws all the noise, prompt after prompt; without it the
         sampling seed is used. ``num_images`` is the same as ``num_images_per_prompt``; ``settings``
-        change single sampling fields (``guidance=2.0``). With ``return_scores`` the result is the pair
+        change single sampling fields (``guidance=2.0``, or by diffusers' names ``guidance_scale``
+        and, for diffusion, ``num_inference_steps``). With ``return_scores`` the result is the pair
         (list of PIL images, scores) instead of an ``ImagePipelineOutput``.
         """
         if num_images is not None and num_images_per_prompt is not None:
             raise UserError("give num_images_per_prompt or num_images, not both")
+        for name, field_name in self.diffusers_settings.items():
+            if name in settings:
+                if settings.get(field_name) is not None:
+                    raise UserError(f"give {name} or {field_name}, not both")
+                settings[field_name] = settings.pop(name)
         per_prompt = num_images_per_prompt if num_images_per_prompt is not None else num_images
         per_prompt = 1 if per_prompt is None else per_prompt
         if isinstance(prompt, str):

@@ -131,6 +131,7 @@ class UnCLIP(PretrainedPipeline):
     """Prior + decoder (+ upsampler) + the CLIP they share."""
 
     bundle_layout = "unclip"
+    diffusers_settings = {"guidance_scale": "guidance", "num_inference_steps": "steps"}  # the decoder's
     title = "DALL-E 2 (unCLIP) text-to-image bundle (cvformers)"
 
     def __init__(self, prior, decoder, clip, tokenizer, upsampler=None,
