@@ -38,7 +38,7 @@ def test_list_models_filters_like_timm():
     assert cvformers.list_models() == sorted(PRESETS)
     small = cvformers.list_models(["vit_*", "swin_*"], exclude_filters="*_224")
     assert small and all(n.startswith(("vit_", "swin_")) and not n.endswith("_224") for n in small)
-    assert cvformers.list_models("resnet*") == []
+    assert cvformers.list_models("resnet*") == [] and cvformers.list_models(pretrained=True) == []
 
 
 def test_unknown_name_and_pretrained_are_one_line_user_errors():

@@ -185,10 +185,14 @@ def create_model(name: str, pretrained: bool = False, num_classes: int | None = 
     return build_backbone(family, cfg)
 
 
-def list_models(filter: str | list[str] = "", exclude_filters: str | list[str] = "") -> list[str]:
+def list_models(filter: str | list[str] = "", exclude_filters: str | list[str] = "",
+                pretrained: bool = False) -> list[str]:
     """Preset names, sorted, as timm's ``list_models``: ``filter`` and ``exclude_filters`` are
     shell-style patterns (``"vit_*"``, ``["swin_*", "*_32"]``); a name matching any filter and no
-    exclude filter is listed."""
+    exclude filter is listed. ``pretrained=True`` lists those with published weights: none."""
+    if pretrained:
+        return []
+
     def patterns(value: str | list[str]) -> list[str]:
         return [value] if isinstance(value, str) else list(value)
 
