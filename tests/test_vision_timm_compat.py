@@ -64,10 +64,14 @@ def _randomise(model):
     ("swin_micro_patch4_window4_32", dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=96,
                                           depths=(2, 2), num_heads=(3, 6), window_size=4)),
 ])
-def test_timm_swin_state_dict_loads_strict_and_matches(name, timm_kwargs):
+def test_timm_swin_state_dict_loads_strict_and_matches(name, timm_kwargs, tmp_path):
     """Swin keeps timm's layout (downsample opening stages 1…, patch_embed.proj, head.fc): a timm
-    state dict loads with strict=True, key for key, and gives the same logits."""
+    state dict loads with strict=True, key for key, and gives the same logits; so does the same
+    state saved as safetensors and given to cvformers.create_model(checkpoint_path=…)."""
+    from safetensors.torch import save_file
     from timm.models.swin_transformer import SwinTransformer as TimmSwin
+
+    import cvformers
 
     torch.manual_seed(0)
     reference = _randomise(timm.create_model(name, pretrained=False) if timm_kwargs is None
@@ -81,3 +85,7 @@ def test_timm_swin_state_dict_loads_strict_and_matches(name, timm_kwargs):
         expected, got = reference(images), ours(images)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= 1e-5
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "timm.safetensors")
+    loaded = cvformers.create_model(name, checkpoint_path=tmp_path / "timm.safetensors").eval()
+    with torch.no_grad():
+        assert (loaded(images) - expected).abs().max().item() <= 1e-5
