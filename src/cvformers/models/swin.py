@@ -242,6 +242,8 @@ def upgrade_swin_keys(state: dict[str, Any], prefix: str = "") -> dict[str, Any]
 
 
 class SwinTransformer(ClassifierMixin, nn.Module):
+    classifier_name = "head.fc"  # timm's ClassifierHead keeps its Linear there
+
     def __init__(self, cfg: SwinConfig):
         super().__init__()
         if len(cfg.depths) != len(cfg.num_heads):
@@ -268,8 +270,6 @@ class SwinTransformer(ClassifierMixin, nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = SwinHead(self.num_features, cfg.num_classes)
         self.apply(init_vit_weights)
-
-    classifier_name = "head.fc"
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> final feature map [B, H/32, W/32, 8C] (for 4 stages), normed."""
