@@ -15,7 +15,7 @@ from cvformers.models.vision import (
     build_backbone,
     classifier_config,
     create_model,
-    list_models,
+    model_rows,
     random_crop,
 )
 from cvformers.models.vit import resize_pos_embed
@@ -279,7 +279,7 @@ def test_registry_errors_name_what_is_known():
     assert create_model("vit_nano_patch4_28", num_classes=7).head.out_features == 7
 
 def test_list_models_counts_parameters():
-    rows = {r["name"]: r for r in list_models()}
+    rows = {r["name"]: r for r in model_rows()}
     assert set(rows) == set(PRESETS)
     assert rows["vit_nano_patch4_28"]["params"] == count_parameters(create_model("vit_nano_patch4_28"))
     assert abs(rows["vit_base_patch16_224"]["params"] - 86.6e6) < 0.1e6  # ViT-B/16: 86M (paper table 1)

@@ -1,4 +1,4 @@
-"""timm checkpoints load into cvformers' ViT and Mixer with strict=True and give the same outputs.
+"""timm checkpoints load into cvformers' ViT, Mixer and Swin with strict=True and give the same outputs.
 
 Needs timm, which needs a torchvision that imports beside torch: run it in the environment made
 by ``scripts/setup_timm_env.sh``:
@@ -48,3 +48,44 @@ def test_timm_vit_attention_weights_path_matches():
         tokens, maps = ours.forward_features(images, return_attention=True)
         assert (ours.forward_head(tokens) - reference(images)).abs().max().item() <= 1e-5
     assert len(maps) == 12 and maps[0].shape == (1, 3, 197, 197)
+
+
+def _randomise(model):
+    """timm zero-initialises some tensors; make every weight random so a wrongly mapped key shows."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name, timm_kwargs", [
+    ("swin_tiny_patch4_window7_224", None),  # timm's own preset of the same name
+    # our CPU preset, as a timm SwinTransformer of the same config: the last stage fits one window
+    ("swin_micro_patch4_window4_32", dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=96,
+                                          depths=(2, 2), num_heads=(3, 6), window_size=4)),
+])
+def test_timm_swin_state_dict_loads_strict_and_matches(name, timm_kwargs, tmp_path):
+    """Swin keeps timm's layout (downsample opening stages 1…, patch_embed.proj, head.fc): a timm
+    state dict loads with strict=True, key for key, and gives the same logits; so does the same
+    state saved as safetensors and given to cvformers.create_model(checkpoint_path=…)."""
+    from safetensors.torch import save_file
+    from timm.models.swin_transformer import SwinTransformer as TimmSwin
+
+    import cvformers
+
+    torch.manual_seed(0)
+    reference = _randomise(timm.create_model(name, pretrained=False) if timm_kwargs is None
+                           else TimmSwin(**timm_kwargs))
+    ours = create_model(name).eval()
+    assert set(ours.state_dict()) == set(reference.state_dict())
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    size = ours.cfg.image_size
+    images = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        expected, got = reference(images), ours(images)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-5
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "timm.safetensors")
+    loaded = cvformers.create_model(name, checkpoint_path=tmp_path / "timm.safetensors").eval()
+    with torch.no_grad():
+        assert (loaded(images) - expected).abs().max().item() <= 1e-5

@@ -130,6 +130,17 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     return state, meta
 
 
+def upgrade_keys(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with the keys of an earlier layout renamed by the modules of ``model`` that changed
+    theirs: each module with an ``upgrade_state_dict(state, prefix)`` (Swin, moved to timm's layout).
+    Values pass untouched, so this works on tensors and on header shapes alike."""
+    for name, module in model.named_modules():
+        upgrade = getattr(module, "upgrade_state_dict", None)
+        if callable(upgrade):
+            state = upgrade(state, f"{name}." if name else "")
+    return state
+
+
 def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> dict[str, str]:
     """Load ``path`` into ``model`` (cast to each parameter's own dtype); return the metadata.
 
@@ -137,6 +148,7 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
     ``UserError`` naming the file and the first keys that differ.
     """
     state, meta = read_weights(path)
+    state = upgrade_keys(model, state)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -203,6 +215,7 @@ def check_shapes(model: nn.Module, path: str | Path) -> None:
     for alias, name in json.loads(meta.get(_ALIASES, "{}")).items():
         if name in shapes:
             shapes[alias] = shapes[name]
+    shapes = upgrade_keys(model, shapes)
     for k, t in model.state_dict().items():
         if k not in shapes:
             raise UserError(f"{path}: weights do not match the run's config ({k} is missing from the file)")
@@ -294,3 +307,110 @@ def _is_torchscript(path: Path) -> bool:
         return False
     with zipfile.ZipFile(path) as z:
         return any(name.split("/")[1:2] == ["code"] for name in z.namelist())
+
+
+# --- vision backbones: timm's create_model(checkpoint_path=…) and init_from -------------------
+
+# backbone settings that change no shape: a checkpoint may differ in them
+FREE_SETTINGS = {"num_classes", "dropout", "attn_dropout", "drop_path"}
+BACKBONE_KINDS = ("classifier", "dino")  # run kinds that hold a vision backbone (under "backbone.")
+
+
+def source_backbone(run: str | Path, label: str | None = None
+                    ) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+    """(family, backbone config table, backbone state dict) of a classifier or dino run (its teacher,
+    the network DINO evaluates). ``label`` names the source in errors."""
+    label = label or f"init_from = {str(run)!r}"
+    run = Path(run)
+    if not (run / CONFIG).is_file():
+        raise UserError(f"{label}: not a run folder (no config.toml)")
+    cfg = load_toml(run / CONFIG)
+    kind, model = cfg.get("kind"), cfg.get("model", {})
+    if kind not in BACKBONE_KINDS:
+        raise UserError(f"{label}: a {kind!r} run has no vision backbone (give a dino or classifier run)")
+    weights = run / (TEACHER_WEIGHTS if kind == "dino" and (run / TEACHER_WEIGHTS).is_file() else WEIGHTS)
+    state, _ = read_weights(weights)
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    return model.get("family", "vit"), dict(model.get("backbone", {})), backbone
+
+
+def check_backbone_config(backbone: nn.Module, family: str, src_family: str, src_cfg: dict[str, Any],
+                          label: str) -> None:
+    """Refuse, with the settings that differ, a source backbone of another architecture."""
+    from cvformers.config import to_dict
+
+    if src_family != family:
+        raise UserError(f"{label}: its backbone is a {src_family}, this model's a {family}")
+    mine = to_dict(backbone.cfg)
+    differ = [f"{k} {src_cfg.get(k)!r} there, {mine.get(k)!r} here" for k in sorted(set(mine) | set(src_cfg))
+              if k not in FREE_SETTINGS and src_cfg.get(k) != mine.get(k)]
+    if differ:
+        raise UserError(f"{label}: its {family} backbone does not match this model's (" + "; ".join(differ) + ")")
+
+
+def load_backbone_state(backbone: nn.Module, state: dict[str, torch.Tensor], label: str,
+                        keep_head: bool = True) -> None:
+    """Load a backbone's state dict (timm's keys; earlier layouts renamed by ``upgrade_keys``),
+    refusing missing, unexpected or misshapen tensors with their names. ``keep_head`` False
+    leaves the model's own (new) head."""
+    head = getattr(backbone, "classifier_name", "head") + "."
+    state = upgrade_keys(backbone, dict(state))
+    if not keep_head:
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
+    expected = backbone.state_dict()
+    missing = [k for k in expected if k not in state and (keep_head or not k.startswith(head))]
+    unexpected = [k for k in state if k not in expected]
+    # a ViT resizes its position embeddings to its own grid (ViT §3.2), so their shape may differ
+    misshapen = [f"{k} {tuple(state[k].shape)} there, {tuple(expected[k].shape)} here" for k in state
+                 if k in expected and k != "pos_embed" and state[k].shape != expected[k].shape]
+    if missing or unexpected or misshapen:
+        hint = "; pass num_classes=N for a new head" if any(m.startswith(head) for m in misshapen) else ""
+        raise UserError(f"{label}: the weights do not fit this architecture (missing {missing[:4]}, unexpected "
+                        f"{unexpected[:4]}, shapes: {'; '.join(misshapen[:4]) or 'same'}){hint}")
+    try:
+        backbone.load_state_dict(state, strict=keep_head)
+    except (RuntimeError, ValueError) as e:  # e.g. position embeddings of a grid that is not square
+        raise UserError(f"{label}: {str(e).splitlines()[0]}") from e
+
+
+def init_backbone_from(backbone: nn.Module, family: str, run: str | Path, label: str | None = None) -> None:
+    """Load the backbone of a classifier or dino ``run`` into ``backbone`` (a registry model of
+    ``family``) with a new head, refusing one whose architecture does not match, with the reason."""
+    label = label or f"init_from = {str(run)!r}"
+    src_family, src_cfg, state = source_backbone(run, label)
+    check_backbone_config(backbone, family, src_family, src_cfg, label)
+    load_backbone_state(backbone, state, label, keep_head=False)
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint_path: str | Path | None = None,
+                 num_classes: int | None = None, **overrides: Any) -> nn.Module:
+    """timm's ``create_model``: the backbone of preset ``name`` (``cvformers.list_models()``), with
+    the weights of ``checkpoint_path`` when given — a safetensors file of the backbone's keys
+    (timm's; a classifier or dino run's ``backbone.`` prefix is taken off) or a classifier / dino
+    run folder. ``num_classes`` sets the head (default: the preset's, or the run's); a head whose
+    size differs from the checkpoint's starts new. An architecture that does not match the
+    checkpoint is refused with the reason.
+    """
+    from cvformers.models.vision import create_model as build, preset_config
+
+    if checkpoint_path is None:
+        return build(name, pretrained=pretrained, num_classes=num_classes, **overrides)
+    family, _ = preset_config(name)  # an unknown name is refused before the checkpoint is read
+    path = Path(checkpoint_path)
+    label = f"checkpoint {str(checkpoint_path)!r}"
+    if path.is_dir():
+        src_family, src_cfg, state = source_backbone(path, label)
+        classes = src_cfg.get("num_classes") if num_classes is None else num_classes
+        model = build(name, num_classes=classes, **overrides)
+        check_backbone_config(model, family, src_family, src_cfg, label)
+        load_backbone_state(model, state, label, keep_head=classes == src_cfg.get("num_classes"))
+        return model
+    state, _ = read_weights(path)
+    if any(k.startswith("backbone.") for k in state):  # a classifier or dino run's weight file
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    model = build(name, num_classes=num_classes, **overrides)
+    head_key = f"{model.classifier_name}.weight"
+    stored_head = upgrade_keys(model, dict(state)).get(head_key)
+    new_head = num_classes is not None and (stored_head is None or stored_head.shape[0] != num_classes)
+    load_backbone_state(model, state, label, keep_head=not new_head)
+    return model

@@ -56,3 +56,11 @@ def build_model(kind: str, model_cfg: dict[str, Any] | Any):
         return module_cls(cfg)
     except (RuntimeError, ValueError, TypeError) as e:  # e.g. a negative width reaching a tensor's shape
         raise ConfigError(f"[model] does not describe a buildable {kind} model: {e}") from e
+
+
+def kind_of(module: Any) -> str:
+    """The kind name ``module``'s class is registered under (what its run's ``config.toml`` says)."""
+    for name, (_, module_cls) in kinds().items():
+        if type(module) is module_cls:
+            return name
+    raise ConfigError(f"{type(module).__name__} is not a registered model kind")

@@ -19,6 +19,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from cvformers.nn.heads import ClassifierMixin
+
 
 @dataclass
 class ConvMixerConfig:
@@ -67,12 +69,13 @@ class ConvStem(nn.Module):
         return self.norm(self.act(self.proj(images)))
 
 
-class ConvMixer(nn.Module):
+class ConvMixer(ClassifierMixin, nn.Module):
     def __init__(self, cfg: ConvMixerConfig):
         super().__init__()
         self.cfg = cfg
         self.stem = ConvStem(cfg.in_chans, cfg.dim, cfg.patch_size, cfg.activation)
         self.blocks = nn.Sequential(*(ConvMixerLayer(cfg.dim, cfg.kernel_size, cfg.activation) for _ in range(cfg.depth)))
+        self.num_features = cfg.dim
         self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         if cfg.channels_last:
             self.to(memory_format=torch.channels_last)

@@ -25,6 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from cvformers.models.convmixer import ConvMixerLayer, ConvStem
+from cvformers.nn.heads import ClassifierMixin
 from cvformers.nn.vision_layers import ViTBlock, MixerBlock, PatchEmbed, drop_path_rates, init_vit_weights, layer_norm
 
 
@@ -44,7 +45,7 @@ class MixerAttentionConfig:
     drop_path: float = 0.0  # stochastic depth rate at the last block
 
 
-class MixerAttention(nn.Module):
+class MixerAttention(ClassifierMixin, nn.Module):
     def __init__(self, cfg: MixerAttentionConfig):
         super().__init__()
         if not 0 <= cfg.mixer_depth <= cfg.depth:
@@ -64,6 +65,7 @@ class MixerAttention(nn.Module):
             for i in range(cfg.depth)
         ))
         self.norm = layer_norm(d)
+        self.num_features = d
         self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.apply(init_vit_weights)
 
@@ -96,7 +98,7 @@ class ConvMixerMixerConfig:
     channels_last: bool = True  # NHWC memory format for the convolutional part (CPU speed)
 
 
-class ConvMixerMixer(nn.Module):
+class ConvMixerMixer(ClassifierMixin, nn.Module):
     def __init__(self, cfg: ConvMixerMixerConfig):
         super().__init__()
         if not 0 <= cfg.conv_depth <= cfg.depth:
@@ -112,6 +114,7 @@ class ConvMixerMixer(nn.Module):
             for i in range(cfg.depth)
         ))
         self.norm = layer_norm(cfg.dim)
+        self.num_features = cfg.dim
         self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         for block in self.blocks[cfg.conv_depth:]:
             block.apply(init_vit_weights)

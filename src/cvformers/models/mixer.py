@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cvformers.nn.heads import ClassifierMixin
 from cvformers.nn.vision_layers import MixerBlock, PatchEmbed, drop_path_rates, init_vit_weights, layer_norm
 
 
@@ -34,7 +35,7 @@ class MixerConfig:
     drop_path: float = 0.0  # stochastic depth rate at the last block (linear in depth)
 
 
-class MlpMixer(nn.Module):
+class MlpMixer(ClassifierMixin, nn.Module):
     def __init__(self, cfg: MixerConfig):
         super().__init__()
         if cfg.image_size % cfg.patch_size:
@@ -49,6 +50,7 @@ class MlpMixer(nn.Module):
             for rate in rates
         ))
         self.norm = layer_norm(cfg.embed_dim)
+        self.num_features = cfg.embed_dim
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.apply(init_vit_weights)
 

@@ -12,17 +12,28 @@
   table B̂ ∈ R^{(2M-1)×(2M-1)} by the relative offset of the two tokens.
 
 As in the official code, a stage whose resolution is not larger than the window uses one window
-covering it and no shift. The classifier head is global average pooling + LayerNorm + Linear.
+covering it and no shift. The classifier head is LayerNorm + global average pooling + Linear.
+
+State-dict keys are timm's ``SwinTransformer`` (timm >= 0.9), so its checkpoints load: the patch
+merging that halves the resolution opens the next stage (``layers.{i}.downsample`` for i >= 1)
+instead of closing a stage; ``patch_embed.{proj,norm}``, ``layers.N.blocks.M.{norm1,
+attn.qkv, attn.proj, attn.relative_position_bias_table, norm2, mlp.fc1, mlp.fc2}``, ``norm``,
+``head.fc``. Weights saved with the earlier layout (downsample at a stage's end,
+``patch_embed``/``patch_norm``/``head`` as bare layers) are renamed when loaded
+(``SwinTransformer.upgrade_state_dict``), as are those of timm < 0.9 and the official code.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from einops import rearrange
 from torch import nn
 
+from cvformers.nn.heads import ClassifierMixin
 from cvformers.nn.layers import Mlp
 from cvformers.nn.vision_layers import ViTAttention, DropPath, drop_path_rates, init_vit_weights
 
@@ -158,23 +169,81 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    def __init__(self, dim: int, depth: int, num_heads: int, resolution: int, window: int,
+    """Patch merging of the previous stage's map (stages after the first, as timm) then Swin blocks."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, resolution: int, window: int,
                  cfg: SwinConfig, drop_paths: list[float], downsample: bool):
         super().__init__()
+        self.downsample = PatchMerging(in_dim) if downsample else nn.Identity()
         self.blocks = nn.ModuleList(
             SwinBlock(dim, num_heads, resolution, window, 0 if i % 2 == 0 else window // 2,
                       cfg.mlp_ratio, cfg.qkv_bias, cfg.dropout, cfg.attn_dropout, drop_paths[i])
             for i in range(depth)
         )
-        self.downsample = PatchMerging(dim) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
         for block in self.blocks:
             x = block(x)
-        return self.downsample(x) if self.downsample is not None else x
+        return x
 
 
-class SwinTransformer(nn.Module):
+class SwinPatchEmbed(nn.Module):
+    """Non-overlapping P×P patches -> C channels (a stride-P conv), LayerNorm; output [B, H/P, W/P, C]."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.norm(rearrange(self.proj(images), "b c h w -> b h w c"))
+
+
+class SwinHead(nn.Module):
+    """Global average pooling of the [B, H, W, C] map, then ``fc`` (timm's ``ClassifierHead`` keys)."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features.mean(dim=(1, 2)))
+
+
+_STAGE_DOWNSAMPLE = re.compile(r"layers\.(\d+)\.downsample\.(.+)")
+
+
+def upgrade_swin_keys(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Rename the keys of a Swin under ``prefix`` from the layout with the patch merging at the end
+    of a stage (the official code, timm < 0.9, cvformers before the timm layout) to timm's current
+    one; drop the index and mask buffers older timm saved (they are rebuilt). Other keys, and a
+    state already in the current layout, pass unchanged. Values are not touched (tensors or shapes)."""
+    if not any(k.startswith(prefix) for k in state):
+        return state
+    old_stages = f"{prefix}layers.0.downsample.reduction.weight" in state  # stage 0 never merges now
+    renames = {"patch_embed.weight": "patch_embed.proj.weight", "patch_embed.bias": "patch_embed.proj.bias",
+               "patch_norm.weight": "patch_embed.norm.weight", "patch_norm.bias": "patch_embed.norm.bias",
+               "head.weight": "head.fc.weight", "head.bias": "head.fc.bias"}
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            out[key] = value
+            continue
+        rest = key[len(prefix):]
+        if rest.endswith(("relative_position_index", "attn_mask")):
+            continue
+        if rest in renames:
+            rest = renames[rest]
+        elif old_stages and (m := _STAGE_DOWNSAMPLE.fullmatch(rest)):
+            rest = f"layers.{int(m[1]) + 1}.downsample.{m[2]}"
+        out[prefix + rest] = value
+    return out
+
+
+class SwinTransformer(ClassifierMixin, nn.Module):
+    classifier_name = "head.fc"  # timm's ClassifierHead keeps its Linear there
+
     def __init__(self, cfg: SwinConfig):
         super().__init__()
         if len(cfg.depths) != len(cfg.num_heads):
@@ -186,20 +255,20 @@ class SwinTransformer(nn.Module):
                 f"image_size {cfg.image_size} must be a multiple of patch_size·2^(stages-1) = "
                 f"{cfg.patch_size * 2 ** (len(cfg.depths) - 1)}"
             )
-        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
-        self.patch_norm = nn.LayerNorm(cfg.embed_dim)
+        self.patch_embed = SwinPatchEmbed(cfg.in_chans, cfg.embed_dim, cfg.patch_size)
         self.pos_drop = nn.Dropout(cfg.dropout)
         rates = drop_path_rates(cfg.drop_path, sum(cfg.depths))
         self.layers = nn.ModuleList()
         for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
             start = sum(cfg.depths[:i])
+            dim = cfg.embed_dim * 2**i
             self.layers.append(SwinStage(
-                cfg.embed_dim * 2**i, depth, heads, grid // 2**i, cfg.window_size, cfg,
-                rates[start : start + depth], downsample=i < len(cfg.depths) - 1,
+                dim // 2 if i else dim, dim, depth, heads, grid // 2**i, cfg.window_size, cfg,
+                rates[start : start + depth], downsample=i > 0,
             ))
         self.num_features = cfg.embed_dim * 2 ** (len(cfg.depths) - 1)
         self.norm = nn.LayerNorm(self.num_features)
-        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.head = SwinHead(self.num_features, cfg.num_classes)
         self.apply(init_vit_weights)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -210,14 +279,27 @@ class SwinTransformer(nn.Module):
                 f"this Swin takes {self.cfg.image_size}x{self.cfg.image_size} images "
                 f"(its windows and masks are laid out for that grid), got {h}x{w}; resize first"
             )
-        x = rearrange(self.patch_embed(images), "b c h w -> b h w c")
-        x = self.pos_drop(self.patch_norm(x))
+        x = self.pos_drop(self.patch_embed(images))
         for layer in self.layers:
             x = layer(x)
         return self.norm(x)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features.mean(dim=(1, 2)))
+        return self.head(features)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(images))
+
+    def upgrade_state_dict(self, state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        """``state`` with this model's keys (under ``prefix``) in the current layout; see ``upgrade_swin_keys``.
+        ``cvformers.loading`` calls it before comparing a weight file with the model."""
+        return upgrade_swin_keys(state, prefix)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # load_state_dict passes its own copy of the dict down: renaming in place is how torch's
+        # modules upgrade old keys (BatchNorm's num_batches_tracked does the same)
+        upgraded = upgrade_swin_keys(state_dict, prefix)
+        if upgraded is not state_dict:
+            state_dict.clear()
+            state_dict.update(upgraded)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

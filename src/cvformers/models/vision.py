@@ -1,10 +1,12 @@
-"""The vision backbones by name: families, presets, ``create_model`` and ``list_models``.
+"""The vision backbones by name: families, presets, ``create_model`` and ``list_models`` (timm's names).
 
 A *family* is an architecture (config dataclass + module): vit, mixer, convmixer, swin and the
 two hybrids. A *preset* is a named set of config values, e.g. ``vit_tiny_patch16_224`` (the
 paper's / timm's sizes) or ``vit_tiny_patch4_28`` (small images: 28 px grayscale, 7×7 patches
 of 4×4). ``create_model(name, **overrides)`` builds the bare backbone, timm-style (its
-state-dict keys are the family's documented ones).
+state-dict keys are the family's documented ones); ``list_models("vit_*")`` lists preset names.
+Loading a checkpoint into it (``checkpoint_path``) is ``cvformers.create_model``, in
+``loading.py``, which reads weight files and run folders.
 
 The trainable model of a run folder is ``ImageClassifier`` (model kind ``"classifier"``): a
 backbone under the attribute ``backbone`` plus what training needs — input normalisation, the
@@ -14,6 +16,8 @@ table names the family and holds the family's config table, so the run rebuilds 
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,6 +139,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def unknown_name_error(name: str, known, what: str = "model") -> UserError:
+    close = difflib.get_close_matches(str(name), list(known), n=3, cutoff=0.6)
+    if close:
+        return UserError(f"unknown {what} {name!r}; did you mean {', '.join(close)}? ({len(known)} known; "
+                         "cvformers.list_models() or `cvformers models` lists them)")
     return UserError(f"unknown {what} {name!r}; known: {', '.join(sorted(known))}")
 
 
@@ -160,24 +168,50 @@ def build_backbone(family: str, cfg: Any) -> nn.Module:
         raise ConfigError(f"{family}: {e}") from e
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
+def create_model(name: str, pretrained: bool = False, num_classes: int | None = None, **overrides: Any) -> nn.Module:
     """Build the backbone of preset ``name``, e.g. ``create_model("vit_tiny_patch4_28", num_classes=10)``.
 
-    Overrides are fields of the family's config (``num_classes``, ``in_chans``, ``image_size``,
-    ``drop_path`` …); an unknown one raises ``ConfigError`` naming it.
+    timm's signature: ``num_classes`` sets the head (0: none; default: the preset's), other
+    overrides are fields of the family's config (``in_chans``, ``image_size``, ``drop_path`` …); an
+    unknown one raises ``ConfigError`` naming it. No weights are published for the presets, so
+    ``pretrained=True`` is refused; ``cvformers.create_model(name, checkpoint_path=…)`` loads yours.
     """
+    if pretrained:
+        raise UserError(f"no pretrained weights are published for {name!r}; train a classifier "
+                        "(`cvformers train classifier`) and pass checkpoint_path=RUN to cvformers.create_model")
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
     family, cfg = preset_config(name, **overrides)
     return build_backbone(family, cfg)
 
 
-def list_models() -> list[dict[str, Any]]:
-    """Every preset with its family, input size, channels, classes and parameter count.
+def list_models(filter: str | list[str] = "", exclude_filters: str | list[str] = "",
+                pretrained: bool = False) -> list[str]:
+    """Preset names, sorted, as timm's ``list_models``: ``filter`` and ``exclude_filters`` are
+    shell-style patterns (``"vit_*"``, ``["swin_*", "*_32"]``); a name matching any filter and no
+    exclude filter is listed. ``pretrained=True`` lists those with published weights: none."""
+    if pretrained:
+        return []
+
+    def patterns(value: str | list[str]) -> list[str]:
+        return [value] if isinstance(value, str) else list(value)
+
+    include = [f for f in patterns(filter) if f] or ["*"]
+    exclude = [f for f in patterns(exclude_filters) if f]
+    return sorted(name for name in PRESETS
+                  if any(fnmatch.fnmatchcase(name, f) for f in include)
+                  and not any(fnmatch.fnmatchcase(name, f) for f in exclude))
+
+
+def model_rows(names: list[str] | None = None) -> list[dict[str, Any]]:
+    """Each preset of ``names`` (default: all, in preset order) with its family, input size,
+    channels, classes and parameter count.
 
     Models are built on the ``meta`` device (no memory, no init) just to count parameters.
     """
     rows = []
-    for name, (family, _) in PRESETS.items():
-        _, cfg = preset_config(name)
+    for name in (list(PRESETS) if names is None else names):
+        family, cfg = preset_config(name)
         with torch.device("meta"):
             model = build_backbone(family, cfg)
         c = to_dict(cfg)
@@ -186,7 +220,10 @@ def list_models() -> list[dict[str, Any]]:
     return rows
 
 
-def format_models_table(rows: list[dict[str, Any]]) -> str:
+def format_models_table(rows: list[dict[str, Any]] | list[str]) -> str:
+    """The table ``cvformers models`` prints, from ``model_rows()`` or a list of preset names."""
+    if rows and isinstance(rows[0], str):
+        rows = model_rows(rows)
     lines = [f"{'name':34s} {'family':16s} {'input':>9s} {'classes':>7s} {'params':>9s}"]
     for r in rows:
         size = f"{r['in_chans']}x{r['image_size']}²"

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvformers.nn.heads import ClassifierMixin
 from cvformers.nn.vision_layers import (ViTBlock, PatchEmbed, drop_path_rates, init_vit_weights, layer_norm,
                                         shift_diagonally)
 
@@ -77,7 +78,7 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_pre
     return torch.cat([prefix, grid], dim=1)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(ClassifierMixin, nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         if cfg.image_size % cfg.patch_size:
@@ -100,6 +101,7 @@ class VisionTransformer(nn.Module):
             for rate in rates
         )
         self.norm = layer_norm(d)
+        self.num_features = d
         self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
 
         if cfg.init == "timm":

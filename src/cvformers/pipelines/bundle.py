@@ -13,25 +13,47 @@ A DALL-E 2 (unCLIP) bundle gathers a folder of stage runs (``prior/``, ``decoder
 stage's weights being its moving average (``ema.safetensors``) when the run has one:
 
     cvformers bundle --unclip runs/unclip --out src/cvformers/assets/unclip
+
+Both commands and the pipelines' ``save_pretrained`` describe what to write as a list of
+``BundlePart`` and hand it to ``write_bundle``: one writer, one set of safety rules.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from cvformers.errors import UserError
 from cvformers.utils import atomic_write_bytes, fsync_dir
 
 _RUN_FILES = ("config.toml", "model.safetensors")
+METRICS = "metrics.jsonl"  # a training run's log (train/): its last "eval" line is the run's own figure
+LAST_EVAL_KEY = "cvformers.last_eval"  # safetensors metadata: that line, carried into a bundle's weights
 # What a folder written by export_bundle (export_unclip_bundle) holds, and the entry it always has;
 # an existing --out with anything else is not replaced.
-_BUNDLE_ENTRIES = {"config.toml", "model.safetensors", "tokenizer.json", "vae", "clip"}
-_UNCLIP_ENTRIES = {"config.toml", "prior", "decoder", "upsampler", "clip"}
+# README.md is the model card that ``save_pretrained`` writes.
+_BUNDLE_ENTRIES = {"config.toml", "model.safetensors", "tokenizer.json", "vae", "clip", "README.md"}
+_UNCLIP_ENTRIES = {"config.toml", "prior", "decoder", "upsampler", "clip", "README.md"}
+# What each kind of bundle may hold at its root, and the entry that proves a folder is one.
+BUNDLE_LAYOUTS = {"dalle": (_BUNDLE_ENTRIES, "model.safetensors"), "unclip": (_UNCLIP_ENTRIES, "prior")}
+
+
+@dataclass
+class BundlePart:
+    """One folder of a bundle: its model (written as ``model.safetensors``) and files beside it."""
+
+    rel: str  # folder inside the bundle; "" is the bundle's root
+    model: nn.Module | None = None  # None: a part without weights (an unCLIP bundle's root)
+    files: dict[str, bytes] = field(default_factory=dict)  # name -> content: config.toml, tokenizer.json …
+    metadata: dict[str, str] = field(default_factory=dict)  # stored in the safetensors header
 
 
 def _check_run(src: Path, extra: tuple[str, ...] = ()):
@@ -45,13 +67,63 @@ def _check_run(src: Path, extra: tuple[str, ...] = ()):
     return model
 
 
-def _write_run(model, src: Path, dst: Path, dtype: torch.dtype | None, extra: tuple[str, ...] = ()) -> None:
+def last_evaluation(folder: Path) -> dict[str, Any] | None:
+    """The last evaluation a part's training logged: from its run's ``metrics.jsonl``, or from the
+    weights' metadata where a bundle carries it. None when neither holds one."""
+    log = folder / METRICS
+    if log.is_file():
+        last = None
+        for line in log.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a crash: the lines before it still count
+                continue
+            if isinstance(record, dict) and record.get("split") == "eval":
+                last = record
+        if last is not None:
+            return last
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt", device="cpu") as f:
+                stored = (f.metadata() or {}).get(LAST_EVAL_KEY)
+            return json.loads(stored) if stored else None
+        except Exception:  # an unreadable header: loading the weights reports it; the card just lacks it
+            return None
+    return None
+
+
+def _run_part(model, src: Path, rel: str, extra: tuple[str, ...] = ()) -> BundlePart:
+    """A part copied from run folder ``src``: its config.toml and ``extra`` files as they are, and
+    its last logged evaluation in the weights' metadata (the model card of ``save_pretrained`` shows it)."""
+    evaluation = last_evaluation(src)
+    metadata = {LAST_EVAL_KEY: json.dumps(evaluation, sort_keys=True)} if evaluation else {}
+    return BundlePart(rel, model, {name: (src / name).read_bytes() for name in ("config.toml",) + extra}, metadata)
+
+
+def _write_parts(root: Path, parts: list[BundlePart], dtype: torch.dtype | None) -> None:
     from cvformers.loading import save_weights
 
-    dst.mkdir(parents=True, exist_ok=True)
-    for rel in ("config.toml",) + extra:
-        atomic_write_bytes(dst / rel, (src / rel).read_bytes())
-    save_weights(model, dst / "model.safetensors", dtype=dtype)
+    for part in parts:
+        dst = root / part.rel if part.rel else root
+        dst.mkdir(parents=True, exist_ok=True)
+        for name, data in part.files.items():
+            atomic_write_bytes(dst / name, data)
+        if part.model is not None:
+            save_weights(part.model, dst / "model.safetensors", dtype=dtype, metadata=part.metadata)
+
+
+def write_bundle(out: str | Path, parts: list[BundlePart], layout: str, half: bool = False) -> Path:
+    """Write ``parts`` as the bundle ``out`` (``layout``: "dalle" or "unclip"), weights in fp16 when
+    ``half``. The same rules as ``cvformers bundle``: ``out`` may only be new, empty or a bundle
+    of that layout; it is built beside ``out`` and swapped in, so a failure leaves ``out`` as it was."""
+    out = Path(out)
+    entries, required = BUNDLE_LAYOUTS[layout]
+    _check_out(out, [], entries, required)
+    dtype = torch.float16 if half else None
+    return _swap_in(out, lambda tmp: _write_parts(tmp, parts, dtype))
 
 
 def _check_out(out: Path, inputs: list[Path], entries_allowed: set[str] = _BUNDLE_ENTRIES,
@@ -84,19 +156,13 @@ def export_bundle(dalle_run: str | Path, out: str | Path, clip_run: str | Path |
         raise UserError(f"{dalle_run} is not a dalle run folder (it has no vae/)")
     inputs = [dalle_run] + ([Path(clip_run)] if clip_run is not None else [])
     _check_out(out, inputs)
-    parts = [(dalle_run, "", ("tokenizer.json",)), (dalle_run / "vae", "vae", ())]
+    sources = [(dalle_run, "", ("tokenizer.json",)), (dalle_run / "vae", "vae", ())]
     if clip_run is not None:
         clip_run = Path(clip_run)
-        parts.append((clip_run, "clip", ("tokenizer.json",) if (clip_run / "tokenizer.json").is_file() else ()))
-    models = [_check_run(src, extra) for src, _, extra in parts]
-
+        sources.append((clip_run, "clip", ("tokenizer.json",) if (clip_run / "tokenizer.json").is_file() else ()))
+    parts = [_run_part(_check_run(src, extra), src, rel, extra) for src, rel, extra in sources]
     dtype = torch.float16 if half else None
-
-    def write(tmp: Path) -> None:
-        for model, (src, rel, extra) in zip(models, parts):
-            _write_run(model, src, tmp / rel if rel else tmp, dtype, extra)
-
-    return _swap_in(out, write)
+    return _swap_in(out, lambda tmp: _write_parts(tmp, parts, dtype))
 
 
 def _swap_in(out: Path, write) -> Path:
@@ -143,22 +209,16 @@ def export_unclip_bundle(runs: str | Path, out: str | Path, half: bool = True,
         raise UserError(f"{runs / 'decoder'} has no clip/: it was not written by `cvformers train unclip-decoder`")
     _check_out(out, [runs], _UNCLIP_ENTRIES, "prior")
     table = to_dict(from_dict(UnCLIPSamplingConfig, dict(sampling or {}), "sampling"))  # checked before writing
-    parts = []
+    parts = [BundlePart("", None, {"config.toml": dumps_toml({"kind": "unclip", "sampling": table}).encode()})]
     for name in stages:
         model = _check_run(runs / name)
         if (runs / name / EMA_FILE).is_file():
             load_weights(model, runs / name / EMA_FILE)
-        parts.append((model, runs / name, name, ()))
+        parts.append(_run_part(model, runs / name, name))
     clip_extra = ("tokenizer.json",) if (clip / "tokenizer.json").is_file() else ()
-    parts.append((_check_run(clip, clip_extra), clip, "clip", clip_extra))
+    parts.append(_run_part(_check_run(clip, clip_extra), clip, "clip", clip_extra))
     dtype = torch.float16 if half else None
-
-    def write(tmp: Path) -> None:
-        atomic_write_bytes(tmp / "config.toml", dumps_toml({"kind": "unclip", "sampling": table}).encode())
-        for model, src, rel, extra in parts:
-            _write_run(model, src, tmp / rel, dtype, extra)
-
-    return _swap_in(out, write)
+    return _swap_in(out, lambda tmp: _write_parts(tmp, parts, dtype))
 
 
 def _umask() -> int:

@@ -1,7 +1,9 @@
 """Text in, images out: sample dVAE ids with the DALL-E transformer, decode them, rerank, save.
 
-    pipe = TextToImage.load("default")                  # or a dalle run folder
-    images = pipe("a small red circle above a large blue square", num_images=8, seed=0)
+    pipe = TextToImage.from_pretrained("default")        # or a dalle run folder / bundle
+    out = pipe("a small red circle above a large blue square", num_images_per_prompt=8,
+               generator=torch.Generator().manual_seed(0))          # out.images, out.scores
+    pipe.save_pretrained("my-bundle")                     # a bundle with a model card (README.md)
 
 Sampling (DALL-E §2.3 / §3) draws the image ids one at a time. Each step is one forward of a
 single token against a key/value cache (``DALLE.prefill`` runs the text prefix once per batch,
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -40,6 +42,7 @@ from cvformers.models.dalle import image_inner_vocab_of
 from cvformers.models.dalle_sampling import SamplingConfig, sample_codes
 from cvformers.images import load_image
 from cvformers.loading import DEFAULT_NAME, default_bundle, resolve_run  # noqa: F401  (default_bundle: public here too)
+from cvformers.pipelines.pretrained import ImagePipelineOutput, PretrainedPipeline, text_tokenizer_files  # noqa: F401
 from cvformers.utils import atomic_write_bytes
 
 MAX_CANDIDATES = 10_000  # images sampled by one generate call (a typo such as --num 10000000 is refused)
@@ -155,8 +158,14 @@ class Generation:
         return written
 
 
-class TextToImage:
-    """DALL-E transformer + frozen image tokenizer + caption tokenizer (+ optional reranker)."""
+class TextToImage(PretrainedPipeline):
+    """DALL-E transformer + frozen image tokenizer + caption tokenizer (+ optional reranker).
+
+    diffusers' face (``from_pretrained``, ``pipe(prompt) -> .images``, ``to``, ``save_pretrained``)
+    comes from ``PretrainedPipeline``; ``load`` / ``generate`` are the same flows by their own names.
+    """
+
+    title = "DALL-E text-to-image bundle (cvformers)"
 
     def __init__(self, model, vae, tokenizer, reranker: Reranker | None = None,
                  sampling: SamplingConfig | None = None, batch_size: int = 16):
@@ -174,6 +183,7 @@ class TextToImage:
         self.reranker = reranker
         self.sampling = sampling or SamplingConfig()  # the model's defaults, from its [sampling] table
         self.batch_size = batch_size
+        self.parts_record = {}
 
     @classmethod
     def load(cls, path_or_name: str | Path = DEFAULT_NAME, device: str | torch.device = "cpu",
@@ -197,7 +207,42 @@ class TextToImage:
         if not isinstance(table, dict):
             raise UserError(f"{run / 'config.toml'}: [sampling] must be a table, got {type(table).__name__}")
         sampling = from_dict(SamplingConfig, table, "sampling")
-        return cls(model, vae, tokenizer, reranker=reranker, sampling=sampling)
+        pipe = cls(model, vae, tokenizer, reranker=reranker, sampling=sampling)
+        pipe.remember_parts({"": run, "vae": run / "vae", CLIP_DIR: run / CLIP_DIR})
+        return pipe
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The models by their folder in a bundle ("" is the transformer's)."""
+        found = {"": self.model, "vae": self.vae}
+        clip = getattr(self.reranker, "model", None)
+        if clip is not None:
+            found[CLIP_DIR] = clip
+        return found
+
+    def bundle_parts(self):
+        parts = [self.part("", self.model, {"tokenizer.json": self.tokenizer.to_bytes()},
+                           {"sampling": to_dict(self.sampling)}),
+                 self.part("vae", self.vae)]
+        if self.reranker is not None:
+            from cvformers.pipelines.rerank import ClipReranker
+
+            if not isinstance(self.reranker, ClipReranker):
+                raise UserError(f"the reranker is a {type(self.reranker).__name__}, not a CLIP: it cannot be saved "
+                                "into a bundle; set pipe.reranker = None to save the pipeline without it")
+            parts.append(self.part(CLIP_DIR, self.reranker.model, text_tokenizer_files(self.reranker.tokenizer)))
+        return parts
+
+    def card_limits(self) -> list[str]:
+        cfg = self.model.cfg
+        known = self.tokenizer.words()
+        return [f"Draws {self.image_size}x{self.image_size} images of the kind its training data holds "
+                "(see the parts table) and nothing else.",
+                f"Reads at most {cfg.text_len} caption tokens; its caption vocabulary holds {len(known)} words, "
+                "and a prompt with other words is warned about and draws something else.",
+                "Reranking needs the CLIP part: without it, `candidates` must equal the number of images."
+                if self.reranker is None else
+                "The CLIP part reranks candidates; its scores measure agreement with that CLIP, not with people.",
+                "No content filter: it was trained on synthetic scenes, not on photographs or people."]
 
     @property
     def device(self) -> torch.device:
@@ -228,13 +273,17 @@ class TextToImage:
 
     def generate(self, prompt: str, num_images: int = 8, sampling: SamplingConfig | None = None, *,
                  image_prompt: Any = None, prompt_rows: int | None = None, use_cache: bool = True,
-                 progress: Callable[[int, int], None] | None = None, **settings) -> Generation:
+                 progress: Callable[[int, int], None] | None = None, generator: torch.Generator | None = None,
+                 **settings) -> Generation:
         """Sample ``candidates`` images (default ``num_images``), keep the ``num_images`` best by the reranker.
 
         ``sampling`` (default: the model's own ``[sampling]`` defaults) says how; keyword
         ``settings`` (``seed=3, guidance=2.0``; ``None`` keeps the value) change single fields.
+        ``generator`` draws the randomness in place of one seeded from ``seed`` (diffusers' argument).
         """
         s = (sampling or self.sampling).override(**settings)
+        if generator is not None:
+            s = replace(s, seed=None)  # the caller's generator decides: no seed to record
         candidates = count_candidates(num_images, s.candidates)
         if candidates > num_images and self.reranker is None:
             raise UserError("more candidates than images needs a reranker (e.g. a CLIP run) to choose them")
@@ -251,11 +300,12 @@ class TextToImage:
         elif prompt_rows is not None:
             raise UserError("prompt rows given without an image prompt")
 
-        generator = torch.Generator(self.device)
-        if s.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(s.seed)
+        if generator is None:
+            generator = torch.Generator(self.device)
+            if s.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(s.seed)
         chunks = []
         batches = -(-candidates // self.batch_size)
         for index, start in enumerate(range(0, candidates, self.batch_size)):
@@ -282,9 +332,3 @@ class TextToImage:
         record = {**to_dict(s), "candidates": candidates, "prompt_rows": None if image_prompt is None
                   else (G // 2 if prompt_rows is None else prompt_rows)}
         return Generation(prompt, images.cpu(), codes.cpu(), scores, record)
-
-    def __call__(self, prompt: str, num_images: int = 8, sampling: SamplingConfig | None = None, *,
-                 return_scores: bool = False, **kwargs):
-        """-> list of PIL images (and the rerank scores, best first, when ``return_scores``)."""
-        out = self.generate(prompt, num_images, sampling, **kwargs)
-        return (out.pil(), out.scores) if return_scores else out.pil()

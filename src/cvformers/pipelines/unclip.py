@@ -8,7 +8,9 @@ embedding -> diffusion prior -> CLIP image embedding -> diffusion decoder -> 32 
     edits = pipe.text_diff("a.png", "a red circle", "a blue circle", amounts=(0, .25, .5))   # §3.3
 
 The face is the DALL-E pipeline's (``TextToImage``): ``load``, ``generate(prompt, num_images, sampling,
-**settings) -> Generation`` with CLIP scores best first when candidates are reranked.
+**settings) -> Generation`` with CLIP scores best first when candidates are reranked, and diffusers'
+``UnCLIP.from_pretrained("unclip")``, ``pipe(prompts, num_images_per_prompt=4, generator=g).images``,
+``to(device)`` and ``save_pretrained(dir)`` (``pipelines/pretrained.py``).
 
 A folder readable by ``UnCLIP.load``::
 
@@ -39,6 +41,7 @@ from cvformers.diffusion.samplers import DiffusionSamplingConfig
 from cvformers.errors import UserError
 from cvformers.images import load_image
 from cvformers.loading import load_clip, load_run, load_weights, resolve_run
+from cvformers.pipelines.pretrained import PretrainedPipeline, text_tokenizer_files
 from cvformers.pipelines.text_to_image import MAX_CANDIDATES, Generation, UnknownWords, count_candidates
 
 PARTS = ("prior", "decoder", "upsampler", "clip")
@@ -124,8 +127,12 @@ def _load_stage(folder: Path, part: str, device):
     return model.eval()
 
 
-class UnCLIP:
+class UnCLIP(PretrainedPipeline):
     """Prior + decoder (+ upsampler) + the CLIP they share."""
+
+    bundle_layout = "unclip"
+    diffusers_settings = {"guidance_scale": "guidance", "num_inference_steps": "steps"}  # the decoder's
+    title = "DALL-E 2 (unCLIP) text-to-image bundle (cvformers)"
 
     def __init__(self, prior, decoder, clip, tokenizer, upsampler=None,
                  sampling: UnCLIPSamplingConfig | None = None, batch_size: int = 32):
@@ -142,6 +149,7 @@ class UnCLIP:
         self.upsampler = upsampler
         self.sampling = sampling or UnCLIPSamplingConfig()
         self.batch_size = batch_size
+        self.parts_record = {}
 
     @classmethod
     def load(cls, path_or_name: str | Path = "unclip", device: str | torch.device = "cpu") -> "UnCLIP":
@@ -164,8 +172,39 @@ class UnCLIP:
         if not (clip_dir / "config.toml").is_file():
             raise UserError(f"{root}: no CLIP found (neither clip/ nor decoder/clip/)")
         clip, tokenizer = load_clip(clip_dir, device=device)
-        return cls(prior, decoder, clip, tokenizer, upsampler,
+        pipe = cls(prior, decoder, clip, tokenizer, upsampler,
                    sampling=from_dict(UnCLIPSamplingConfig, table, "sampling"))
+        pipe.remember_parts({"prior": root / "prior", "decoder": root / "decoder", "upsampler": root / "upsampler",
+                             "clip": clip_dir})
+        return pipe
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The models by their folder in a bundle."""
+        found = {"prior": self.prior, "decoder": self.decoder, "clip": self.clip}
+        if self.upsampler is not None:
+            found["upsampler"] = self.upsampler
+        return found
+
+    def bundle_parts(self):
+        from cvformers.config import dumps_toml
+        from cvformers.pipelines.bundle import BundlePart
+
+        root = {"kind": "unclip", "sampling": to_dict(self.sampling)}
+        parts = [BundlePart("", None, {"config.toml": dumps_toml(root).encode()})]
+        parts += [self.part(rel, module, text_tokenizer_files(self.tokenizer) if rel == "clip" else None)
+                  for rel, module in self.modules().items()]
+        return parts
+
+    def card_limits(self) -> list[str]:
+        size = self.decoder.cfg.unet.image_size
+        return [f"Draws {self.image_size}x{self.image_size} images" +
+                (f" (the decoder draws {size} px, the upsampler enlarges them)" if self.upsampler else "") +
+                " of the kind its training data holds (see the parts table) and nothing else.",
+                f"Reads at most {self.clip.cfg.context_length} caption tokens with its CLIP's tokenizer; "
+                "a prompt with words that tokenizer never learnt is warned about and draws something else.",
+                "Diffusion sampling runs every step of the decoder, prior and upsampler: far slower than "
+                "DALL-E's sampler on a CPU.",
+                "No content filter: it was trained on synthetic scenes, not on photographs or people."]
 
     @property
     def device(self) -> torch.device:
@@ -231,23 +270,22 @@ class UnCLIP:
         return torch.cat(out)
 
     def generate(self, prompt: str, num_images: int = 8, sampling: UnCLIPSamplingConfig | None = None,
-                 **settings) -> Generation:
+                 generator: torch.Generator | None = None, **settings) -> Generation:
         """Draw ``candidates`` images (default ``num_images``) for a prompt, keep the ``num_images`` CLIP
-        scores best (best first). ``settings`` change single fields of ``sampling`` (``seed=3``)."""
+        scores best (best first). ``settings`` change single fields of ``sampling`` (``seed=3``);
+        ``generator`` draws all noise in place of one seeded from ``seed`` (diffusers' argument)."""
         s = (sampling or self.sampling).override(**settings)
+        if generator is not None:
+            s = replace(s, seed=None)  # the caller's generator decides: no seed to record
         candidates = count_candidates(num_images, s.candidates)
         text, text_embedding = self.encode_prompt(prompt)
-        generator = self._generator(s)
+        generator = generator or self._generator(s)
         embeddings = self.prior.sample(text.expand(candidates, -1), text_embedding.expand(candidates, -1),
                                        s.stage("prior"), candidates=s.prior_candidates, generator=generator)
         images = self.decode(embeddings, text.expand(candidates, -1), s, generator)
         scores = (self.encode_images(images) @ text_embedding[0]).cpu()
         best = scores.argsort(descending=True)[:num_images]
         return Generation(prompt, images[best], None, scores[best], {**to_dict(s), "model": "unclip"})
-
-    def __call__(self, prompt: str, num_images: int = 8, sampling: UnCLIPSamplingConfig | None = None, **settings):
-        """-> list of PIL images."""
-        return self.generate(prompt, num_images, sampling, **settings).pil()
 
     def vary(self, image: Any, num_images: int = 8, sampling: UnCLIPSamplingConfig | None = None,
              **settings) -> Generation:
