@@ -72,3 +72,45 @@ def test_cli_and_emoji_captions(tmp_path, capsys, monkeypatch):
     assert main(["data", "openclipart", "--out", str(tmp_path / "o"), "--image-size", "8", "--no-emoji"]) == 0
     assert "wrote 1 image-caption pairs" in capsys.readouterr().out
     assert emoji_captions("apple") == ["apple", "an emoji of an apple", "apple emoji"]
+
+
+def test_real_titles_become_captions():
+    from cvformers.data.openclipart import clean_title
+
+    # titles and keywords as they are in Debian's openclipart-svg 0.18, and what a caption keeps
+    expected = {
+        "pantyhose10": "pantyhose",
+        "Aircraft3": "Aircraft",
+        "smiley111": "smiley",
+        "BlueMan#211": "Blue Man",
+        "RoundPointShovel": "Round Point Shovel",
+        "arrow-up-green": "arrow up green",
+        "book 01": "book",
+        "kallisti-grenade 1": "kallisti grenade 1",
+        "45 RPM Record": "45 RPM Record",
+        "Ice Cream Cone (1 scoop)": "Ice Cream Cone (1 scoop)",
+        "international maritime signal flag 0": "international maritime signal flag 0",
+        "SVG Gradient Collection by Alan Horkan, 2004": "SVG Gradient Collection",
+        "Part of the Flat Icon Collection (Wed Aug 25 23:31:12 2004)": "",
+        "(wed aug 25 23:23:49 2004)": "",
+        "France - Provence Alternate": "France - Provence Alternate",
+    }
+    assert {title: clean_title(title) for title in expected} == expected
+    assert emoji_captions("heart hands")[1] == "an emoji of heart hands"  # a plural takes no article
+    assert emoji_captions("grinning face")[1] == "an emoji of a grinning face"
+
+
+def test_a_collection_title_gives_way_to_the_file_name(tmp_path):
+    src = tmp_path / "src"
+    stamp = "Part of the Flat Icon Collection (Wed Aug 25 23:29:46 2004)"
+    _art(src, "computer/folder_bomb", (200, 0, 0), stamp, ["filesystem", "computer"])
+    _art(src, "computer/mail_post_to3", (0, 0, 200), stamp, ["computer"])
+    _art(src, "music/guitar1", (0, 200, 0), "guitar1", ["music", "(wed aug 25 23:23:49 2004)"])
+    out = tmp_path / "out"
+    stats = build_openclipart(out, image_size=16, png_root=src / "png", svg_root=src / "svg", emoji_font=None)
+    assert stats.written == 3 and stats.collection_titles == 2
+    captions = {p.stem: p.read_text() for p in out.glob("*.txt")}
+    assert captions["clipart_computer_folder_bomb"].splitlines()[0] == "folder bomb"
+    assert captions["clipart_computer_mail_post_to3"].splitlines()[0] == "mail post to"
+    assert captions["clipart_music_guitar1"].splitlines() == ["guitar", "clip art of guitar", "guitar: music"]
+    assert "2004" not in "".join(captions.values()) and "collection" not in "".join(captions.values()).lower()

@@ -332,7 +332,8 @@ def _cmd_data_openclipart(args) -> int:
     print(f"wrote {stats.written} image-caption pairs to {stats.out} ({stats.clipart} clip art, "
           f"{stats.emoji} emoji); dropped {stats.duplicate_image} duplicate images, "
           f"{stats.duplicate_caption} duplicate captions, {stats.no_caption} without a title, "
-          f"{stats.unreadable} unreadable or blank, {stats.too_large} too large")
+          f"{stats.unreadable} unreadable or blank, {stats.too_large} too large; "
+          f"{stats.collection_titles} collection names as titles replaced by the file name")
     for note in stats.notes:
         print(note)
     return 0

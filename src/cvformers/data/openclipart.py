@@ -57,6 +57,7 @@ class BuildStats:
     clipart: int = 0
     emoji: int = 0
     no_caption: int = 0  # SVG missing or without a usable title
+    collection_titles: int = 0  # a collection's name as title ("Lemon SVG theme"): the file name used instead
     unreadable: int = 0  # PNG that PIL could not decode, or blank
     too_large: int = 0  # PNG above MAX_PIXELS
     duplicate_image: int = 0
@@ -68,6 +69,35 @@ class BuildStats:
 def _clean(text: str) -> str:
     text = text.replace("_", " ")
     return " ".join(text.split()).strip(" .,;:-")
+
+
+# Residue in OpenClipart titles and keywords that says nothing about the picture
+_TIMESTAMP = re.compile(r"\(?\b(?:mon|tue|wed|thu|fri|sat|sun)[a-z]* [a-z]{3} \d{1,2} \d\d:\d\d(?::\d\d)? \d{4}\)?", re.I)
+_COLLECTION = re.compile(r"^part of the .* collection$", re.I)  # "Part of the Flat Icon Collection"
+_YEAR = re.compile(r",?\s*\b(?:19[89]\d|20[0-2]\d)\b")
+_CREDIT = re.compile(r"\s+by\s+[A-Z][\w.]*(?:\s+[A-Z][\w.]*)*\s*$")  # "... by Alan Horkan"
+_GLUED_DIGITS = re.compile(r"\b([A-Za-z]{2,})\d+\b")  # "guitar1", "Aircraft3", "smiley111"
+_SERIAL = re.compile(r"(?<![\w(])(?:0\d+|\d{3,})(?![\w)])")  # "book 01", "BlueMan 211"; "45 RPM" stays
+_CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z][a-z])")  # "RoundPointShovel" -> "Round Point Shovel"
+
+
+def clean_title(text: str) -> str:
+    """A title or keyword as a caption: timestamps, years, credits, serial numbers and digits
+    stuck to words dropped, camel case and ``_ - #`` turned into spaces. Empty when nothing
+    that reads as words is left ("Part of the Flat Icon Collection (Wed Aug 25 23:23:49 2004)").
+
+    "pantyhose10" -> "pantyhose"; "BlueMan#211" -> "Blue Man"; "RoundPointShovel" -> "Round
+    Point Shovel"; "Ice Cream Cone (1 scoop)" stays.
+    """
+    text = _TIMESTAMP.sub(" ", text)
+    text = _CREDIT.sub("", _YEAR.sub("", text))
+    text = _CAMEL.sub(" ", re.sub(r"[_#]|(?<=\w)-(?=\w)", " ", text))
+    text = _SERIAL.sub(" ", _GLUED_DIGITS.sub(r"\1", text))
+    text = re.sub(r"\(\s*\)", " ", text)
+    text = _clean(text)
+    if _COLLECTION.match(text) or not re.search(r"[A-Za-z]{2}", text):
+        return ""
+    return text
 
 
 def svg_caption(svg_path: Path) -> tuple[str, list[str]] | None:
@@ -106,11 +136,12 @@ def svg_caption(svg_path: Path) -> tuple[str, list[str]] | None:
     people = {_clean(p).lower() for p in people} | {"open clip art library"}
     # "Clipart by Nicu Buculei - bee" -> "bee"
     title = re.sub(r"^\s*clip\s*art\s+by\s+[^-]+-\s*", "", _clean(title or ""), flags=re.I)
-    if not title or not re.search(r"[A-Za-z]", title) or title.lower() in people:
-        return None
+    raw_title, title = title, clean_title(title)
+    if title.lower() in people or not (title or _COLLECTION.match(_TIMESTAMP.sub("", raw_title).strip())):
+        return None  # no title, or an author's name; a collection's marker leaves "" (the file name says more)
     seen, kws = {title.lower()} | people, []
     for k in keywords:
-        k = _clean(k).lower()
+        k = clean_title(_clean(k)).lower()
         if k and k not in seen and k not in _STOP_KEYWORDS and len(k) < 40:
             seen.add(k)
             kws.append(k)
@@ -132,8 +163,16 @@ def clipart_captions(title: str, keywords: list[str]) -> list[str]:
     return lines
 
 
+def with_article(noun_phrase: str) -> str:
+    """"a heart", "an apple", "heart hands" (a plural takes none), "the moon" (one is there)."""
+    words = noun_phrase.split()
+    if not words or words[0] in ("a", "an", "the") or (words[-1].endswith("s") and not words[-1].endswith("ss")):
+        return noun_phrase
+    return ("an " if words[0][0] in "aeiou" else "a ") + noun_phrase
+
+
 def emoji_captions(name: str) -> list[str]:
-    return [name, f"an emoji of {'an' if name[0] in 'aeiou' else 'a'} {name}", f"{name} emoji"]
+    return [name, f"an emoji of {with_article(name)}", f"{name} emoji"]
 
 
 def square_on_white(im, image_size: int, margin: float = 0.04):
@@ -227,8 +266,12 @@ def build_openclipart(out: str | Path, image_size: int = 64, png_root: str | Pat
         if meta is None:
             stats.no_caption += 1
             continue
-        if title_counts[meta[0].lower()] >= COLLECTION_SIZE and stem_title(png.stem):
-            meta = (stem_title(png.stem), [meta[0].lower()] + meta[1])
+        if (not meta[0] or title_counts[meta[0].lower()] >= COLLECTION_SIZE) and stem_title(png.stem):
+            meta = (stem_title(png.stem), [meta[0].lower()] * bool(meta[0]) + meta[1])
+            stats.collection_titles += 1
+        elif not meta[0]:
+            stats.no_caption += 1
+            continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
