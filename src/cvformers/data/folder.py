@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from cvformers.errors import UserError
 from cvformers.images import IMAGE_SUFFIXES, read_image, resize_center_crop
+from cvformers.utils import progress
 
 log = logging.getLogger("cvformers.data")
 
@@ -86,7 +87,8 @@ class FolderDataset(Dataset):
         self.files: list[Path] = []
         self.caption_lists: list[list[str]] = []
         unreadable = []
-        for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        found = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        for path in progress(found, desc=f"indexing {self.root.name}", unit="file"):
             if holdout > 0 and (_path_fraction(path.relative_to(self.root)) < holdout) != (split == "test"):
                 continue
             captions = read_captions(path.with_suffix(".txt"))
