@@ -94,6 +94,7 @@ def test_real_titles_become_captions():
         "Part of the Flat Icon Collection (Wed Aug 25 23:31:12 2004)": "",
         "(wed aug 25 23:23:49 2004)": "",
         "France - Provence Alternate": "France - Provence Alternate",
+        "hash(0x869b4d8)": "",
     }
     assert {title: clean_title(title) for title in expected} == expected
     assert emoji_captions("heart hands")[1] == "an emoji of heart hands"  # a plural takes no article
@@ -106,11 +107,14 @@ def test_a_collection_title_gives_way_to_the_file_name(tmp_path):
     _art(src, "computer/folder_bomb", (200, 0, 0), stamp, ["filesystem", "computer"])
     _art(src, "computer/mail_post_to3", (0, 0, 200), stamp, ["computer"])
     _art(src, "music/guitar1", (0, 200, 0), "guitar1", ["music", "(wed aug 25 23:23:49 2004)"])
+    _art(src, "birds/gallo", (200, 200, 0), "Gallo di profilo", ["bird", "hash(0x855e9e4)", "rooster"])
     out = tmp_path / "out"
     stats = build_openclipart(out, image_size=16, png_root=src / "png", svg_root=src / "svg", emoji_font=None)
-    assert stats.written == 3 and stats.collection_titles == 2
+    assert stats.written == 4 and stats.collection_titles == 2 and stats.foreign_titles == 1
     captions = {p.stem: p.read_text() for p in out.glob("*.txt")}
     assert captions["clipart_computer_folder_bomb"].splitlines()[0] == "folder bomb"
     assert captions["clipart_computer_mail_post_to3"].splitlines()[0] == "mail post to"
     assert captions["clipart_music_guitar1"].splitlines() == ["guitar", "clip art of guitar", "guitar: music"]
+    assert captions["clipart_birds_gallo"].splitlines() == ["bird", "clip art of bird", "bird: rooster"]
+    assert "2004" not in "".join(captions.values()) and "hash" not in "".join(captions.values())
     assert "2004" not in "".join(captions.values()) and "collection" not in "".join(captions.values()).lower()

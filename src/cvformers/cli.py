@@ -333,7 +333,8 @@ def _cmd_data_openclipart(args) -> int:
           f"{stats.emoji} emoji); dropped {stats.duplicate_image} duplicate images, "
           f"{stats.duplicate_caption} duplicate captions, {stats.no_caption} without a title, "
           f"{stats.unreadable} unreadable or blank, {stats.too_large} too large; "
-          f"{stats.collection_titles} collection names as titles replaced by the file name")
+          f"{stats.collection_titles} collection names as titles replaced by the file name, "
+          f"{stats.foreign_titles} Italian or French titles replaced by the keywords")
     for note in stats.notes:
         print(note)
     return 0

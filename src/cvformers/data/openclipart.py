@@ -57,6 +57,7 @@ class BuildStats:
     clipart: int = 0
     emoji: int = 0
     no_caption: int = 0  # SVG missing or without a usable title
+    foreign_titles: int = 0  # Italian or French titles: the keywords caption the picture instead
     collection_titles: int = 0  # a collection's name as title ("Lemon SVG theme"): the file name used instead
     unreadable: int = 0  # PNG that PIL could not decode, or blank
     too_large: int = 0  # PNG above MAX_PIXELS
@@ -78,6 +79,11 @@ _YEAR = re.compile(r",?\s*\b(?:19[89]\d|20[0-2]\d)\b")
 _CREDIT = re.compile(r"\s+by\s+[A-Z][\w.]*(?:\s+[A-Z][\w.]*)*\s*$")  # "... by Alan Horkan"
 _GLUED_DIGITS = re.compile(r"\b([A-Za-z]{2,})\d+\b")  # "guitar1", "Aircraft3", "smiley111"
 _SERIAL = re.compile(r"(?<![\w(])(?:0\d+|\d{3,})(?![\w)])")  # "book 01", "BlueMan 211"; "45 RPM" stays
+_HASH = re.compile(r"\bhash\(0x[0-9a-f]+\)", re.I)  # keyword residue: "hash(0x869b4d8)"
+# Function words of the Italian and French titles in the collection ("Gallo di profilo", "ne pas
+# toucher"): a title holding one is not English, and its keywords ("bird") describe it instead.
+_FOREIGN_WORDS = frozenset("di del della dei delle degli il lo gli e con da per una uno mie miei "
+                           "de du des le la les et pas avec pour sur aux".split())
 _CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z][a-z])")  # "RoundPointShovel" -> "Round Point Shovel"
 
 
@@ -89,7 +95,7 @@ def clean_title(text: str) -> str:
     "pantyhose10" -> "pantyhose"; "BlueMan#211" -> "Blue Man"; "RoundPointShovel" -> "Round
     Point Shovel"; "Ice Cream Cone (1 scoop)" stays.
     """
-    text = _TIMESTAMP.sub(" ", text)
+    text = _HASH.sub(" ", _TIMESTAMP.sub(" ", text))
     text = _CREDIT.sub("", _YEAR.sub("", text))
     text = _CAMEL.sub(" ", re.sub(r"[_#]|(?<=\w)-(?=\w)", " ", text))
     text = _SERIAL.sub(" ", _GLUED_DIGITS.sub(r"\1", text))
@@ -146,6 +152,11 @@ def svg_caption(svg_path: Path) -> tuple[str, list[str]] | None:
             seen.add(k)
             kws.append(k)
     return title, kws
+
+
+def is_foreign(title: str) -> bool:
+    """Whether a title reads as Italian or French (it holds one of their function words)."""
+    return any(word in _FOREIGN_WORDS for word in re.findall(r"[a-z]+", title.lower()))
 
 
 def stem_title(stem: str) -> str:
@@ -272,6 +283,9 @@ def build_openclipart(out: str | Path, image_size: int = 64, png_root: str | Pat
         elif not meta[0]:
             stats.no_caption += 1
             continue
+        if is_foreign(meta[0]) and meta[1]:  # "Gallo di profilo" -> its keywords: "bird"
+            meta = (meta[1][0], meta[1][1:])
+            stats.foreign_titles += 1
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
