@@ -252,3 +252,35 @@ def test_classifier_starts_from_a_dino_run_and_refuses_another_architecture(tmp_
     assert cli.main(["train", "classifier", "--data", "shapes", "--out", str(tmp_path / "bad"), "--config", str(cls),
                      "--steps", "1"]) == 2
     assert "depth 1 there, 2 here" in capsys.readouterr().err
+
+
+def test_clip_image_tower_starts_from_a_dino_run_and_refuses_another_architecture(tmp_path, capsys):
+    cfg = tmp_path / "dino.toml"
+    cfg.write_text(TOY_CONFIG.replace("[model.backbone]\nembed_dim = 16\ndepth = 1\nnum_heads = 2\n", ""))
+    dino = tmp_path / "dino"
+    assert cli.main(["train", "dino", "--data", "shapes", "--out", str(dino), "--config", str(cfg), "--steps", "1"]) == 0
+    teacher = load_file(str(dino / "teacher.safetensors"))
+    clip_cfg = tmp_path / "clip.toml"
+    clip_cfg.write_text(f'[model]\nimage_encoder = "vit_nano_patch4_32"\ninit_from = "{dino}"\n'
+                        '[data]\nsize = 32\neval_size = 16\n[text]\nbpe_train_captions = 200\n'
+                        '[train]\nbatch_size = 8\nlr = 1e-9\nwarmup_steps = 0\neval_every = 0\n')
+    run = tmp_path / "clip"
+    assert cli.main(["train", "clip", "--data", "shapes", "--out", str(run), "--config", str(clip_cfg),
+                     "--steps", "1"]) == 0
+    tower = {k.removeprefix("visual.trunk."): v for k, v in load_file(str(run / "model.safetensors")).items()
+             if k.startswith("visual.trunk.")}
+    start = {k.removeprefix("backbone."): v for k, v in teacher.items() if k.startswith("backbone.")}
+    shared = sorted(set(tower) & set(start))
+    assert "patch_embed.proj.weight" in shared and len(shared) >= len(start) - 2  # the DINO head is not a trunk part
+    for key in shared:
+        torch.testing.assert_close(tower[key], start[key], atol=1e-6, rtol=1e-4)
+    # a DINO run of another width cannot start this tower: one line naming the difference
+    small = tmp_path / "small"
+    cfg.write_text(TOY_CONFIG)
+    assert cli.main(["train", "dino", "--data", "shapes", "--out", str(small), "--config", str(cfg), "--steps", "1"]) == 0
+    capsys.readouterr()
+    clip_cfg.write_text(clip_cfg.read_text().replace(str(dino), str(small)))
+    assert cli.main(["train", "clip", "--data", "shapes", "--out", str(tmp_path / "bad"), "--config", str(clip_cfg),
+                     "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cvformers: error:") and "\n" not in err and "embed_dim" in err
