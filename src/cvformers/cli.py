@@ -157,6 +157,8 @@ def _add_eval_classifier(esub) -> None:
     p.add_argument("--split", default=None, help="split to evaluate (default: the run's eval split, test)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--confusion", default=None, metavar="PNG",
+                   help="also draw the confusion matrix, named classes and counts (pip install 'cvformers[plot]')")
     p.set_defaults(func=_cmd_eval_classifier)
 
 
@@ -165,11 +167,21 @@ def _cmd_eval_classifier(args) -> int:
 
     from cvformers.eval.classification import evaluate_classifier
 
+    if args.confusion is not None:
+        from cvformers.eval.plots import check_plot_target
+
+        check_plot_target(args.confusion)  # before the evaluation: a bad path or no matplotlib fails at once
     r = evaluate_classifier(args.run, args.data, split=args.split, limit=args.limit)
     if args.json:
         print(json.dumps(r))
     else:
         print(f"{r['data']} {r['split']}: accuracy {100 * r['accuracy']:.2f}% ({r['n']} images), loss {r['loss']:.4f}")
+        print("per class: " + ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in r["per_class"].items()))
+    if args.confusion is not None:
+        from cvformers.eval.plots import confusion_figure
+
+        confusion_figure(r["confusion"], r["classes"], args.confusion, title=f"{Path(args.run).name}: {r['data']} {r['split']}")
+        print(f"wrote {args.confusion}")
     return 0
 
 
@@ -309,6 +321,25 @@ def _cmd_attention(args) -> int:
             raise UserError(f"--query takes ROW,COL (two integers), got {args.query!r}") from None
         query = (row, col)
     print(attention_figure(args.model, args.image, args.out, query=query, units=args.units, keep=args.keep))
+    return 0
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="curves of runs from their metrics.jsonl: one panel per metric, runs overlaid "
+                                    "(pip install 'cvformers[plot]')")
+    p.add_argument("runs", nargs="+", help="run folders (each with a metrics.jsonl)")
+    p.add_argument("--out", default="curves.png", help="PNG to write")
+    p.add_argument("--metrics", default=None,
+                   help="comma-separated metrics to draw, e.g. loss,eval_loss (default: loss, lr and every eval_ metric)")
+    p.set_defaults(func=_cmd_plot)
+
+
+def _cmd_plot(args) -> int:
+    from cvformers.eval.plots import plot_runs
+
+    metrics = args.metrics.split(",") if args.metrics is not None else None
+    drawn = plot_runs(args.runs, args.out, metrics)
+    print(f"wrote {args.out} ({', '.join(drawn)})")
     return 0
 
 
@@ -659,7 +690,7 @@ def _cmd_serve(args) -> int:
 
 _COMMANDS = [
     _add_generate, _add_vary, _add_interpolate, _add_text_diff, _add_sample, _add_train, _add_bundle, _add_reconstruct,
-    _add_tokenizer, _add_data, _add_zero_shot, _add_eval, _add_models, _add_attention, _add_model_info, _add_serve,
+    _add_tokenizer, _add_data, _add_zero_shot, _add_eval, _add_plot, _add_models, _add_attention, _add_model_info, _add_serve,
 ]
 
 
