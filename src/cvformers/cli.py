@@ -235,6 +235,9 @@ def _add_eval_fidelity(esub) -> None:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--steps", type=int, default=None, help="(unclip) decoder DDIM steps")
     p.add_argument("--no-upsampler", action="store_true", help="(unclip) score the decoder's images, before the upsampler")
+    p.add_argument("--show-misses", default=None, metavar="DIR",
+                   help="write the images the checker failed, each with its caption and verdict, as DIR/misses_*.png "
+                        "sheets and DIR/misses.jsonl")
     p.add_argument("--device", default="cpu", type=_device, help="cpu | cuda")
     p.set_defaults(func=_cmd_eval_fidelity)
 
@@ -246,6 +249,8 @@ def _cmd_eval_fidelity(args) -> int:
     from cvformers.pipelines.text_to_image import TextToImage
     from cvformers.pipelines.unclip import UnCLIP, is_unclip
 
+    if args.rerank and args.show_misses is not None:
+        raise UserError("--show-misses draws the misses of the fidelity measurement; leave out --rerank")
     if is_unclip(args.model):
         given = [flag for flag, value in {"--temperature": args.temperature, "--top-k": args.top_k,
                                           "--top-p": args.top_p, "--clip": args.clip}.items() if value is not None]
@@ -271,7 +276,7 @@ def _cmd_eval_fidelity(args) -> int:
                              wording=args.wording, **sampling)
     else:
         result = caption_fidelity(pipe, args.split, args.captions, args.per_caption, seed=args.seed,
-                                  wording=args.wording, **sampling)
+                                  wording=args.wording, show_misses=args.show_misses, **sampling)
     print(json.dumps(result))
     return 0
 
