@@ -95,3 +95,8 @@ def test_eval_classifier_names_classes_and_draws_the_confusion_matrix(tmp_path, 
     assert main(["eval", "classifier", str(run)]) == 0
     assert "per class: circle" in capsys.readouterr().out
     assert main(["eval", "classifier", str(run), "--confusion", str(tmp_path)]) == 2  # a folder
+    # the attention picture's title names the predicted class and its probability
+    from cvformers.pipelines.attention import attention_picture, load_classifier
+
+    title = attention_picture(load_classifier(run), torch.rand(3, 32, 32)).sections[0][0]
+    assert any(f"predicted {name}, p=" in title for name in r["classes"]), title

@@ -306,7 +306,7 @@ def _cmd_models(args) -> int:
 def _add_attention(sub) -> None:
     p = sub.add_parser("attention", help="ViT attention maps + rollout, DINO [CLS] attention + masks, or Mixer token-mixing weights, as a PNG")
     p.add_argument("image", nargs="?", default=None, help="image file (needed for a ViT)")
-    p.add_argument("--model", required=True, help="classifier or dino run folder (or a preset name: random weights)")
+    p.add_argument("--model", required=True, help="classifier, dino or clip run folder (default/clip: the shipped CLIP), or a preset name (random weights)")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--query", default=None, help="ROW,COL of the query patch (default: the centre patch)")
     p.add_argument("--units", type=int, default=16, help="(mixer) hidden units shown per block")
