@@ -43,3 +43,29 @@ def test_attention_cli_draws_the_shipped_clip(tmp_path):
     assert main(["attention", str(path), "--model", "default/clip", "--out", str(out)]) == 0
     assert out.stat().st_size > 1000
     assert main(["attention", "--model", "default/clip", "--out", str(out)]) == 2  # no image
+
+
+def test_dalle_image_to_text_attention_of_the_shipped_model(tmp_path):
+    from cvformers.pipelines.attention import dalle_text_attention
+    from cvformers.pipelines.text_to_image import TextToImage
+
+    pipe = TextToImage.load("default")
+    model, cfg = pipe.model, pipe.model.cfg
+    text = pipe.encode_prompt("a red circle")
+    codes = torch.randint(0, cfg.num_image_tokens, (1, cfg.grid_size ** 2))
+    maps = model.eval().attention_maps(text, codes)
+    S = cfg.text_len + cfg.grid_size ** 2
+    assert len(maps) == cfg.depth and all(m.shape == (1, cfg.heads, S, S) for m in maps)
+    for m, block in zip(maps, model.blocks):
+        assert torch.allclose(m.float().sum(-1), torch.ones(1, cfg.heads, S), atol=1e-3)
+        assert (m[0][:, ~block.attn.pattern.dense_mask()] == 0).all()  # nothing outside the sparse pattern
+
+    image, words, heat = dalle_text_attention(pipe, "a red circle above a blue square")
+    assert words == ["a", "red", "circle", "above", "a", "blue", "square"]
+    assert heat.shape == (7, cfg.grid_size, cfg.grid_size) and image.shape[-1] == pipe.image_size
+    assert ((heat >= 0) & (heat.sum(0) <= 1 + 1e-4)).all() and heat.sum() > 0
+    out = tmp_path / "dalle.png"
+    assert main(["attention", "--model", "default", "--prompt", "a red circle", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    assert main(["attention", "--model", "default", "--out", str(out)]) == 2  # no prompt
+    assert main(["attention", "--model", "default/clip", "--prompt", "a red circle", "--out", str(out)]) == 2

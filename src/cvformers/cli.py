@@ -306,12 +306,16 @@ def _cmd_models(args) -> int:
 def _add_attention(sub) -> None:
     p = sub.add_parser("attention", help="ViT attention maps + rollout, DINO [CLS] attention + masks, or Mixer token-mixing weights, as a PNG")
     p.add_argument("image", nargs="?", default=None, help="image file (needed for a ViT)")
-    p.add_argument("--model", required=True, help="classifier, dino or clip run folder (default/clip: the shipped CLIP), or a preset name (random weights)")
+    p.add_argument("--model", required=True, help="classifier, dino, clip or dalle run folder ('default/clip', 'default': the shipped ones), "
+                                                "or a preset name (random weights)")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--query", default=None, help="ROW,COL of the query patch (default: the centre patch)")
     p.add_argument("--units", type=int, default=16, help="(mixer) hidden units shown per block")
     p.add_argument("--keep", type=float, default=0.6,
                    help="(dino runs) share of each head's attention mass its mask keeps (DINO Fig. 3: 0.6)")
+    p.add_argument("--prompt", default=None,
+                   help="(dalle runs, 'default') draw a sample of this caption and show which words its image positions read")
+    p.add_argument("--seed", type=int, default=0, help="(with --prompt) seed of the sample")
     p.set_defaults(func=_cmd_attention)
 
 
@@ -325,7 +329,8 @@ def _cmd_attention(args) -> int:
         except ValueError:
             raise UserError(f"--query takes ROW,COL (two integers), got {args.query!r}") from None
         query = (row, col)
-    print(attention_figure(args.model, args.image, args.out, query=query, units=args.units, keep=args.keep))
+    print(attention_figure(args.model, args.image, args.out, query=query, units=args.units, keep=args.keep,
+                           prompt=args.prompt, seed=args.seed))
     return 0
 
 

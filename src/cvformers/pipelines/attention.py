@@ -275,6 +275,36 @@ def clip_attention_figure(clip, image: torch.Tensor) -> Figure:
     return fig
 
 
+@torch.no_grad()
+def dalle_text_attention(pipe, prompt: str, seed: int = 0) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Which caption words a DALL-E sample's image positions read: one sample of ``pipe`` (a
+    ``TextToImage``) for ``prompt``, then the attention of each image position to each caption
+    token, averaged over heads and layers (every pattern lets an image position read all of the
+    text, so every layer counts).
+
+    Returns (the image [C, H, W], the caption's tokens as text, heat [tokens, grid, grid]: the
+    share of an image position's attention that goes to each token).
+    """
+    model, T, G = pipe.model, pipe.model.cfg.text_len, pipe.model.cfg.grid_size
+    result = pipe.generate(prompt, 1, seed=seed)
+    text = pipe.encode_prompt(prompt)
+    maps = model.eval().attention_maps(text, result.codes[:1].to(pipe.device))
+    image_to_text = torch.stack([m[0, :, T:, :T] for m in maps]).mean(dim=(0, 1))  # [grid², T]
+    ids = [int(i) for i in text[0].tolist() if int(i) < pipe.tokenizer.vocab_size]  # the caption, not the pads
+    words = [pipe.tokenizer.decode([i]) or "?" for i in ids]
+    return result.images[0], words, image_to_text[:, : len(ids)].T.reshape(len(ids), G, G).cpu()
+
+
+def dalle_text_attention_figure(image: torch.Tensor, words: list[str], heat: torch.Tensor, prompt: str) -> Figure:
+    """The picture of ``dalle_text_attention``: the sample, the share of attention it gives the
+    caption at all, and one map per caption token (labelled with its mean share)."""
+    fig = Figure()
+    fig.add(f'"{prompt}"', [[("sample", image), ("to the caption", overlay(image, heat.sum(0)))]])
+    fig.add("image positions -> caption token (mean over heads and layers)",
+            [[(f"{w} {float(h.mean()):.2f}", overlay(image, h)) for w, h in zip(words, heat)]])
+    return fig
+
+
 def mixer_token_mixing_figure(mixer, blocks: list[int] | None = None, units: int = 16) -> Figure:
     """Token-mixing weights of the first ``units`` hidden units of ``blocks`` (default: the
     first three) as images over the patch grid, blue = negative, red = positive."""
@@ -346,13 +376,24 @@ def _run_kind(model: str | Path) -> str | None:
 
 
 def attention_figure(model: str | Path, image: str | Path | None, out: str | Path,
-                     query: tuple[int, int] | None = None, units: int = 16, keep: float = 0.6) -> Path:
+                     query: tuple[int, int] | None = None, units: int = 16, keep: float = 0.6,
+                     prompt: str | None = None, seed: int = 0) -> Path:
     """``cvformers attention``: the figure for a ViT run (needs ``image``) or a Mixer run; for a
     dino run, its teacher's last-layer [CLS] attention per head and the ``keep``-mass masks; for a
-    CLIP run (``default/clip``: the shipped one) its ViT image tower's [CLS] attention and rollout."""
+    CLIP run (``default/clip``: the shipped one) its ViT image tower's [CLS] attention and rollout;
+    for a DALL-E run or bundle (``default``) and a ``prompt``, which caption words a sample reads."""
     if not 0 < keep <= 1:
         raise UserError(f"--keep is a share of the attention mass in (0, 1], got {keep}")
     kind = _run_kind(model)
+    if (kind == "dalle") != (prompt is not None):
+        raise UserError("--prompt goes with a DALL-E model (e.g. --model default), and a DALL-E model needs --prompt")
+    if kind == "dalle":
+        from cvformers.pipelines.text_to_image import TextToImage
+
+        if image is not None:
+            raise UserError("a DALL-E attention picture draws its own sample: give --prompt, not IMAGE")
+        drawn, words, heat = dalle_text_attention(TextToImage.load(model), prompt, seed)
+        return dalle_text_attention_figure(drawn, words, heat, prompt).save(out)
     if kind == "clip":
         from cvformers.loading import load_clip
 
