@@ -100,3 +100,15 @@ def test_eval_classifier_names_classes_and_draws_the_confusion_matrix(tmp_path, 
 
     title = attention_picture(load_classifier(run), torch.rand(3, 32, 32)).sections[0][0]
     assert any(f"predicted {name}, p=" in title for name in r["classes"]), title
+
+
+def test_without_matplotlib_the_commands_say_what_to_install(tmp_path, capsys, monkeypatch):
+    import sys
+
+    run = _toy_run(tmp_path / "a")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'cvformers[plot]'" in err and len(err.strip().splitlines()) == 1
+    assert main(["eval", "classifier", str(run), "--confusion", str(tmp_path / "cm.png")]) == 2
+    assert "cvformers[plot]" in capsys.readouterr().err
