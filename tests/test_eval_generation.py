@@ -75,3 +75,35 @@ def test_paraphrase_wording_scores_the_same_scenes_in_other_words():
     assert set(r["words_never_seen"]) <= {"is", "there"}
     with pytest.raises(UserError, match="wording"):
         caption_fidelity(pipe, "test", n_captions=2, wording="shouting")
+
+
+def test_show_misses_writes_each_failed_image_with_its_verdict(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from cvformers.eval.fidelity import check_image, verdict
+
+    folder = tmp_path / "misses"
+    (folder).mkdir()
+    (folder / "misses_007.png").write_bytes(b"left by an earlier call")
+    r = caption_fidelity(StandInPipe("test", good=3, period=4), "test", n_captions=10, per_caption=4,
+                         show_misses=folder)
+    lines = [json.loads(x) for x in (folder / "misses.jsonl").read_text().splitlines()]
+    assert r["misses"] == len(lines) == round((1 - r["fidelity"]) * r["images"]) == 10
+    assert [x["index"] for x in lines] == [4 * i + 3 for i in range(10)]  # the noise image of each caption
+    assert all(x["verdict"] != "right" and x["caption"] and not x["check"]["all_correct"] for x in lines)
+    assert sorted(p.name for p in folder.glob("*.png")) == ["misses_000.png"]  # 10 misses: one sheet
+    width, height = Image.open(folder / "misses_000.png").size
+    assert width == 6 * 128 + 7 * 4 and height > 2 * 128  # two rows of tiles, each with words under it
+    assert caption_fidelity(StandInPipe("test", good=1, period=1), "test", n_captions=2, per_caption=2,
+                            show_misses=folder)["misses"] == 0
+    assert (folder / "misses.jsonl").read_text() == "" and not list(folder.glob("*.png"))
+    # the verdict names what is wrong: a true scene checked against another scene's record
+    data = ShapesDataset(split="test", image_size=32)
+    a, b = data.item(0)["record"], data.item(1)["record"]
+    said = verdict(check_image(render(a, 32), b), b)
+    assert said != "right" and any(o["colour"] in said for o in b["objects"])
+    assert verdict(check_image(render(a, 32), a), a) == "right"
+    with pytest.raises(UserError, match="not a folder"):
+        caption_fidelity(StandInPipe("test", 1, 1), "test", n_captions=1, show_misses=folder / "misses.jsonl")

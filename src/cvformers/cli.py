@@ -157,6 +157,8 @@ def _add_eval_classifier(esub) -> None:
     p.add_argument("--split", default=None, help="split to evaluate (default: the run's eval split, test)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--confusion", default=None, metavar="PNG",
+                   help="also draw the confusion matrix, named classes and counts (pip install 'cvformers[plot]')")
     p.set_defaults(func=_cmd_eval_classifier)
 
 
@@ -165,11 +167,21 @@ def _cmd_eval_classifier(args) -> int:
 
     from cvformers.eval.classification import evaluate_classifier
 
+    if args.confusion is not None:
+        from cvformers.eval.plots import check_plot_target
+
+        check_plot_target(args.confusion)  # before the evaluation: a bad path or no matplotlib fails at once
     r = evaluate_classifier(args.run, args.data, split=args.split, limit=args.limit)
     if args.json:
         print(json.dumps(r))
     else:
         print(f"{r['data']} {r['split']}: accuracy {100 * r['accuracy']:.2f}% ({r['n']} images), loss {r['loss']:.4f}")
+        print("per class: " + ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in r["per_class"].items()))
+    if args.confusion is not None:
+        from cvformers.eval.plots import confusion_figure
+
+        confusion_figure(r["confusion"], r["classes"], args.confusion, title=f"{Path(args.run).name}: {r['data']} {r['split']}")
+        print(f"wrote {args.confusion}")
     return 0
 
 
@@ -223,6 +235,9 @@ def _add_eval_fidelity(esub) -> None:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--steps", type=int, default=None, help="(unclip) decoder DDIM steps")
     p.add_argument("--no-upsampler", action="store_true", help="(unclip) score the decoder's images, before the upsampler")
+    p.add_argument("--show-misses", default=None, metavar="DIR",
+                   help="write the images the checker failed, each with its caption and verdict, as DIR/misses_*.png "
+                        "sheets and DIR/misses.jsonl")
     p.add_argument("--device", default="cpu", type=_device, help="cpu | cuda")
     p.set_defaults(func=_cmd_eval_fidelity)
 
@@ -234,6 +249,8 @@ def _cmd_eval_fidelity(args) -> int:
     from cvformers.pipelines.text_to_image import TextToImage
     from cvformers.pipelines.unclip import UnCLIP, is_unclip
 
+    if args.rerank and args.show_misses is not None:
+        raise UserError("--show-misses draws the misses of the fidelity measurement; leave out --rerank")
     if is_unclip(args.model):
         given = [flag for flag, value in {"--temperature": args.temperature, "--top-k": args.top_k,
                                           "--top-p": args.top_p, "--clip": args.clip}.items() if value is not None]
@@ -259,7 +276,7 @@ def _cmd_eval_fidelity(args) -> int:
                              wording=args.wording, **sampling)
     else:
         result = caption_fidelity(pipe, args.split, args.captions, args.per_caption, seed=args.seed,
-                                  wording=args.wording, **sampling)
+                                  wording=args.wording, show_misses=args.show_misses, **sampling)
     print(json.dumps(result))
     return 0
 
@@ -289,12 +306,16 @@ def _cmd_models(args) -> int:
 def _add_attention(sub) -> None:
     p = sub.add_parser("attention", help="ViT attention maps + rollout, DINO [CLS] attention + masks, or Mixer token-mixing weights, as a PNG")
     p.add_argument("image", nargs="?", default=None, help="image file (needed for a ViT)")
-    p.add_argument("--model", required=True, help="classifier or dino run folder (or a preset name: random weights)")
+    p.add_argument("--model", required=True, help="classifier, dino, clip or dalle run folder ('default/clip', 'default': the shipped ones), "
+                                                "or a preset name (random weights)")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--query", default=None, help="ROW,COL of the query patch (default: the centre patch)")
     p.add_argument("--units", type=int, default=16, help="(mixer) hidden units shown per block")
     p.add_argument("--keep", type=float, default=0.6,
                    help="(dino runs) share of each head's attention mass its mask keeps (DINO Fig. 3: 0.6)")
+    p.add_argument("--prompt", default=None,
+                   help="(dalle runs, 'default') draw a sample of this caption and show which words its image positions read")
+    p.add_argument("--seed", type=int, default=0, help="(with --prompt) seed of the sample")
     p.set_defaults(func=_cmd_attention)
 
 
@@ -308,7 +329,27 @@ def _cmd_attention(args) -> int:
         except ValueError:
             raise UserError(f"--query takes ROW,COL (two integers), got {args.query!r}") from None
         query = (row, col)
-    print(attention_figure(args.model, args.image, args.out, query=query, units=args.units, keep=args.keep))
+    print(attention_figure(args.model, args.image, args.out, query=query, units=args.units, keep=args.keep,
+                           prompt=args.prompt, seed=args.seed))
+    return 0
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="curves of runs from their metrics.jsonl: one panel per metric, runs overlaid "
+                                    "(pip install 'cvformers[plot]')")
+    p.add_argument("runs", nargs="+", help="run folders (each with a metrics.jsonl)")
+    p.add_argument("--out", default="curves.png", help="PNG to write")
+    p.add_argument("--metrics", default=None,
+                   help="comma-separated metrics to draw, e.g. loss,eval_loss (default: loss, lr and every eval_ metric)")
+    p.set_defaults(func=_cmd_plot)
+
+
+def _cmd_plot(args) -> int:
+    from cvformers.eval.plots import plot_runs
+
+    metrics = args.metrics.split(",") if args.metrics is not None else None
+    drawn = plot_runs(args.runs, args.out, metrics)
+    print(f"wrote {args.out} ({', '.join(drawn)})")
     return 0
 
 
@@ -661,7 +702,7 @@ def _cmd_serve(args) -> int:
 
 _COMMANDS = [
     _add_generate, _add_vary, _add_interpolate, _add_text_diff, _add_sample, _add_train, _add_bundle, _add_reconstruct,
-    _add_tokenizer, _add_data, _add_zero_shot, _add_eval, _add_models, _add_attention, _add_model_info, _add_serve,
+    _add_tokenizer, _add_data, _add_zero_shot, _add_eval, _add_plot, _add_models, _add_attention, _add_model_info, _add_serve,
 ]
 
 

@@ -172,3 +172,81 @@ def save_png(image: torch.Tensor, path: str | Path, metadata: dict[str, str] | N
     to_pil(image).save(buf, format="PNG", pnginfo=info)
     atomic_write_bytes(Path(path), buf.getvalue())
     return Path(path)
+
+
+# --- sheets with words: captions and class names beside the pictures -----------------------
+
+LABEL_FONT_SIZE = 11  # pixels; PIL's default font, so no font file is needed anywhere
+
+
+def label_font(size: int = LABEL_FONT_SIZE):
+    """PIL's built-in font at ``size`` px (Pillow >= 10.1 scales it; older Pillow has one bitmap size)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def wrap_text(text: str, width: int, font) -> list[str]:
+    """``text`` broken into lines no wider than ``width`` pixels at word boundaries (a word wider
+    than that keeps a line of its own); newlines in ``text`` are kept."""
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split():
+            longer = f"{line} {word}" if line else word
+            if line and font.getlength(longer) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = longer
+        lines.append(line)
+    return lines
+
+
+def labelled_grid(images: torch.Tensor, nrow: int, *, min_tile: int = 0, row_labels: Sequence[str] | None = None,
+                  tile_labels: Sequence[str] | None = None, label_width: int = 160,
+                  font_size: int = LABEL_FONT_SIZE) -> torch.Tensor:
+    """A grid like ``picture``'s with words on it -> [3, H', W'] in [0, 1].
+
+    ``row_labels`` (one per grid row: the caption or class a row was drawn from) are written in a
+    column ``label_width`` px wide left of the rows; ``tile_labels`` (one per image: a caption, a
+    verdict; "" for none) under each image, wrapped to its width. Images are enlarged by whole
+    pixels to ``min_tile`` (0: as they are) so that the words have room beside them.
+    """
+    from PIL import Image, ImageDraw
+
+    b = len(images)
+    nrow = max(1, min(nrow, b))
+    rows = math.ceil(b / nrow)
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"{len(row_labels)} row labels for {rows} rows")
+    if tile_labels is not None and len(tile_labels) != b:
+        raise ValueError(f"{len(tile_labels)} tile labels for {b} images")
+    tiles = upscale(images, min_tile) if min_tile else images
+    tiles = tiles.expand(-1, 3, -1, -1) if tiles.shape[1] == 1 else tiles
+    h, w = tiles.shape[-2:]
+    pad = max(2, w // 32)
+    font = label_font(font_size)
+    line_h = font_size + 3
+    wrapped = [wrap_text(t, w, font) if t else [] for t in (tile_labels or [""] * b)]
+    # each grid row's strip is as tall as its longest wrapped label, so an unlabelled row has none
+    under = [max(len(x) for x in wrapped[r * nrow:(r + 1) * nrow]) * line_h for r in range(rows)]
+    tops = [pad + sum(h + u + pad for u in under[:r]) for r in range(rows)]
+    left = label_width + pad if row_labels is not None else 0
+    canvas = Image.new("RGB", (left + nrow * (w + pad) + pad, tops[-1] + h + under[-1] + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i in range(b):
+        r, c = divmod(i, nrow)
+        x, y = left + pad + c * (w + pad), tops[r]
+        canvas.paste(to_pil(tiles[i]), (x, y))
+        for k, line in enumerate(wrapped[i]):
+            draw.text((x, y + h + k * line_h + 1), line, fill="black", font=font)
+    for r, label in enumerate(row_labels or []):
+        lines = wrap_text(label, label_width - pad, font)
+        y = tops[r] + max(0, (h - len(lines) * line_h) // 2)  # centred on the row's images
+        for k, line in enumerate(lines):
+            draw.text((pad, y + k * line_h), line, fill="black", font=font)
+    return pil_to_tensor(canvas)

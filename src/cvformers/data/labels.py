@@ -15,6 +15,13 @@ from cvformers.data import DataConfig, build_dataset
 from cvformers.errors import UserError
 
 NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10}
+# the names people read in tables and figures: the datasets' own class names (data/idx.py words them
+# for captions instead, "a photo of a pair of trousers")
+DISPLAY_NAMES = {
+    "mnist": tuple(str(d) for d in range(10)),
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+}
 
 
 class ShapeLabels(Dataset):
@@ -55,13 +62,18 @@ class FolderClasses(Dataset):
         return {**self.images[i], "label": self.labels[i]}
 
 
-def class_names(spec: str) -> list[str] | None:
+def class_names(spec: str, dataset: Dataset | None = None) -> list[str] | None:
+    """The name of each class index of ``spec``'s labelled view (a ``folder:PATH`` needs its
+    ``dataset``: the sub-folders are its classes), or None when the labels have no names."""
     name = spec.partition(":")[0]
     if name == "shapes":
         from cvformers.data.shapes import SHAPES
 
         return list(SHAPES)
-    return None
+    if name in DISPLAY_NAMES:
+        return list(DISPLAY_NAMES[name])
+    classes = getattr(dataset, "classes", None)
+    return list(classes) if classes else None
 
 
 def classification_dataset(data: DataConfig, split: str) -> Dataset:

@@ -21,8 +21,14 @@ from cvformers.errors import UserError
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, dataset, batch_size: int = 256, limit: int | None = None,
-             num_classes: int | None = None) -> dict[str, Any]:
-    """Top-1 accuracy, mean cross-entropy, per-class accuracy and images/s of ``model`` on ``dataset``."""
+             num_classes: int | None = None, class_names: list[str] | None = None) -> dict[str, Any]:
+    """Top-1 accuracy, mean cross-entropy, per-class accuracy, the confusion matrix and images/s of
+    ``model`` on ``dataset``.
+
+    ``confusion[t][p]`` counts the images of true class t predicted as p, a square matrix of side
+    ``num_classes`` (default: the model's number of outputs). ``per_class`` is keyed by ``class_names[i]`` when
+    given, else by the class index.
+    """
     from cvformers.data import collate
     from cvformers.utils import progress
 
@@ -32,6 +38,7 @@ def accuracy(model: torch.nn.Module, dataset, batch_size: int = 256, limit: int 
     correct = total = 0
     loss_sum = 0.0
     per_class: dict[int, list[int]] = {}
+    confusion: torch.Tensor | None = None
     start = time.perf_counter()
     for batch in progress(loader, desc="classifying", unit="batch"):
         images, labels = batch["image"].to(device), batch["label"].to(device)
@@ -41,7 +48,13 @@ def accuracy(model: torch.nn.Module, dataset, batch_size: int = 256, limit: int 
             images, labels = images[: limit - total], labels[: limit - total]
         logits = model(images)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        hits = logits.argmax(-1) == labels
+        predicted = logits.argmax(-1)
+        hits = predicted == labels
+        if confusion is None:
+            side = num_classes or logits.shape[-1]
+            confusion = torch.zeros(side, side, dtype=torch.long)
+        confusion.index_put_((labels.cpu(), predicted.cpu()), torch.ones(len(labels), dtype=torch.long),
+                             accumulate=True)
         correct += int(hits.sum())
         total += len(labels)
         for y, h in zip(labels.tolist(), hits.tolist()):
@@ -51,20 +64,26 @@ def accuracy(model: torch.nn.Module, dataset, batch_size: int = 256, limit: int 
     if total == 0:
         raise UserError("the evaluation split is empty")
     seconds = time.perf_counter() - start
+    names = class_names or []
+    name = lambda k: names[k] if k < len(names) else k  # noqa: E731  (an output the data does not name)
     return {
         "accuracy": correct / total,
         "loss": loss_sum / total,
         "n": total,
-        "per_class": {k: v[0] / v[1] for k, v in sorted(per_class.items())},
+        "per_class": {name(k): v[0] / v[1] for k, v in sorted(per_class.items())},
+        "confusion": confusion.tolist(),
         "images_per_s": total / max(seconds, 1e-9),
     }
 
 
 def evaluate_classifier(run: str | Path, data: str | None = None, split: str | None = None,
                         limit: int | None = None, batch_size: int = 256) -> dict[str, Any]:
-    """Accuracy of the classifier in run folder ``run`` on its eval split (or ``data``/``split``)."""
+    """Accuracy of the classifier in run folder ``run`` on its eval split (or ``data``/``split``).
+
+    Besides ``accuracy``'s keys: ``classes``, the class names in index order (the labels of the
+    confusion matrix; indices as text when the data names none)."""
     from cvformers.data import DataConfig
-    from cvformers.data.labels import classification_dataset
+    from cvformers.data.labels import class_names, classification_dataset
     from cvformers.loading import load_run
 
     model, cfg = load_run(run)
@@ -74,5 +93,8 @@ def evaluate_classifier(run: str | Path, data: str | None = None, split: str | N
     if data is not None:
         data_cfg.name = data
     dataset = classification_dataset(data_cfg, split or data_cfg.eval_split)
-    result = accuracy(model, dataset, batch_size=batch_size, limit=limit)
-    return {"run": str(run), "data": data_cfg.name, "split": split or data_cfg.eval_split, **result}
+    names = class_names(data_cfg.name, dataset)
+    result = accuracy(model, dataset, batch_size=batch_size, limit=limit, class_names=names)
+    side = len(result["confusion"])
+    classes = (names or [])[:side] + [str(i) for i in range(len(names or []), side)]
+    return {"run": str(run), "data": data_cfg.name, "split": split or data_cfg.eval_split, "classes": classes, **result}

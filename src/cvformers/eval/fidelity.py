@@ -211,7 +211,13 @@ def fidelity_report(images: torch.Tensor, records: list[dict]) -> dict[str, floa
         raise UserError(f"{len(images)} images but {len(records)} records")
     if len(records) == 0:
         raise UserError("fidelity of an empty batch")
-    checks = [check_image(img, rec) for img, rec in zip(images, records)]
+    return summarise_checks([check_image(img, rec) for img, rec in zip(images, records)])
+
+
+def summarise_checks(checks: list[dict]) -> dict[str, float]:
+    """``fidelity_report`` of images already checked (``check_image`` results)."""
+    if not checks:
+        raise UserError("fidelity of an empty batch")
     objs = [o for c in checks for o in c["objects"]]
     rate = lambda key: sum(o[key] for o in objs) / max(1, len(objs))  # noqa: E731
     return {
@@ -220,6 +226,29 @@ def fidelity_report(images: torch.Tensor, records: list[dict]) -> dict[str, floa
         "position": rate("position_ok"), "size": rate("size_ok"),
         "extra_objects": sum(c["extra_objects"] > 0 for c in checks) / len(checks),
     }
+
+
+def verdict(check: dict, record: dict) -> str:
+    """What ``check_image`` found wrong, in words: "blue square drawn as a circle; 1 extra object"
+    ("right" when nothing was)."""
+    wrong = []
+    relation = record.get("relation")
+    for obj, res in zip(record["objects"], check["objects"]):
+        name = f"{obj['colour']} {obj['shape']}"
+        if not res["colour_ok"]:
+            wrong.append(f"no {obj['colour']} object")
+            continue
+        if not res["shape_ok"]:
+            wrong.append(f"{name} drawn as {'a ' + res['shape'] if res['shape'] else 'no known shape'}")
+        if not res["position_ok"] and relation is None:
+            wrong.append(f"{name} not at {obj['position']}")
+    found = [res["colour_ok"] for res in check["objects"]]
+    if relation is not None and all(found) and not all(res["position_ok"] for res in check["objects"]):
+        first, second = record["objects"][:2]
+        wrong.append(f"{first['colour']} not {relation} {second['colour']}")
+    if check["extra_objects"]:
+        wrong.append(f"{check['extra_objects']} extra object{'s' if check['extra_objects'] > 1 else ''}")
+    return "; ".join(wrong) or "right"
 
 
 def fidelity(images: torch.Tensor, records: list[dict]) -> float:

@@ -22,12 +22,13 @@ side by side say how much a model depends on the template wording.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from cvformers.errors import UserError
-from cvformers.eval.fidelity import check_image, fidelity_report
+from cvformers.eval.fidelity import check_image, summarise_checks, verdict
 from cvformers.utils import progress
 
 
@@ -47,8 +48,13 @@ def _scenes(split: str, n_captions: int, image_size: int, seed: int, wording: st
 
 
 def caption_fidelity(pipe, split: str = "test", n_captions: int = 100, per_caption: int = 8,
-                     seed: int = 0, wording: str = "template", **sampling: Any) -> dict[str, float]:
-    """Share of generated images whose every object is right, with per-field rates."""
+                     seed: int = 0, wording: str = "template", show_misses: str | Path | None = None,
+                     **sampling: Any) -> dict[str, float]:
+    """Share of generated images whose every object is right, with per-field rates.
+
+    ``show_misses``: a folder to write the images the checker failed into (``write_misses``)."""
+    if show_misses is not None:
+        _misses_folder(show_misses)  # refused before any image is drawn
     images, records, unknown = [], [], set()
     for i, scene in enumerate(progress(_scenes(split, n_captions, pipe.image_size, seed, wording),
                                        desc=f"{split} captions", unit="caption")):
@@ -59,9 +65,58 @@ def caption_fidelity(pipe, split: str = "test", n_captions: int = 100, per_capti
         unknown.update(tokenizer.unknown_words(scene["caption"]) if hasattr(tokenizer, "unknown_words") else ())
         images.append(out.images)
         records += [scene] * len(out.images)
-    report = fidelity_report(torch.cat(images), records)
-    return {"split": split, "wording": wording, "captions": n_captions, "images": len(records), **report,
-            "words_never_seen": sorted(unknown)}
+    images = torch.cat(images)
+    checks = [check_image(image, record) for image, record in zip(images, records)]
+    report = summarise_checks(checks)
+    result = {"split": split, "wording": wording, "captions": n_captions, "images": len(records), **report,
+              "words_never_seen": sorted(unknown)}
+    if show_misses is not None:
+        result["misses"] = write_misses(show_misses, images, records, checks)
+    return result
+
+
+MISSES_FILE = "misses.jsonl"
+MISSES_PER_SHEET = 24  # 6 columns x 4 rows of a sheet PNG
+MAX_SHEETS = 4  # sheets drawn at most; misses.jsonl lists every miss
+
+
+def _misses_folder(folder: str | Path) -> Path:
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--show-misses {folder}: not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def write_misses(folder: str | Path, images: torch.Tensor, records: list[dict], checks: list[dict]) -> int:
+    """The images the checker failed, each with its caption and the checker's verdict under it, as
+    ``misses_000.png``, ... (at most ``MAX_SHEETS`` of ``MISSES_PER_SHEET``) and one line a miss in
+    ``misses.jsonl`` (index among the images drawn, caption, verdict, the sheet and tile it is drawn
+    on, the checker's full result). Returns the number of misses."""
+    import json
+
+    from cvformers.images import labelled_grid, save_png
+    from cvformers.utils import atomic_write_bytes
+
+    folder = _misses_folder(folder)
+    for old in folder.glob("misses_*.png"):  # a sheet of an earlier call would mix with these
+        old.unlink()
+    missed = [i for i, c in enumerate(checks) if not c["all_correct"]]
+    lines = []
+    for n, i in enumerate(missed):
+        sheet, tile = divmod(n, MISSES_PER_SHEET)
+        drawn = sheet < MAX_SHEETS
+        lines.append({"index": i, "caption": records[i]["caption"], "verdict": verdict(checks[i], records[i]),
+                      "sheet": f"misses_{sheet:03d}.png" if drawn else None, "tile": tile if drawn else None,
+                      "check": checks[i]})
+    for sheet in range(min(MAX_SHEETS, -(-len(missed) // MISSES_PER_SHEET))):
+        chunk = lines[sheet * MISSES_PER_SHEET:(sheet + 1) * MISSES_PER_SHEET]
+        tiles = images[[line["index"] for line in chunk]]
+        labels = [f"{line['caption']}\n{line['verdict']}" for line in chunk]
+        save_png(labelled_grid(tiles, 6, min_tile=128, tile_labels=labels), folder / chunk[0]["sheet"],
+                 metadata={"misses": json.dumps([line["index"] for line in chunk])})
+    atomic_write_bytes(folder / MISSES_FILE, "".join(json.dumps(line) + "\n" for line in lines).encode())
+    return len(missed)
 
 
 def rerank_gain(pipe, split: str = "heldout", n_captions: int = 100, candidates: int = 32,

@@ -65,6 +65,13 @@ class ClipAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
 
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """softmax(q kᵀ / √d) of ``forward`` without a causal mask, written out (the fused path
+        does not return it): [B, heads, N, N], each row sums to 1. For pictures, not training."""
+        q, k, _ = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        q, k = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k))
+        return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+
 
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
@@ -141,13 +148,26 @@ class ClipVisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 1 + N, width]: the class token and the patches, as the transformer's input."""
         x = rearrange(self.conv1(images), "b d h w -> b (h w) d")
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
+        return self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.transformer(self.tokens(images))
         # The class token's output is the image representation (ViT §3.1).
         return self.ln_post(x[:, 0]) @ self.proj
+
+    @torch.no_grad()
+    def attention_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Per-block attention weights [B, heads, 1 + N, 1 + N]; token 0 is the class token, whose
+        last-layer output is pooled into the embedding."""
+        x, maps = self.tokens(images), []
+        for block in self.transformer.resblocks:
+            maps.append(block.attn.attention_weights(block.ln_1(x)))
+            x = block(x)
+        return maps
 
 
 class TrunkTower(nn.Module):

@@ -204,6 +204,16 @@ class DALLE(nn.Module):
                 x = block(x)
         return self.norm(x)
 
+    @torch.no_grad()
+    def attention_maps(self, text: torch.Tensor, codes: torch.Tensor) -> list[torch.Tensor]:
+        """Per-layer attention weights [B, heads, S, S] over [text | image ids] (S = text_len +
+        grid²), each layer under its own pattern; rows sum to 1. For pictures (eval mode)."""
+        x, maps = self.embed(text, codes), []
+        for block in self.blocks:
+            maps.append(block.attn.attention_weights(block.norm1(x)))
+            x = block(x)
+        return maps
+
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, T = self.cfg, self.cfg.text_len
         text, codes = batch["text"], batch["codes"].flatten(1)

@@ -95,6 +95,14 @@ class SelfAttention(nn.Module):
         kv = F.linear(x, self.qkv.weight[inner:], bias)
         cache.kv[:, :, :, : x.shape[1]] = rearrange(kv, "b s (two n d) -> two b n s d", two=2, n=self.heads)
 
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The weights of the reference path, written out for pictures: x [B, S, dim] (the whole
+        sequence) -> [B, heads, S, S], softmax over the keys the pattern's dense mask allows."""
+        q, k, _ = self._split(x)
+        scores = (q @ k.transpose(-2, -1)) * self.dim_head**-0.5
+        allowed = self.pattern.dense_mask(x.device)[: x.shape[1], : x.shape[1]]
+        return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
         length, S = x.shape[1], self.pattern.seq_len
         if cache is not None and length == 1:  # one decode step

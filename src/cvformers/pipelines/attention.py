@@ -176,12 +176,13 @@ def _mark_patch(image: torch.Tensor, row: int, col: int, patch: int) -> torch.Te
 # --- the figures ------------------------------------------------------------------------
 
 
-def vit_attention_figure(classifier, image: torch.Tensor, query: tuple[int, int] | None = None) -> Figure:
+def vit_attention_figure(classifier, image: torch.Tensor, query: tuple[int, int] | None = None,
+                         class_names: list[str] | None = None) -> Figure:
     """All the ViT pictures for one image [C, H, W] in [0, 1] at the model's size.
 
     ``classifier``: an ``ImageClassifier`` of family vit (or anything with ``backbone``,
     ``mean``, ``std``). ``query``: (row, col) of the patch whose attention is shown
-    (default: the centre patch).
+    (default: the centre patch). ``class_names`` name the prediction in the title (else its index).
     """
     vit = classifier.backbone
     grid = (image.shape[-2] // vit.cfg.patch_size, image.shape[-1] // vit.cfg.patch_size)
@@ -194,10 +195,11 @@ def vit_attention_figure(classifier, image: torch.Tensor, query: tuple[int, int]
     logits = classifier(image[None])[0]
     probs = logits.softmax(-1)
     top = int(probs.argmax())
+    predicted = class_names[top] if class_names and top < len(class_names) else str(top)
 
     fig = Figure()
     rollout_cls = rollout[0, 1:].reshape(grid)
-    fig.add(f"input (pred {top}, p={probs[top]:.2f}) / rollout", [[
+    fig.add(f"input (predicted {predicted}, p={probs[top]:.2f}) / rollout", [[
         ("image", image), ("rollout cls", overlay(image, rollout_cls)),
         (f"query {row},{col}", _mark_patch(image, row, col, vit.cfg.patch_size)),
         ("rollout NxN", colormap(normalise(rollout[1:, 1:]))),
@@ -254,6 +256,55 @@ def dino_attention_figure(dino, image: torch.Tensor, keep: float = 0.6) -> Figur
     return fig
 
 
+def clip_attention_figure(clip, image: torch.Tensor) -> Figure:
+    """A CLIP ViT image tower's attention for one image [C, H, W] in [0, 1] at the tower's size:
+    the last layer's [CLS] attention per head (the token pooled into the image embedding), their
+    mean, and attention rollout from [CLS] through all layers."""
+    if clip.cfg.image_encoder != "vit":
+        raise UserError(f"attention pictures of a CLIP need its ViT image tower; this one is a {clip.cfg.image_encoder}")
+    pixels = image.expand(3, -1, -1) if image.shape[0] == 1 and clip.cfg.in_channels == 3 else image
+    maps = [m[0] for m in clip.visual.attention_maps(((pixels - clip.pixel_mean[0]) / clip.pixel_std[0])[None])]
+    grid = (image.shape[-2] // clip.cfg.patch_size, image.shape[-1] // clip.cfg.patch_size)
+    last = maps[-1][:, 0, 1:].reshape(-1, *grid)  # [heads, gh, gw]
+    rollout = attention_rollout(maps)[0, 1:].reshape(grid)
+    fig = Figure()
+    fig.add("input / [CLS] attention", [[("image", image), ("last layer mean", overlay(image, last.mean(0))),
+                                         ("rollout", overlay(image, rollout))]])
+    fig.add(f"last layer [CLS] attention, {last.shape[0]} heads",
+            [[(f"head {h}", overlay(image, last[h])) for h in range(last.shape[0])]])
+    return fig
+
+
+@torch.no_grad()
+def dalle_text_attention(pipe, prompt: str, seed: int = 0) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Which caption words a DALL-E sample's image positions read: one sample of ``pipe`` (a
+    ``TextToImage``) for ``prompt``, then the attention of each image position to each caption
+    token, averaged over heads and layers (every pattern lets an image position read all of the
+    text, so every layer counts).
+
+    Returns (the image [C, H, W], the caption's tokens as text, heat [tokens, grid, grid]: the
+    share of an image position's attention that goes to each token).
+    """
+    model, T, G = pipe.model, pipe.model.cfg.text_len, pipe.model.cfg.grid_size
+    result = pipe.generate(prompt, 1, seed=seed)
+    text = pipe.encode_prompt(prompt)
+    maps = model.eval().attention_maps(text, result.codes[:1].to(pipe.device))
+    image_to_text = torch.stack([m[0, :, T:, :T] for m in maps]).mean(dim=(0, 1))  # [grid², T]
+    ids = [int(i) for i in text[0].tolist() if int(i) < pipe.tokenizer.vocab_size]  # the caption, not the pads
+    words = [pipe.tokenizer.decode([i]) or "?" for i in ids]
+    return result.images[0], words, image_to_text[:, : len(ids)].T.reshape(len(ids), G, G).cpu()
+
+
+def dalle_text_attention_figure(image: torch.Tensor, words: list[str], heat: torch.Tensor, prompt: str) -> Figure:
+    """The picture of ``dalle_text_attention``: the sample, the share of attention it gives the
+    caption at all, and one map per caption token (labelled with its mean share)."""
+    fig = Figure()
+    fig.add(f'"{prompt}"', [[("sample", image), ("to the caption", overlay(image, heat.sum(0)))]])
+    fig.add("image positions -> caption token (mean over heads and layers)",
+            [[(f"{w} {float(h.mean()):.2f}", overlay(image, h)) for w, h in zip(words, heat)]])
+    return fig
+
+
 def mixer_token_mixing_figure(mixer, blocks: list[int] | None = None, units: int = 16) -> Figure:
     """Token-mixing weights of the first ``units`` hidden units of ``blocks`` (default: the
     first three) as images over the patch grid, blue = negative, red = positive."""
@@ -277,15 +328,20 @@ def mixer_token_mixing_figure(mixer, blocks: list[int] | None = None, units: int
 
 
 def load_classifier(model: str | Path):
-    """A trained ``ImageClassifier`` from a run folder, or an untrained one from a preset name."""
+    """A trained ``ImageClassifier`` from a run folder, or an untrained one from a preset name.
+
+    A run's classifier carries ``class_names`` (from its ``[data]`` table, None when the data
+    names no classes), which the pictures' titles use."""
     from cvformers.models.vision import PRESETS, ImageClassifier, classifier_config
 
     if Path(model).is_dir():
+        from cvformers.data.labels import class_names
         from cvformers.loading import load_run
 
         classifier, cfg = load_run(model)
         if cfg.get("kind") != "classifier":
             raise UserError(f"{model} is a {cfg.get('kind')!r} run, not a classifier")
+        classifier.class_names = class_names(str(cfg.get("data", {}).get("name", "")))
         return classifier
     if str(model) in PRESETS:
         print(f"notice: {model} is a preset name, not a run folder: its weights are random", file=sys.stderr)
@@ -303,26 +359,51 @@ def attention_picture(classifier, image=None, query: tuple[int, int] | None = No
             raise UserError("a ViT's attention maps need an image: give IMAGE")
         pixels = load_image(image, classifier.image_size, classifier.in_chans)
         with torch.no_grad():
-            return vit_attention_figure(classifier, pixels, query)
+            return vit_attention_figure(classifier, pixels, query, getattr(classifier, "class_names", None))
     if family == "mixer":
         return mixer_token_mixing_figure(classifier.backbone, units=units)
     raise UserError(f"attention pictures exist for vit and mixer models; this one is a {family}")
 
 
-def _dino_run(model: str | Path) -> bool:
+def _run_kind(model: str | Path) -> str | None:
+    """The ``kind`` of a run folder or shipped part (``default/clip``), None for anything else."""
     from cvformers.config import load_toml
+    from cvformers.loading import SHIPPED, resolve_run
 
-    config = Path(model) / "config.toml"
-    return config.is_file() and load_toml(config).get("kind") == "dino"
+    folder = resolve_run(model) if str(model).split("/")[0] in SHIPPED else Path(model)
+    config = folder / "config.toml"
+    return load_toml(config).get("kind") if config.is_file() else None
 
 
 def attention_figure(model: str | Path, image: str | Path | None, out: str | Path,
-                     query: tuple[int, int] | None = None, units: int = 16, keep: float = 0.6) -> Path:
+                     query: tuple[int, int] | None = None, units: int = 16, keep: float = 0.6,
+                     prompt: str | None = None, seed: int = 0) -> Path:
     """``cvformers attention``: the figure for a ViT run (needs ``image``) or a Mixer run; for a
-    dino run, its teacher's last-layer [CLS] attention per head and the ``keep``-mass masks."""
+    dino run, its teacher's last-layer [CLS] attention per head and the ``keep``-mass masks; for a
+    CLIP run (``default/clip``: the shipped one) its ViT image tower's [CLS] attention and rollout;
+    for a DALL-E run or bundle (``default``) and a ``prompt``, which caption words a sample reads."""
     if not 0 < keep <= 1:
         raise UserError(f"--keep is a share of the attention mass in (0, 1], got {keep}")
-    if _dino_run(model):
+    kind = _run_kind(model)
+    if (kind == "dalle") != (prompt is not None):
+        raise UserError("--prompt goes with a DALL-E model (e.g. --model default), and a DALL-E model needs --prompt")
+    if kind == "dalle":
+        from cvformers.pipelines.text_to_image import TextToImage
+
+        if image is not None:
+            raise UserError("a DALL-E attention picture draws its own sample: give --prompt, not IMAGE")
+        drawn, words, heat = dalle_text_attention(TextToImage.load(model), prompt, seed)
+        return dalle_text_attention_figure(drawn, words, heat, prompt).save(out)
+    if kind == "clip":
+        from cvformers.loading import load_clip
+
+        clip, _ = load_clip(model)
+        if image is None:
+            raise UserError("a CLIP's attention maps need an image: give IMAGE")
+        pixels = load_image(image, clip.cfg.image_size, clip.cfg.in_channels)
+        with torch.no_grad():
+            return clip_attention_figure(clip, pixels).save(out)
+    if kind == "dino":
         from cvformers.loading import TEACHER_WEIGHTS, load_run
 
         weights = TEACHER_WEIGHTS if (Path(model) / TEACHER_WEIGHTS).is_file() else None

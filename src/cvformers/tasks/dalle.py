@@ -180,11 +180,12 @@ def text_collate(tokenizer):
 
 
 def sample_writer(vae, tokenizer, prompts: list[str], per_prompt: int = 4, seed: int = 0):
-    """An ``on_checkpoint`` hook: ``samples.png``, one row of ``per_prompt`` samples per prompt."""
+    """An ``on_checkpoint`` hook: ``samples.png``, one row of ``per_prompt`` samples per prompt, the
+    prompt written beside its row."""
 
     def write(model, run_dir: Path, step: int) -> None:
         from cvformers.models.dalle_sampling import sample_codes
-        from cvformers.images import image_grid, save_png
+        from cvformers.images import labelled_grid, save_png
 
         model.eval()
         device = next(model.parameters()).device
@@ -194,7 +195,8 @@ def sample_writer(vae, tokenizer, prompts: list[str], per_prompt: int = 4, seed:
         codes = sample_codes(model, text, generator=g)
         images = vae.to(device).decode(codes).clamp(0, 1).cpu()
         meta = {"step": str(step), "prompts": json.dumps(prompts)}
-        save_png(image_grid(images, nrow=per_prompt), Path(run_dir) / SAMPLES_FILE, metadata=meta)
+        sheet = labelled_grid(images, per_prompt, min_tile=64, row_labels=prompts)
+        save_png(sheet, Path(run_dir) / SAMPLES_FILE, metadata=meta)
 
     return write
 

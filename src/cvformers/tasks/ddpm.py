@@ -23,7 +23,7 @@ import torch
 
 from cvformers.config import ConfigError, from_dict, to_dict
 from cvformers.data import DataConfig, build_from_config
-from cvformers.data.labels import classification_dataset, count_classes
+from cvformers.data.labels import class_names, classification_dataset, count_classes
 from cvformers.diffusion.model import DDPM, EMA_FILE, DDPMConfig
 from cvformers.diffusion.samplers import DiffusionSamplingConfig
 from cvformers.tasks import TaskArgs, TaskSetup, data_config_from, register_task
@@ -52,11 +52,12 @@ def default_train_config():
                        grad_clip=1.0, checkpoint_every=500, eval_every=500, eval_batches=4)
 
 
-def sample_writer(task_cfg: DDPMTaskConfig, ema: EMA | None, per_row: int = 8):
-    """An ``on_checkpoint`` hook: ``samples.png``, one row per class (or two unconditional rows), EMA weights."""
+def sample_writer(task_cfg: DDPMTaskConfig, ema: EMA | None, per_row: int = 8, names: list[str] | None = None):
+    """An ``on_checkpoint`` hook: ``samples.png``, one row per class (or two unconditional rows), EMA
+    weights; each class row is labelled with the class's name (``names``, else its index)."""
 
     def write(model: DDPM, run_dir: Path, step: int) -> None:
-        from cvformers.images import picture, save_png
+        from cvformers.images import labelled_grid, save_png
 
         sampler = model if ema is None else ema.averaged(model)
         sampler.eval()
@@ -64,7 +65,11 @@ def sample_writer(task_cfg: DDPMTaskConfig, ema: EMA | None, per_row: int = 8):
         labels = torch.arange(rows).repeat_interleave(per_row) if model.num_classes else None
         sampling = DiffusionSamplingConfig(sampler="ddim", steps=task_cfg.sample_steps, seed=0)
         images = sampler.sample(rows * per_row, sampling, labels=labels).cpu()
-        save_png(picture(images, 64, nrow=per_row), Path(run_dir) / SAMPLES_FILE, metadata={"step": str(step)})
+        row_labels = None
+        if model.num_classes:
+            row_labels = [names[k] if names and k < len(names) else f"class {k}" for k in range(rows)]
+        sheet = labelled_grid(images, per_row, min_tile=64, row_labels=row_labels, label_width=100)
+        save_png(sheet, Path(run_dir) / SAMPLES_FILE, metadata={"step": str(step)})
 
     return write
 
@@ -94,10 +99,11 @@ def ddpm_task(args: TaskArgs) -> TaskSetup:
         train_data = classification_dataset(data_cfg, "train")
         eval_data = classification_dataset(data_cfg, data_cfg.eval_split)
         num_classes = count_classes(data_cfg.name, train_data)
+        names = class_names(data_cfg.name, train_data)
     else:
         train_data = build_from_config(data_cfg, "train")
         eval_data = build_from_config(data_cfg, data_cfg.eval_split)
-        num_classes = 0
+        num_classes, names = 0, None
     if len(train_data) == 0:
         raise ConfigError(f"{data_cfg.name}: the training split is empty")
     cfg = _model_config(args, data_cfg, num_classes)
@@ -106,5 +112,5 @@ def ddpm_task(args: TaskArgs) -> TaskSetup:
         kind="ddpm", model=DDPM(cfg), model_config=cfg, train_config=train_config_from(args, default_train_config()),
         train_data=train_data, eval_data=eval_data if len(eval_data) else None,
         extra_config={"data": to_dict(data_cfg), "ddpm": to_dict(task_cfg)},
-        hooks=[ema] if ema is not None else [], on_checkpoint=sample_writer(task_cfg, ema),
+        hooks=[ema] if ema is not None else [], on_checkpoint=sample_writer(task_cfg, ema, names=names),
     )

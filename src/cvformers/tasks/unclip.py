@@ -137,6 +137,9 @@ class EmbeddedDataset(Dataset):
             item["image"] = self.source[int(self.cache["index"][i])]["image"]
         return item
 
+    def caption(self, i: int) -> str:
+        return self.source[int(self.cache["index"][i])]["caption"]
+
 
 def _stack(items: list[dict]) -> dict:
     return {k: torch.stack([item[k] for item in items]) for k in items[0]}
@@ -231,14 +234,17 @@ def decoder_task(args: TaskArgs) -> TaskSetup:
     shown = eval_data if eval_data is not None else train_data
 
     def write_samples(model: UnCLIPDecoder, run_dir: Path, step: int) -> None:
-        from cvformers.images import picture, save_png
+        from cvformers.images import labelled_grid, save_png
 
         sampler = (model if ema is None else ema.averaged(model)).eval()
         n = min(8, len(shown))
         batch = _stack([shown[i] for i in range(n)])
         sampling = DiffusionSamplingConfig(steps=task_cfg.sample_steps, guidance=task_cfg.sample_guidance, seed=0)
         drawn = sampler.sample(batch["clip_image"], batch["text"], sampling).cpu()
-        save_png(picture(torch.cat([batch["image"], drawn]), 64, nrow=n), Path(run_dir) / SAMPLES_FILE,
+        # each column is one item: its caption under the decoded image, which was drawn from it
+        sheet = labelled_grid(torch.cat([batch["image"], drawn]), n, min_tile=64, row_labels=["data", "decoded"],
+                              tile_labels=[""] * n + [shown.caption(i) for i in range(n)], label_width=60)
+        save_png(sheet, Path(run_dir) / SAMPLES_FILE,
                  metadata={"step": str(step), "rows": "data, decoded from its CLIP image embedding"})
 
     return TaskSetup(
@@ -304,7 +310,7 @@ def upsampler_task(args: TaskArgs) -> TaskSetup:
     def write_samples(model: Upsampler, run_dir: Path, step: int) -> None:
         import torch.nn.functional as F
 
-        from cvformers.images import picture, save_png
+        from cvformers.images import labelled_grid, save_png
 
         sampler = (model if ema is None else ema.averaged(model)).eval()
         shown = eval_data if eval_data is not None else train_data
@@ -312,7 +318,9 @@ def upsampler_task(args: TaskArgs) -> TaskSetup:
         low = F.interpolate(high, size=(cfg.low_res,) * 2, mode="area")
         drawn = sampler.sample(low, DiffusionSamplingConfig(steps=task_cfg.sample_steps, seed=0)).cpu()
         nearest = F.interpolate(low, size=high.shape[-2:], mode="nearest")
-        save_png(picture(torch.cat([nearest, drawn, high]), 64, nrow=len(high)), Path(run_dir) / SAMPLES_FILE,
+        sheet = labelled_grid(torch.cat([nearest, drawn, high]), len(high), min_tile=64,
+                              row_labels=["low res", "upsampled", "original"], label_width=60)
+        save_png(sheet, Path(run_dir) / SAMPLES_FILE,
                  metadata={"step": str(step), "rows": "low resolution, upsampled, original"})
 
     return TaskSetup(

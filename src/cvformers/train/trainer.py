@@ -29,6 +29,7 @@ from cvformers.errors import UserError
 from cvformers.train import checkpoint as ckpt
 from cvformers.train import distributed
 from cvformers.train.hooks import CheckpointCallback, TrainerHook
+from cvformers.train.loggers import build_loggers
 from cvformers.train.schedule import EpochBatchSampler, lr_at, steps_per_epoch
 
 
@@ -58,6 +59,7 @@ class TrainConfig:
     ddp_comm: Literal["allreduce", "powersgd"] = "allreduce"  # gradient exchange under torchrun; powersgd compresses it
     powersgd_rank: int = 2  # PowerSGD low-rank approximation rank (higher: closer to allreduce, more traffic)
     powersgd_start: int = 10  # steps of plain allreduce before PowerSGD starts (its paper's warm start)
+    loggers: tuple[Literal["tensorboard"], ...] = ()  # also log to these (RUN/tensorboard/); metrics.jsonl always
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "powersgd_rank"):
@@ -196,6 +198,7 @@ class Trainer:
         self.out = Path(out)
         self.resume = resume
         self.device_name = device
+        self._loggers: list = []  # [train] loggers, started by fit on the main process
         self.hooks: list[TrainerHook] = list(getattr(setup, "hooks", []))
         if setup.on_checkpoint is not None:
             self.hooks.append(CheckpointCallback(setup.on_checkpoint))
@@ -315,6 +318,8 @@ class Trainer:
             param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
         start, elapsed_before = self._restore(model, optimizer) if self.resume else (0, 0.0)
+        # before the run folder is written: a logger that cannot start stops the run at once
+        self._loggers = build_loggers(cfg.loggers, self.out, start) if is_main and start < cfg.steps else []
         if not self.resume:
             self._seed(cfg.seed)
         for hook in self.hooks:
@@ -330,6 +335,8 @@ class Trainer:
                   f"never reaches train.lr; lower train.warmup_steps", file=sys.stderr)
         end = cfg.steps if until is None else min(until, cfg.steps)
         if start >= end:
+            for logger in self._loggers:
+                logger.close()
             return {"step": float(start)}
 
         forward = distributed.wrap_ddp(
@@ -368,6 +375,8 @@ class Trainer:
                 self._checkpoint(model, optimizer, done, elapsed_before + time.perf_counter() - t0)
         if self._bar is not None:
             self._bar.close()
+        for logger in self._loggers:
+            logger.close()
         result["step"] = end
         return {k: v for k, v in result.items() if k != "split"}
 
@@ -385,6 +394,8 @@ class Trainer:
         result = {"step": done, "split": "train", **means, "lr": lr, "items_per_s": speed, "elapsed": elapsed}
         if self.dist.is_main:
             ckpt.append_metrics(self.out, result)
+            for logger in self._loggers:
+                logger.log("train", done, result)
             # a model names metrics worth watching live (DINO: teacher entropy and KL, which show collapse)
             shown = {k: f"{result[k]:.4g}" for k in getattr(self.model, "progress_metrics", ()) if k in result}
             if self._bar is not None:
@@ -405,6 +416,8 @@ class Trainer:
             for hook in self.hooks:
                 ev.update(hook.on_evaluate(model, done))
             ckpt.append_metrics(self.out, {"step": done, "split": "eval", **ev})
+            for logger in self._loggers:
+                logger.log("eval", done, ev)
             self._say(f"eval step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
             result = {f"eval_{k}": v for k, v in ev.items()}
         distributed.barrier(self.dist)
@@ -488,6 +501,8 @@ class Trainer:
             }
             hook_state = {h.name: sd for h in self.hooks if (sd := h.state_dict())}
             ckpt.save_checkpoint(self.out, model, state, hook_state)
+            for logger in self._loggers:  # what a checkpoint holds, TensorBoard shows
+                logger.flush()
             was_training = model.training
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 for hook in self.hooks:
