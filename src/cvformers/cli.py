@@ -317,6 +317,15 @@ def _add_data(sub) -> None:
     o.add_argument("--no-emoji", action="store_true", help="leave the emoji out")
     o.add_argument("--limit", type=int, default=None, help="stop after this many pictures (quick tries)")
     o.set_defaults(func=_cmd_data_openclipart)
+    w = dsub.add_parser("shards", help="write a dataset spec (shapes, folder:PATH, fashion-mnist …) as WebDataset "
+                        "tar shards + index.json, for --data wds:DIR")
+    w.add_argument("source", help="dataset spec: shapes | mnist | fashion-mnist | folder:PATH | …")
+    w.add_argument("--out", required=True, help="empty folder for shard-000000.tar … and index.json")
+    w.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    w.add_argument("--limit", type=int, default=None, help="stop after this many samples")
+    w.add_argument("--image-size", type=int, default=64, help="side of the square PNGs written")
+    w.add_argument("--split", default="train", help="split of the source to write (train, test, heldout)")
+    w.set_defaults(func=_cmd_data_shards)
 
 
 def _cmd_data_openclipart(args) -> int:
@@ -330,6 +339,20 @@ def _cmd_data_openclipart(args) -> int:
           f"{stats.unreadable} unreadable or blank, {stats.too_large} too large")
     for note in stats.notes:
         print(note)
+    return 0
+
+
+def _cmd_data_shards(args) -> int:
+    from cvformers.data import build_dataset
+    from cvformers.data.shards import ShardWriteConfig, write_shards
+
+    cfg = ShardWriteConfig(shard_size=args.shard_size, limit=args.limit, image_size=args.image_size, split=args.split)
+    if args.source.partition(":")[0] == "wds":
+        raise UserError("data shards: the source is already shards; give an indexed dataset (shapes, folder:PATH, …)")
+    source = build_dataset(args.source, split=args.split, image_size=args.image_size)
+    index = write_shards(source, args.out, cfg, progress=sys.stderr.isatty(), describe=args.source)
+    print(f"wrote {index['total']} samples in {len(index['shards'])} shard(s) to {args.out} "
+          f"(index.json; train on it with --data wds:{args.out})")
     return 0
 
 

@@ -28,7 +28,7 @@ from cvformers.errors import UserError
 from cvformers.loading import load_vae, resolve_run
 from cvformers.models.dalle_sampling import SamplingConfig
 from cvformers.models.dalle import DALLE, PRESETS, DalleConfig, image_inner_vocab_of
-from cvformers.tasks import TaskArgs, TaskSetup, data_config_from, register_task
+from cvformers.tasks import TaskArgs, TaskSetup, data_config_from, indexed_data, register_task
 
 TOKENIZER_FILE = "tokenizer.json"
 VAE_DIR = "vae"
@@ -231,7 +231,7 @@ def dalle_task(args: TaskArgs) -> TaskSetup:
     vae_hash = file_hash(vae_path / "model.safetensors")
 
     def split_data(split: str):
-        source = build_from_config(data_cfg, split)
+        source = indexed_data(build_from_config(data_cfg, split), "dalle")
         key = hashlib.sha256(json.dumps([vae_hash, to_dict(data_cfg), split], sort_keys=True).encode()).hexdigest()
         codes, index = cached_codes(vae, source, out / f"codes_{split}.safetensors", key, desc=f"encoding {split}")
         if len(index) < len(source):

@@ -160,6 +160,12 @@ def _default_collate():
     return collate
 
 
+def _is_stream(data: Any) -> bool:
+    """A streamed dataset (``cvformers.data.shards.ShardDataset``): iterable, positioned by epoch and
+    batches consumed rather than by index."""
+    return isinstance(data, IterableDataset) and hasattr(data, "set_epoch") and hasattr(data, "resume_from")
+
+
 def _float(v: Any) -> float:
     return float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
 
@@ -226,6 +232,9 @@ class Trainer:
     def _micro_batches(self, start_step: int) -> Iterator[dict[str, Any]]:
         """Micro-batches from optimizer step ``start_step`` on, epoch after epoch, without end."""
         cfg, data = self.config, self.setup.train_data
+        if _is_stream(data):
+            yield from self._stream_batches()
+            return
         per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
         epoch, offset = divmod(start_step, steps_per_epoch(len(data), per_step))
         collate = self.setup.collate or _default_collate()
@@ -246,6 +255,34 @@ class Trainer:
             for batch in loader:
                 yield _to_device(batch, self.device)
             epoch, offset = epoch + 1, 0
+
+    def _stream_batches(self) -> Iterator[dict[str, Any]]:
+        """Micro-batches of a streamed dataset (WebDataset shards), this process's epochs one after another.
+
+        Processes read different shards, so their epochs end at different steps; each simply starts
+        its next epoch, which keeps every process stepping together. ``self._stream_position``
+        (epoch, batches handed out in it) is what a checkpoint records and a resume starts from.
+        """
+        cfg, data = self.config, self.setup.train_data
+        collate = self.setup.collate or _default_collate()
+        epoch, done = self._stream_position
+        while True:
+            data.set_epoch(epoch)
+            data.resume_from(done, cfg.batch_size)
+            loader = DataLoader(
+                data, batch_size=cfg.batch_size, drop_last=True, collate_fn=collate, num_workers=cfg.num_workers,
+                generator=torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch * 1_009 + self.dist.rank) % 2**63),
+                worker_init_fn=_seed_worker, pin_memory=self.device.type == "cuda",
+            )
+            got = 0
+            for batch in loader:
+                got += 1
+                self._stream_position = (epoch, done + got)  # counted when handed out: a checkpoint follows its step
+                yield _to_device(batch, self.device)
+            if got == 0 and done == 0:
+                raise UserError(f"process {self.dist.rank} read no full batch of {cfg.batch_size} from its shards; "
+                                "write more or smaller shards, or lower --batch-size / train.num_workers")
+            epoch, done = epoch + 1, 0
 
     # --- evaluation -----------------------------------------------------------------------
 
@@ -305,9 +342,12 @@ class Trainer:
         cfg, setup, is_main = self.config, self.setup, self.dist.is_main
         if not hasattr(self.model, "loss"):
             raise TypeError(f"{type(self.model).__name__} has no loss(batch) method")
-        if isinstance(setup.train_data, IterableDataset) or not hasattr(setup.train_data, "__len__"):
-            raise UserError("the trainer needs a map-style training dataset (__len__ and __getitem__): "
-                            "its data order is a seeded permutation of indices, which is what makes resume exact")
+        if _is_stream(setup.train_data):
+            self._check_stream(setup.train_data)
+        elif isinstance(setup.train_data, IterableDataset) or not hasattr(setup.train_data, "__len__"):
+            raise UserError("the trainer needs a map-style training dataset (__len__ and __getitem__), whose data "
+                            "order is a seeded permutation of indices, or a stream with set_epoch and resume_from")
+        self._stream_position = (0, 0)
         ckpt.check_run_folder(self.out, self.resume)
         model = self.model.to(self.device)
         model.train()
@@ -450,6 +490,12 @@ class Trainer:
         if saved_per_step is not None and saved_per_step != per_step and self.dist.is_main:
             print(f"warning: the checkpoint took {saved_per_step} items a step, this run takes {per_step}; "
                   "the data order will differ from an uninterrupted run", file=sys.stderr)
+        streams = state.get("data", {}).get("stream")
+        if streams is not None:
+            if len(streams) == self.dist.world_size:
+                self._stream_position = (int(streams[self.dist.rank][0]), int(streams[self.dist.rank][1]))
+            else:  # shards are dealt to processes anew: each starts the furthest epoch afresh
+                self._stream_position = (max(int(e) for e, _ in streams) + 1, 0)
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
             ckpt.restore_rng(rngs[self.dist.rank])
@@ -458,6 +504,15 @@ class Trainer:
                   "reseeding", file=sys.stderr)
             self._seed(cfg.seed + start)
         return start, float(state.get("elapsed", 0.0))
+
+    def _check_stream(self, data: Any) -> None:
+        """Every process and DataLoader worker needs a shard of its own (``split_by_node``, ``split_by_worker``)."""
+        readers = self.dist.world_size * max(1, self.config.num_workers)
+        urls = getattr(data, "urls", None)
+        if urls is not None and len(urls) < readers:
+            raise UserError(f"{len(urls)} training shard(s) for {self.dist.world_size} process(es) x "
+                            f"{max(1, self.config.num_workers)} worker(s): each reader needs a shard of its own; "
+                            "write more, smaller shards (cvformers data shards --shard-size)")
 
     def _seed(self, seed: int) -> None:
         # each process its own stream (different dropout masks per shard), reproducible
@@ -476,14 +531,20 @@ class Trainer:
     def _checkpoint(self, model: nn.Module, optimizer, step: int, elapsed: float) -> None:
         cfg = self.config
         per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
-        epoch, offset = divmod(step, steps_per_epoch(len(self.setup.train_data), per_step))
+        if _is_stream(self.setup.train_data):
+            # one (epoch, batches) per process, in rank order: streams are positioned per process
+            streams = distributed.gather_objects(list(self._stream_position), self.dist)
+            data_state: dict[str, Any] = {"stream": streams, "items_per_step": per_step}
+        else:
+            epoch, offset = divmod(step, steps_per_epoch(len(self.setup.train_data), per_step))
+            data_state = {"epoch": epoch, "offset": offset, "items_per_step": per_step}
         rngs = distributed.gather_objects(ckpt.capture_rng(), self.dist)
         if self.dist.is_main:
             state = {
                 "step": step,
                 "optimizer": optimizer.state_dict(),
                 "rng": rngs,  # one entry per process, in rank order
-                "data": {"epoch": epoch, "offset": offset, "items_per_step": per_step},
+                "data": data_state,
                 "elapsed": elapsed,
             }
             hook_state = {h.name: sd for h in self.hooks if (sd := h.state_dict())}
