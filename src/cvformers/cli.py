@@ -356,6 +356,19 @@ def _cmd_data_shards(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write RUN/model.safetensors from the run's latest sharded (fsdp) checkpoint")
+    p.add_argument("run", help="run folder trained with [train] parallel = \"fsdp\"")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from cvformers.train.sharded_checkpoint import export_weights
+
+    print(f"wrote {export_weights(args.run)}")
+    return 0
+
+
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="text to images with DALL-E or DALL-E 2 (unCLIP) as a PNG grid")
     p.add_argument("prompt", nargs="*", help="the caption(s) to draw")
@@ -674,7 +687,8 @@ def _cmd_serve(args) -> int:
 
 
 _COMMANDS = [
-    _add_generate, _add_vary, _add_interpolate, _add_text_diff, _add_sample, _add_train, _add_bundle, _add_reconstruct,
+    _add_generate, _add_vary, _add_interpolate, _add_text_diff, _add_sample, _add_train, _add_export, _add_bundle,
+    _add_reconstruct,
     _add_tokenizer, _add_data, _add_zero_shot, _add_eval, _add_models, _add_attention, _add_model_info, _add_serve,
 ]
 

@@ -25,9 +25,11 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from cvformers.config import from_dict, to_dict
+from cvformers.loading import save_weights
 from cvformers.errors import UserError
 from cvformers.train import checkpoint as ckpt
-from cvformers.train import distributed
+from cvformers.train import distributed, fsdp
+from cvformers.train import sharded_checkpoint as sharded
 from cvformers.train.hooks import CheckpointCallback, TrainerHook
 from cvformers.train.schedule import EpochBatchSampler, lr_at, steps_per_epoch
 
@@ -58,6 +60,9 @@ class TrainConfig:
     ddp_comm: Literal["allreduce", "powersgd"] = "allreduce"  # gradient exchange under torchrun; powersgd compresses it
     powersgd_rank: int = 2  # PowerSGD low-rank approximation rank (higher: closer to allreduce, more traffic)
     powersgd_start: int = 10  # steps of plain allreduce before PowerSGD starts (its paper's warm start)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp replicates the model; fsdp shards it per block (FSDP2, docs/scale.md)
+    fsdp_mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"  # fsdp: auto = bf16 params with fp32 reduce on CUDA, fp32 on CPU
+    activation_checkpointing: bool = False  # recompute each block's forward in backward: less memory, ~1/3 more compute
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "powersgd_rank"):
@@ -309,7 +314,8 @@ class Trainer:
                     batch = _to_device(batch, self.device)
                     n = next((len(v) for v in batch.values() if isinstance(v, torch.Tensor)), 1)
                     with self._autocast():
-                        loss, metrics = self.model.loss(batch)
+                        # under fsdp through the sharded root, whose hooks gather the parameters
+                        loss, metrics = self._forward(batch) if getattr(self, "_fsdp", False) else self.model.loss(batch)
                     for k, v in {"loss": loss, **metrics}.items():
                         sums[k] = sums.get(k, 0.0) + _float(v) * n
                     count += n
@@ -351,6 +357,16 @@ class Trainer:
         ckpt.check_run_folder(self.out, self.resume)
         model = self.model.to(self.device)
         model.train()
+        self._fsdp = cfg.parallel == "fsdp"
+        blocks = fsdp.find_blocks(model) if self._fsdp or cfg.activation_checkpointing else []
+        if self._fsdp:
+            self._check_fsdp(blocks)
+        if cfg.activation_checkpointing:
+            fsdp.checkpoint_activations(blocks)
+        forward = _LossForward(model)
+        if self._fsdp:  # before the optimizer: fully_shard turns the parameters into DTensor shards in place
+            self._replicated = fsdp.shard(forward, blocks, self.device, cfg.fsdp_mixed_precision)
+        self._forward = forward
         optimizer = torch.optim.AdamW(
             param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
@@ -372,10 +388,11 @@ class Trainer:
         if start >= end:
             return {"step": float(start)}
 
-        forward = distributed.wrap_ddp(
-            _LossForward(model), self.dist, self.device, cfg.ddp_find_unused,
-            powersgd=(cfg.powersgd_rank, cfg.powersgd_start) if cfg.ddp_comm == "powersgd" else None,
-        )
+        if not self._fsdp:
+            forward = distributed.wrap_ddp(
+                forward, self.dist, self.device, cfg.ddp_find_unused,
+                powersgd=(cfg.powersgd_rank, cfg.powersgd_start) if cfg.ddp_comm == "powersgd" else None,
+            )
         params = [p for g in optimizer.param_groups for p in g["params"]]
         batches = self._micro_batches(start)
         self._bar = self._progress_bar(start)
@@ -405,7 +422,7 @@ class Trainer:
             if setup.eval_data is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                 result.update(self._evaluate_and_log(model, done))
             if done % cfg.checkpoint_every == 0 or done == end:
-                self._checkpoint(model, optimizer, done, elapsed_before + time.perf_counter() - t0)
+                self._checkpoint(model, optimizer, done, elapsed_before + time.perf_counter() - t0, final=done == end)
         if self._bar is not None:
             self._bar.close()
         result["step"] = end
@@ -440,8 +457,11 @@ class Trainer:
     def _evaluate_and_log(self, model: nn.Module, done: int) -> dict[str, float]:
         """Evaluate on the main process (plus what hooks measure); the others wait."""
         result: dict[str, float] = {}
-        if self.dist.is_main:
+        if self._fsdp:  # a sharded forward needs every process: all evaluate, rank 0 records
             ev = self.evaluate()
+        if self.dist.is_main:
+            if not self._fsdp:
+                ev = self.evaluate()
             for hook in self.hooks:
                 ev.update(hook.on_evaluate(model, done))
             ckpt.append_metrics(self.out, {"step": done, "split": "eval", **ev})
@@ -458,7 +478,11 @@ class Trainer:
             batch = next(batches)
             last = micro == cfg.grad_accum - 1
             # DDP all-reduces gradients in backward; skip that until the last micro-batch
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else forward.no_sync()
+            if self._fsdp:  # FSDP2's form of no_sync: keep unsharded grads until the last micro-batch
+                forward.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext()
+            else:
+                sync = contextlib.nullcontext() if last or not self.dist.enabled else forward.no_sync()
             with sync:
                 with self._autocast():
                     loss, metrics = forward(batch)
@@ -469,7 +493,11 @@ class Trainer:
         if not math.isfinite(step_metrics["loss"]):
             raise FloatingPointError(f"loss is {step_metrics['loss']} at step {step}; lower the lr or check the data")
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure the norm, scale by 1
-        step_metrics["grad_norm"] = _float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if self._fsdp:
+            fsdp.average_replicated_grads(self._replicated)
+            step_metrics["grad_norm"] = _float(fsdp.clip_grad_norm(params, max_norm))
+        else:
+            step_metrics["grad_norm"] = _float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return step_metrics
@@ -477,13 +505,21 @@ class Trainer:
     def _restore(self, model: nn.Module, optimizer) -> tuple[int, float]:
         """Load the checkpoint in the run folder: weights, optimizer, this process's RNG."""
         cfg = self.config
-        state, hook_state = ckpt.load_checkpoint(self.out, model)
+        where = ckpt.checkpoint_dir(self.out)
+        if sharded.is_sharded(where):  # written by an fsdp run, with any number of processes
+            state, hook_state = ckpt.load_trainer_state(self.out), {}
+            sharded.load_sharded(where, model, optimizer)
+        elif self._fsdp:
+            raise UserError(f"{self.out}: an fsdp run resumes from sharded checkpoints; this one was written by a "
+                            "ddp or single-process run (resume it with parallel = \"ddp\")")
+        else:
+            state, hook_state = ckpt.load_checkpoint(self.out, model)
+            try:
+                optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{self.out}: the checkpoint's optimizer state does not fit this model ({e})") from e
         for hook in self.hooks:
             hook.load_state_dict(hook_state.get(hook.name))
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{self.out}: the checkpoint's optimizer state does not fit this model ({e})") from e
         start = int(state["step"])
         saved_per_step = state.get("data", {}).get("items_per_step")
         per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
@@ -504,6 +540,22 @@ class Trainer:
                   "reseeding", file=sys.stderr)
             self._seed(cfg.seed + start)
         return start, float(state.get("elapsed", 0.0))
+
+    def _check_fsdp(self, blocks: list[nn.Module]) -> None:
+        fsdp.fsdp2()  # torch too old: one line, before anything is sharded
+        if not self.dist.enabled:
+            raise UserError("[train] parallel = \"fsdp\" shards the model across processes: launch with torchrun "
+                            "and 2 or more processes (docs/scale.md), or use parallel = \"ddp\"")
+        stateful = [h.name for h in self.hooks if not isinstance(h, CheckpointCallback)]
+        if stateful:
+            raise UserError(f"parallel = \"fsdp\" does not yet carry trainer hooks ({', '.join(stateful)}: an EMA or a "
+                            "teacher would need sharding too); use parallel = \"ddp\"")
+        if not blocks and self.dist.is_main:
+            print(f"warning: {type(self.model).__name__} has no block list (nn.ModuleList); fsdp shards it as one unit, "
+                  "which gathers the whole model at once", file=sys.stderr)
+        if any(isinstance(h, CheckpointCallback) for h in self.hooks) and self.dist.is_main:
+            print("note: under fsdp no samples are drawn at checkpoints; draw them from the exported "
+                  "model.safetensors (cvformers export RUN)", file=sys.stderr)
 
     def _check_stream(self, data: Any) -> None:
         """Every process and DataLoader worker needs a shard of its own (``split_by_node``, ``split_by_worker``)."""
@@ -528,7 +580,7 @@ class Trainer:
 
         return tqdm(total=self.config.steps, initial=start, unit="step", dynamic_ncols=True)
 
-    def _checkpoint(self, model: nn.Module, optimizer, step: int, elapsed: float) -> None:
+    def _checkpoint(self, model: nn.Module, optimizer, step: int, elapsed: float, final: bool = False) -> None:
         cfg = self.config
         per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
         if _is_stream(self.setup.train_data):
@@ -539,6 +591,15 @@ class Trainer:
             epoch, offset = divmod(step, steps_per_epoch(len(self.setup.train_data), per_step))
             data_state = {"epoch": epoch, "offset": offset, "items_per_step": per_step}
         rngs = distributed.gather_objects(ckpt.capture_rng(), self.dist)
+        if self._fsdp:
+            state = {"step": step, "rng": rngs, "data": data_state, "elapsed": elapsed}
+            sharded.save_sharded(self.out, model, optimizer, state, self.dist)
+            if final:  # the ordinary single file for generate / bundle / load_run, gathered from every process
+                full = sharded.gather_full_weights(model)
+                if self.dist.is_main:
+                    save_weights(full, self.out / ckpt.WEIGHTS, metadata={"step": str(step)})
+                distributed.barrier(self.dist)
+            return
         if self.dist.is_main:
             state = {
                 "step": step,
