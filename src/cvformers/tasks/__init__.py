@@ -108,6 +108,18 @@ def check_tables(config: dict[str, Any], task: str) -> None:
 
 def task_args_from_cli(args) -> TaskArgs:
     saved = Path(args.out) / "config.toml"
+    if not args.resume:
+        from cvformers.train.checkpoint import has_checkpoint
+        from cvformers.train.distributed import elastic_restart
+
+        if elastic_restart() and has_checkpoint(args.out):
+            # torchrun --max-restarts started this worker again after a failure: continue, as with --resume
+            args.resume = True
+            if os.environ.get("RANK", "0") == "0":
+                import sys
+
+                print(f"restart {os.environ.get('TORCHELASTIC_RESTART_COUNT')} by torchrun: resuming {args.out} "
+                      "from its last checkpoint", file=sys.stderr)
     if args.resume:
         from cvformers.train.checkpoint import check_run_folder
 

@@ -205,7 +205,8 @@ class Trainer:
         self.model: nn.Module = setup.model
         self.config: TrainConfig = setup.train_config
         self.out = Path(out)
-        self.resume = resume
+        # a worker restarted by torchrun --max-restarts continues the run it belongs to
+        self.resume = resume or (distributed.elastic_restart() and ckpt.has_checkpoint(self.out))
         self.device_name = device
         self.hooks: list[TrainerHook] = list(getattr(setup, "hooks", []))
         if setup.on_checkpoint is not None:
