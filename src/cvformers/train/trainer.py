@@ -49,7 +49,7 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warmup from lr/warmup_steps to lr
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
     grad_clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping
-    amp: Literal["none", "bf16"] = "none"  # bf16 autocast of the forward pass; keep "none" on CPU (slow)
+    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast of the forward pass (CUDA); fp16 adds DALL-E's per-block gradient scales
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
     eval_every: int = 500  # steps between evaluations on the eval split (0: never; also at the end)
     eval_batches: int = 0  # eval batches per evaluation (0: the whole eval set)
@@ -329,6 +329,8 @@ class Trainer:
     def _autocast(self):
         if self.config.amp == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.config.amp == "fp16":
+            return torch.autocast(self.device.type, dtype=torch.float16)
         return contextlib.nullcontext()
 
     # --- the loop -------------------------------------------------------------------------
@@ -364,6 +366,7 @@ class Trainer:
             self._check_fsdp(blocks)
         if cfg.activation_checkpointing:
             fsdp.checkpoint_activations(blocks)
+        self._scaler = self._fp16_scaler(model) if cfg.amp == "fp16" else None
         forward = _LossForward(model)
         if self._fsdp:  # before the optimizer: fully_shard turns the parameters into DTensor shards in place
             self._replicated = fsdp.shard(forward, blocks, self.device, cfg.fsdp_mixed_precision)
@@ -488,12 +491,22 @@ class Trainer:
                 with self._autocast():
                     loss, metrics = forward(batch)
                 # mean over micro-batches: with a mean-reduced loss, k batches of b == one of k*b
-                (loss / cfg.grad_accum).backward()
+                scaled = self._scaler.scale_loss(loss) if self._scaler is not None else loss
+                (scaled / cfg.grad_accum).backward()
             for k, v in {"loss": loss, **metrics}.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + _float(v) / cfg.grad_accum
         if not math.isfinite(step_metrics["loss"]):
             raise FloatingPointError(f"loss is {step_metrics['loss']} at step {step}; lower the lr or check the data")
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure the norm, scale by 1
+        if self._scaler is not None:  # fp16: a step with inf/nan gradients is skipped and counted
+            def clip() -> None:
+                step_metrics["grad_norm"] = _float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+            step_metrics["grad_norm"] = float("nan")
+            self._scaler.step(optimizer, before_step=clip)
+            step_metrics["skipped_steps"] = float(self._scaler.skipped)
+            optimizer.zero_grad(set_to_none=True)
+            return step_metrics
         if self._fsdp:
             fsdp.average_replicated_grads(self._replicated)
             step_metrics["grad_norm"] = _float(fsdp.clip_grad_norm(params, max_norm))
@@ -541,6 +554,19 @@ class Trainer:
                   "reseeding", file=sys.stderr)
             self._seed(cfg.seed + start)
         return start, float(state.get("elapsed", 0.0))
+
+    def _fp16_scaler(self, model: nn.Module):
+        """DALL-E's per-resblock gradient scaling (train/grad_scaling.py), as a hook so it is checkpointed."""
+        from cvformers.train.grad_scaling import PerBlockGradScaler
+
+        if self.device.type != "cuda":
+            raise UserError("[train] amp = \"fp16\" is for CUDA GPUs; use amp = \"none\" (or \"bf16\") on this device")
+        if self.config.parallel == "fsdp":
+            raise UserError("[train] amp = \"fp16\" goes with parallel = \"ddp\"; fsdp has its own mixed precision "
+                            "(fsdp_mixed_precision)")
+        scaler = PerBlockGradScaler(model, fsdp.find_blocks(model), world_size=self.dist.world_size)
+        self.hooks.append(scaler)
+        return scaler
 
     def _check_fsdp(self, blocks: list[nn.Module]) -> None:
         fsdp.fsdp2()  # torch too old: one line, before anything is sharded
