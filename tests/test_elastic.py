@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -37,6 +38,7 @@ def _torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
 
 
+@pytest.mark.slow  # two torchrun launches and a restart: about 25 s alone, more on a loaded machine
 def test_a_killed_worker_is_restarted_and_the_run_resumes_exactly(tmp_path):
     from safetensors.torch import load_file
 

@@ -83,6 +83,7 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_in_one(tmp_path):
     assert not all(torch.allclose(straight[k], _weights(tmp_path / "one_3/model.safetensors")[k]) for k in straight)
 
 
+@pytest.mark.slow  # a second torchrun launch; the default suite keeps the one above
 @pytest.mark.skipif(not HAS_FSDP2, reason="FSDP2 (fully_shard) needs torch >= 2.6")
 def test_fsdp_whole_run_with_activation_checkpointing_matches_one_process(tmp_path):
     proc = _torchrun(tmp_path / "fsdp", "--ac")

@@ -5,7 +5,8 @@ decay, gradient clipping, gradient accumulation, optional bf16 autocast, a progr
 ``metrics.jsonl``, atomic checkpoints every N steps, and ``resume`` that continues exactly
 where the run stopped: same weights, optimizer, learning rate, RNG and data order — a run
 of 2N steps and a run of N steps resumed for N more end with bit-identical weights. Under
-``torchrun`` the same code runs data-parallel (DDP) — see ``distributed.py``.
+``torchrun`` the same code runs data-parallel (DDP, ``distributed.py``) or sharded (FSDP2,
+``fsdp.py``, with ``sharded_checkpoint.py``), and streams WebDataset shards (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from cvformers.config import from_dict, to_dict
-from cvformers.loading import save_weights
 from cvformers.errors import UserError
+from cvformers.loading import save_weights
 from cvformers.train import checkpoint as ckpt
 from cvformers.train import distributed, fsdp
 from cvformers.train import sharded_checkpoint as sharded
