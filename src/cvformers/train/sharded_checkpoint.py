@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +90,12 @@ def load_sharded(where: Path, model: nn.Module, optimizer=None) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     state = _states(model, optimizer)
+    single = not torch.distributed.is_initialized()
     try:
-        # no_dist: one process without a process group (export, a resume on a single machine)
-        dcp.load(state, checkpoint_id=str(where / DCP_DIR), no_dist=not torch.distributed.is_initialized())
+        with warnings.catch_warnings():
+            # one process without a process group (export, a resume on one machine) is what is meant here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(where / DCP_DIR), no_dist=single)
     except Exception as e:  # DCP raises CheckpointException with every rank's error
         raise UserError(f"{where}: the sharded checkpoint does not fit this model ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
