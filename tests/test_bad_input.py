@@ -88,6 +88,8 @@ def test_sampling_settings_object_is_checked_once():
     ("[train]\nweight_decay = -0.1\n", "train.weight_decay"),
     ("[train]\nstesp = 3\n", "did you mean train.steps?"),
     ("[model]\nhidden = \"wide\"\n", "model.hidden: expected an integer"),
+    ("[train]\nparallel = \"zero3\"\n", "train.parallel: 'zero3' is not one of ['ddp', 'fsdp']"),
+    ("[train]\nparallel = \"fsdp\"\n", "launch with torchrun"),
 ])
 def test_bad_training_configs_are_refused_before_anything_is_written(tmp_path, capsys, toml, message):
     config = tmp_path / "exp.toml"

@@ -76,7 +76,7 @@ def test_train_config_merges_defaults_toml_cli_strictly(tmp_path):
     with pytest.raises(ConfigError, match="train.stpes"):
         train_config_from(TaskArgs(out=tmp_path, config={"train": {"stpes": 1}}))
     with pytest.raises(ConfigError, match="amp"):
-        train_config_from(TaskArgs(out=tmp_path, config={"train": {"amp": "fp16"}}))
+        train_config_from(TaskArgs(out=tmp_path, config={"train": {"amp": "fp8"}}))
 
 
 # --- the loop -----------------------------------------------------------------------------

@@ -44,6 +44,54 @@ class ToyRegressor(nn.Module):
         self.steps_seen.append(step)
 
 
+@dataclass
+class ToyBlocksConfig:
+    dim: int = 8  # input features
+    width: int = 16  # residual stream width
+    depth: int = 3  # residual blocks (the units fsdp shards one by one)
+
+
+class ToyResidualBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, h):
+        return h + torch.tanh(self.fc(self.norm(h)))
+
+
+@register_kind("toy-blocks", ToyBlocksConfig)
+class ToyBlocks(nn.Module):
+    """ToyRegressor's problem through a stack of residual blocks held in an nn.ModuleList (a transformer's shape)."""
+
+    def __init__(self, cfg: ToyBlocksConfig):
+        super().__init__()
+        self.embed = nn.Linear(cfg.dim, cfg.width)
+        self.blocks = nn.ModuleList(ToyResidualBlock(cfg.width) for _ in range(cfg.depth))
+        self.head = nn.Linear(cfg.width, 1)
+        self.scale = nn.Parameter(torch.tensor(1.0))  # a 0-dim parameter, as CLIP's temperature (fsdp keeps it whole)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.scale * self.head(h).squeeze(-1)
+
+    def loss(self, batch):
+        pred = self(batch["x"])
+        return F.mse_loss(pred, batch["y"]), {}
+
+
+def toy_blocks_setup(train_config, n=64, seed=0):
+    from cvformers.train.setup import TaskSetup
+
+    torch.manual_seed(seed)
+    cfg = ToyBlocksConfig()
+    return TaskSetup(kind="toy-blocks", model=ToyBlocks(cfg), model_config=cfg, train_config=train_config,
+                     train_data=ToyData(n), eval_data=ToyData(16, seed=1), collate=toy_collate)
+
+
 class ToyData(Dataset):
     """A fixed random regression problem: y = tanh(x @ w)."""
 

@@ -363,6 +363,15 @@ def _add_data(sub) -> None:
     o.add_argument("--no-emoji", action="store_true", help="leave the emoji out")
     o.add_argument("--limit", type=int, default=None, help="stop after this many pictures (quick tries)")
     o.set_defaults(func=_cmd_data_openclipart)
+    w = dsub.add_parser("shards", help="write a dataset spec (shapes, folder:PATH, fashion-mnist …) as WebDataset "
+                        "tar shards + index.json, for --data wds:DIR")
+    w.add_argument("source", help="dataset spec: shapes | mnist | fashion-mnist | folder:PATH | …")
+    w.add_argument("--out", required=True, help="empty folder for shard-000000.tar … and index.json")
+    w.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    w.add_argument("--limit", type=int, default=None, help="stop after this many samples")
+    w.add_argument("--image-size", type=int, default=64, help="side of the square PNGs written")
+    w.add_argument("--split", default="train", help="split of the source to write (train, test, heldout)")
+    w.set_defaults(func=_cmd_data_shards)
 
 
 def _cmd_data_openclipart(args) -> int:
@@ -378,6 +387,33 @@ def _cmd_data_openclipart(args) -> int:
           f"{stats.foreign_titles} Italian or French titles replaced by the keywords")
     for note in stats.notes:
         print(note)
+    return 0
+
+
+def _cmd_data_shards(args) -> int:
+    from cvformers.data import build_dataset
+    from cvformers.data.shards import ShardWriteConfig, write_shards
+
+    cfg = ShardWriteConfig(shard_size=args.shard_size, limit=args.limit, image_size=args.image_size, split=args.split)
+    if args.source.partition(":")[0] == "wds":
+        raise UserError("data shards: the source is already shards; give an indexed dataset (shapes, folder:PATH, …)")
+    source = build_dataset(args.source, split=args.split, image_size=args.image_size)
+    index = write_shards(source, args.out, cfg, progress=sys.stderr.isatty(), describe=args.source)
+    print(f"wrote {index['total']} samples in {len(index['shards'])} shard(s) to {args.out} "
+          f"(index.json; train on it with --data wds:{args.out})")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write RUN/model.safetensors from the run's latest sharded (fsdp) checkpoint")
+    p.add_argument("run", help="run folder trained with [train] parallel = \"fsdp\"")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from cvformers.train.sharded_checkpoint import export_weights
+
+    print(f"wrote {export_weights(args.run)}")
     return 0
 
 
@@ -701,8 +737,9 @@ def _cmd_serve(args) -> int:
 
 
 _COMMANDS = [
-    _add_generate, _add_vary, _add_interpolate, _add_text_diff, _add_sample, _add_train, _add_bundle, _add_reconstruct,
-    _add_tokenizer, _add_data, _add_zero_shot, _add_eval, _add_plot, _add_models, _add_attention, _add_model_info, _add_serve,
+    _add_generate, _add_vary, _add_interpolate, _add_text_diff, _add_sample, _add_train, _add_export, _add_bundle,
+    _add_reconstruct, _add_tokenizer, _add_data, _add_zero_shot, _add_eval, _add_plot, _add_models, _add_attention,
+    _add_model_info, _add_serve,
 ]
 
 

@@ -29,13 +29,22 @@ def read_image(path: str | Path, channels: int = 3):
 
     A missing or undecodable file is a ``UserError`` naming it.
     """
-    from PIL import Image
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"image not found: {path}")
+    return _open_rgb(path, str(path), channels)
+
+
+def read_image_bytes(data: bytes, channels: int = 3, name: str = "image"):
+    """Encoded image bytes (a PNG or JPEG member of a tar shard) -> PIL image, as ``read_image``."""
+    return _open_rgb(BytesIO(data), name, channels)
+
+
+def _open_rgb(source: Any, name: str, channels: int):
+    from PIL import Image
+
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
@@ -44,8 +53,15 @@ def read_image(path: str | Path, channels: int = 3):
             else:
                 im = im.convert("RGB")
     except Exception as e:  # PIL raises many types for a bad file (OSError, SyntaxError, struct.error, ...)
-        raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+        raise UserError(f"cannot read image {name}: {type(e).__name__}: {e}") from e
     return im if channels == 3 else im.convert("L")
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    """[C,H,W] float in [0,1] -> PNG file bytes (for a tar shard member)."""
+    buf = BytesIO()
+    to_pil(image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def resize_center_crop(im, size: int):

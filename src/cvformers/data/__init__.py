@@ -8,6 +8,8 @@ string (what ``--data`` takes on the command line) into one:
     mnist, fashion-mnist        IDX files from the known install locations (cvformers.data.idx)
     mnist:PATH, fashion-mnist:PATH   IDX files in the directory PATH
     folder:PATH                 image + caption files under PATH (cvformers.data.folder)
+    wds:DIR, wds:PATTERN        WebDataset tar shards, a folder or a brace pattern such as
+                                DIR/shard-{000000..000009}.tar, streamed (cvformers.data.shards)
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from cvformers.config import ConfigError
 
-KNOWN_SPECS = ("shapes", "mnist", "fashion-mnist", "mnist:PATH", "fashion-mnist:PATH", "folder:PATH")
+KNOWN_SPECS = ("shapes", "mnist", "fashion-mnist", "mnist:PATH", "fashion-mnist:PATH", "folder:PATH", "wds:DIR|PATTERN")
 
 
 @dataclass
@@ -34,6 +36,8 @@ class DataConfig:
     eval_split: str = "test"  # split used for evaluation during training
     holdout: float = 0.0  # folder data: fraction of files (by path hash) forming the test split; 0 = none
     paraphrase: float = 0.0  # shapes: share of captions in an everyday wording ("the red circle is above ...")
+    eval_shards: int = 1  # wds data: the last N shards (sorted by name) form the test split; 0 = none
+    shuffle_buffer: int = 1000  # wds data: samples each reader mixes in its shuffle buffer (0/1: shard order)
 
 
 def collate(items: list[dict]) -> dict:
@@ -74,6 +78,10 @@ def build_dataset(spec: str, split: str = "train", image_size: int = 32, **kw):
         from cvformers.data.folder import FolderDataset
 
         return FolderDataset(path, image_size=image_size, split=split, **kw)
+    if name == "wds" and path:
+        from cvformers.data.shards import ShardDataset
+
+        return ShardDataset(path, split=split, image_size=image_size, **kw)
     raise _unknown(spec)
 
 
@@ -88,6 +96,8 @@ def build_from_config(cfg: DataConfig, split: str = "train"):
             kw.update(paraphrase=cfg.paraphrase)
     if name == "folder" and cfg.holdout > 0:
         kw.update(holdout=cfg.holdout)
+    if name == "wds":
+        kw.update(seed=cfg.seed, eval_shards=cfg.eval_shards, shuffle_buffer=cfg.shuffle_buffer)
     return build_dataset(cfg.name, split=split, image_size=cfg.image_size, **kw)
 
 

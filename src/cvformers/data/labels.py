@@ -79,6 +79,9 @@ def class_names(spec: str, dataset: Dataset | None = None) -> list[str] | None:
 def classification_dataset(data: DataConfig, split: str) -> Dataset:
     """The labelled dataset a run's ``[data]`` table names, for ``split`` (train or the eval split)."""
     name = data.name.partition(":")[0]
+    if name == "wds":  # shards keep each sample's label but not the class list a classifier is built from
+        raise UserError(f"{data.name}: tar shards carry no class list; classification needs indexed labelled data "
+                        "(mnist, fashion-mnist, shapes, folder:PATH with class sub-folders)")
     if name == "shapes":
         size = data.size if split == "train" else data.eval_size
         scenes = build_dataset(data.name, split=split, image_size=data.image_size, channels=data.channels,

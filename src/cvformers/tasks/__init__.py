@@ -23,8 +23,8 @@ from cvformers.config import ConfigError, from_dict, load_toml
 from cvformers.errors import UserError
 from cvformers.train.setup import TaskSetup
 
-__all__ = ["TaskArgs", "TaskSetup", "data_config_from", "get_task", "register_task", "run_task", "tasks",
-           "train_and_eval_data"]
+__all__ = ["TaskArgs", "TaskSetup", "data_config_from", "get_task", "indexed_data", "register_task", "run_task",
+           "tasks", "train_and_eval_data"]
 
 _TASKS: dict[str, Callable[["TaskArgs"], "TaskSetup"]] = {}
 _TABLES: dict[str, tuple[str, ...]] = {}  # task name -> the TOML tables it reads beyond COMMON_TABLES
@@ -108,6 +108,18 @@ def check_tables(config: dict[str, Any], task: str) -> None:
 
 def task_args_from_cli(args) -> TaskArgs:
     saved = Path(args.out) / "config.toml"
+    if not args.resume:
+        from cvformers.train.checkpoint import has_checkpoint
+        from cvformers.train.distributed import elastic_restart
+
+        if elastic_restart() and has_checkpoint(args.out):
+            # torchrun --max-restarts started this worker again after a failure: continue, as with --resume
+            args.resume = True
+            if os.environ.get("RANK", "0") == "0":
+                import sys
+
+                print(f"restart {os.environ.get('TORCHELASTIC_RESTART_COUNT')} by torchrun: resuming {args.out} "
+                      "from its last checkpoint", file=sys.stderr)
     if args.resume:
         from cvformers.train.checkpoint import check_run_folder
 
@@ -143,6 +155,17 @@ def data_config_from(args: TaskArgs, **fixed: Any):
             raise ConfigError(f"data.{key} is {getattr(cfg, key)} but the model takes {value}; "
                               f"remove it from [data] or change the model")
     return cfg
+
+
+def indexed_data(dataset, task: str):
+    """``dataset`` itself, refusing a stream (``wds:`` shards) where a task keeps per-item results
+    (cached image ids, CLIP embeddings) that must stay paired with each item's caption."""
+    from torch.utils.data import IterableDataset
+
+    if isinstance(dataset, IterableDataset):
+        raise UserError(f"{task} caches a result per item and needs indexed data (shapes, folder:PATH, mnist); "
+                        "wds: shards are streamed (docs/scale.md)")
+    return dataset
 
 
 def train_and_eval_data(data_cfg) -> tuple[Dataset, Dataset | None]:

@@ -29,7 +29,7 @@ from cvformers.errors import UserError
 from cvformers.loading import load_vae, resolve_run
 from cvformers.models.dalle_sampling import SamplingConfig
 from cvformers.models.dalle import DALLE, PRESETS, DalleConfig, image_inner_vocab_of
-from cvformers.tasks import TaskArgs, TaskSetup, data_config_from, register_task
+from cvformers.tasks import TaskArgs, TaskSetup, data_config_from, indexed_data, register_task
 from cvformers.tasks.cache import cached_tensors
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -251,7 +251,7 @@ def dalle_task(args: TaskArgs) -> TaskSetup:
     image_data = {k: v for k, v in to_dict(data_cfg).items() if k != "paraphrase"}
 
     def split_data(split: str):
-        source = build_from_config(data_cfg, split)
+        source = indexed_data(build_from_config(data_cfg, split), "dalle")
         items = items_needed(len(source), drawn[split], data_cfg.seed)
         subset = None if items is None else len(items)
         key = hashlib.sha256(json.dumps([vae_hash, image_data, split] + ([subset] if subset else []),

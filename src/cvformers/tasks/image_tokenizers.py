@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from cvformers.config import from_dict, to_dict
+from cvformers.data.shards import first_items
 from cvformers.tasks import TaskArgs, TaskSetup, data_config_from, register_task, train_and_eval_data
 from cvformers.vae.dvae import DiscreteVAE, DVAEConfig
 from cvformers.vae.vqvae import VQVAE, VQVAEConfig
@@ -76,7 +77,7 @@ def _setup(kind: str, args: TaskArgs, cfg: Any, model: torch.nn.Module, train_de
     data_cfg = data_config_from(args, image_size=cfg.image_size, channels=cfg.channels)
     train_data, eval_data = train_and_eval_data(data_cfg)
     shown = eval_data if eval_data is not None else train_data
-    grid_images = torch.stack([shown[i]["image"] for i in range(min(16, len(shown)))])
+    grid_images = torch.stack([item["image"] for item in first_items(shown, 16)])
     return TaskSetup(
         kind=kind, model=model, model_config=cfg, train_config=train_config_from(args, train_defaults()),
         train_data=train_data, eval_data=eval_data, extra_config={"data": to_dict(data_cfg)},

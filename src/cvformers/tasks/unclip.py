@@ -33,7 +33,7 @@ from cvformers.diffusion.prior import DiffusionPrior, PriorConfig
 from cvformers.diffusion.samplers import DiffusionSamplingConfig
 from cvformers.errors import UserError
 from cvformers.loading import TOKENIZER_FILE, load_clip, resolve_run
-from cvformers.tasks import TaskArgs, TaskSetup, data_config_from, register_task
+from cvformers.tasks import TaskArgs, TaskSetup, data_config_from, indexed_data, register_task
 from cvformers.tasks.cache import cached_tensors
 from cvformers.train.hooks import EMA, EMAConfig
 
@@ -152,7 +152,7 @@ def _embedded_splits(args: TaskArgs, data_cfg: DataConfig, clip_path: Path, with
     out.mkdir(parents=True, exist_ok=True)
 
     def split(name: str) -> EmbeddedDataset:
-        source = build_from_config(data_cfg, name)
+        source = indexed_data(build_from_config(data_cfg, name), "the unCLIP prior and decoder")
         key = hashlib.sha256(json.dumps([clip_hash, to_dict(data_cfg), name], sort_keys=True).encode()).hexdigest()
         cache = cached_embeddings(clip, tokenizer, source, out / f"clip_embeddings_{name}.safetensors", key,
                                   desc=f"CLIP-embedding {name}")
@@ -300,7 +300,7 @@ def upsampler_task(args: TaskArgs) -> TaskSetup:
     table, unet = _unet_table(args, UPSAMPLER_UNET, data_cfg)
     table.setdefault("low_res", data_cfg.image_size // 2)
     cfg = from_dict(UpsamplerConfig, {**table, "unet": unet}, "model")
-    train_data = _Images(build_from_config(data_cfg, "train"))
+    train_data = _Images(indexed_data(build_from_config(data_cfg, "train"), "unclip-upsampler"))
     try:
         eval_data = _Images(build_from_config(data_cfg, data_cfg.eval_split))
     except (UserError, ConfigError, FileNotFoundError):

@@ -37,6 +37,16 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def elastic_restart() -> bool:
+    """True in workers that ``torchrun --max-restarts N`` started again after a worker failed: they
+    should resume from the run's last checkpoint rather than start over (torchelastic sets
+    TORCHELASTIC_RESTART_COUNT, https://pytorch.org/docs/stable/elastic/run.html)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    except ValueError:
+        return False
+
+
 def setup(device: str | torch.device | None = None) -> tuple[DistInfo, torch.device]:
     """Join the process group if launched by torchrun; pick this process's device.
 
@@ -60,9 +70,31 @@ def setup(device: str | torch.device | None = None) -> tuple[DistInfo, torch.dev
         torch.cuda.set_device(wanted)
     created = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if wanted.type == "cuda" else "gloo")
+        backend = "nccl" if wanted.type == "cuda" else "gloo"
+        store = _restart_store(world_size)
+        if store is not None:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
+        else:
+            dist.init_process_group(backend=backend)
         created = True
     return DistInfo(rank, world_size, local_rank, created), wanted
+
+
+def _restart_store(world_size: int):
+    """After an elastic restart, the agent's key-value store under a prefix of its own, or None.
+
+    The workers of a restart meet in the same store as the attempt before; without a fresh prefix
+    a restarted worker may read the connection address a dead worker published and fail to
+    connect (seen with gloo: "connectFullMesh failed ... Connection refused").
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart in ("", "0") or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from datetime import timedelta
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"/cvformers/restart-{restart}", store)
 
 
 def teardown(info: DistInfo) -> None:

@@ -5,7 +5,8 @@ decay, gradient clipping, gradient accumulation, optional bf16 autocast, a progr
 ``metrics.jsonl``, atomic checkpoints every N steps, and ``resume`` that continues exactly
 where the run stopped: same weights, optimizer, learning rate, RNG and data order — a run
 of 2N steps and a run of N steps resumed for N more end with bit-identical weights. Under
-``torchrun`` the same code runs data-parallel (DDP) — see ``distributed.py``.
+``torchrun`` the same code runs data-parallel (DDP, ``distributed.py``) or sharded (FSDP2,
+``fsdp.py``, with ``sharded_checkpoint.py``), and streams WebDataset shards (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from cvformers.config import from_dict, to_dict
 from cvformers.errors import UserError
+from cvformers.loading import save_weights
 from cvformers.train import checkpoint as ckpt
-from cvformers.train import distributed
+from cvformers.train import distributed, fsdp
+from cvformers.train import sharded_checkpoint as sharded
 from cvformers.train.hooks import CheckpointCallback, TrainerHook
 from cvformers.train.loggers import build_loggers
 from cvformers.train.schedule import EpochBatchSampler, lr_at, steps_per_epoch
@@ -48,7 +51,7 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warmup from lr/warmup_steps to lr
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
     grad_clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping
-    amp: Literal["none", "bf16"] = "none"  # bf16 autocast of the forward pass; keep "none" on CPU (slow)
+    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast of the forward pass (CUDA); fp16 adds DALL-E's per-block gradient scales
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
     eval_every: int = 500  # steps between evaluations on the eval split (0: never; also at the end)
     eval_batches: int = 0  # eval batches per evaluation (0: the whole eval set)
@@ -60,6 +63,9 @@ class TrainConfig:
     powersgd_rank: int = 2  # PowerSGD low-rank approximation rank (higher: closer to allreduce, more traffic)
     powersgd_start: int = 10  # steps of plain allreduce before PowerSGD starts (its paper's warm start)
     loggers: tuple[Literal["tensorboard"], ...] = ()  # also log to these (RUN/tensorboard/); metrics.jsonl always
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp replicates the model; fsdp shards it per block (FSDP2, docs/scale.md)
+    fsdp_mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"  # fsdp: auto = bf16 params with fp32 reduce on CUDA, fp32 on CPU
+    activation_checkpointing: bool = False  # recompute each block's forward in backward: less memory, ~1/3 more compute
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "powersgd_rank"):
@@ -162,6 +168,12 @@ def _default_collate():
     return collate
 
 
+def _is_stream(data: Any) -> bool:
+    """A streamed dataset (``cvformers.data.shards.ShardDataset``): iterable, positioned by epoch and
+    batches consumed rather than by index."""
+    return isinstance(data, IterableDataset) and hasattr(data, "set_epoch") and hasattr(data, "resume_from")
+
+
 def _float(v: Any) -> float:
     return float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
 
@@ -196,7 +208,8 @@ class Trainer:
         self.model: nn.Module = setup.model
         self.config: TrainConfig = setup.train_config
         self.out = Path(out)
-        self.resume = resume
+        # a worker restarted by torchrun --max-restarts continues the run it belongs to
+        self.resume = resume or (distributed.elastic_restart() and ckpt.has_checkpoint(self.out))
         self.device_name = device
         self._loggers: list = []  # [train] loggers, started by fit on the main process
         self.hooks: list[TrainerHook] = list(getattr(setup, "hooks", []))
@@ -229,6 +242,9 @@ class Trainer:
     def _micro_batches(self, start_step: int) -> Iterator[dict[str, Any]]:
         """Micro-batches from optimizer step ``start_step`` on, epoch after epoch, without end."""
         cfg, data = self.config, self.setup.train_data
+        if _is_stream(data):
+            yield from self._stream_batches()
+            return
         per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
         epoch, offset = divmod(start_step, steps_per_epoch(len(data), per_step))
         collate = self.setup.collate or _default_collate()
@@ -249,6 +265,34 @@ class Trainer:
             for batch in loader:
                 yield _to_device(batch, self.device)
             epoch, offset = epoch + 1, 0
+
+    def _stream_batches(self) -> Iterator[dict[str, Any]]:
+        """Micro-batches of a streamed dataset (WebDataset shards), this process's epochs one after another.
+
+        Processes read different shards, so their epochs end at different steps; each simply starts
+        its next epoch, which keeps every process stepping together. ``self._stream_position``
+        (epoch, batches handed out in it) is what a checkpoint records and a resume starts from.
+        """
+        cfg, data = self.config, self.setup.train_data
+        collate = self.setup.collate or _default_collate()
+        epoch, done = self._stream_position
+        while True:
+            data.set_epoch(epoch)
+            data.resume_from(done, cfg.batch_size)
+            loader = DataLoader(
+                data, batch_size=cfg.batch_size, drop_last=True, collate_fn=collate, num_workers=cfg.num_workers,
+                generator=torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch * 1_009 + self.dist.rank) % 2**63),
+                worker_init_fn=_seed_worker, pin_memory=self.device.type == "cuda",
+            )
+            got = 0
+            for batch in loader:
+                got += 1
+                self._stream_position = (epoch, done + got)  # counted when handed out: a checkpoint follows its step
+                yield _to_device(batch, self.device)
+            if got == 0 and done == 0:
+                raise UserError(f"process {self.dist.rank} read no full batch of {cfg.batch_size} from its shards; "
+                                "write more or smaller shards, or lower --batch-size / train.num_workers")
+            epoch, done = epoch + 1, 0
 
     # --- evaluation -----------------------------------------------------------------------
 
@@ -275,7 +319,8 @@ class Trainer:
                     batch = _to_device(batch, self.device)
                     n = next((len(v) for v in batch.values() if isinstance(v, torch.Tensor)), 1)
                     with self._autocast():
-                        loss, metrics = self.model.loss(batch)
+                        # under fsdp through the sharded root, whose hooks gather the parameters
+                        loss, metrics = self._forward(batch) if getattr(self, "_fsdp", False) else self.model.loss(batch)
                     for k, v in {"loss": loss, **metrics}.items():
                         sums[k] = sums.get(k, 0.0) + _float(v) * n
                     count += n
@@ -288,6 +333,8 @@ class Trainer:
     def _autocast(self):
         if self.config.amp == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.config.amp == "fp16":
+            return torch.autocast(self.device.type, dtype=torch.float16)
         return contextlib.nullcontext()
 
     # --- the loop -------------------------------------------------------------------------
@@ -308,12 +355,26 @@ class Trainer:
         cfg, setup, is_main = self.config, self.setup, self.dist.is_main
         if not hasattr(self.model, "loss"):
             raise TypeError(f"{type(self.model).__name__} has no loss(batch) method")
-        if isinstance(setup.train_data, IterableDataset) or not hasattr(setup.train_data, "__len__"):
-            raise UserError("the trainer needs a map-style training dataset (__len__ and __getitem__): "
-                            "its data order is a seeded permutation of indices, which is what makes resume exact")
+        if _is_stream(setup.train_data):
+            self._check_stream(setup.train_data)
+        elif isinstance(setup.train_data, IterableDataset) or not hasattr(setup.train_data, "__len__"):
+            raise UserError("the trainer needs a map-style training dataset (__len__ and __getitem__), whose data "
+                            "order is a seeded permutation of indices, or a stream with set_epoch and resume_from")
+        self._stream_position = (0, 0)
         ckpt.check_run_folder(self.out, self.resume)
         model = self.model.to(self.device)
         model.train()
+        self._fsdp = cfg.parallel == "fsdp"
+        blocks = fsdp.find_blocks(model) if self._fsdp or cfg.activation_checkpointing else []
+        if self._fsdp:
+            self._check_fsdp(blocks)
+        if cfg.activation_checkpointing:
+            fsdp.checkpoint_activations(blocks)
+        self._scaler = self._fp16_scaler(model) if cfg.amp == "fp16" else None
+        forward = _LossForward(model)
+        if self._fsdp:  # before the optimizer: fully_shard turns the parameters into DTensor shards in place
+            self._replicated = fsdp.shard(forward, blocks, self.device, cfg.fsdp_mixed_precision)
+        self._forward = forward
         optimizer = torch.optim.AdamW(
             param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
@@ -339,10 +400,11 @@ class Trainer:
                 logger.close()
             return {"step": float(start)}
 
-        forward = distributed.wrap_ddp(
-            _LossForward(model), self.dist, self.device, cfg.ddp_find_unused,
-            powersgd=(cfg.powersgd_rank, cfg.powersgd_start) if cfg.ddp_comm == "powersgd" else None,
-        )
+        if not self._fsdp:
+            forward = distributed.wrap_ddp(
+                forward, self.dist, self.device, cfg.ddp_find_unused,
+                powersgd=(cfg.powersgd_rank, cfg.powersgd_start) if cfg.ddp_comm == "powersgd" else None,
+            )
         params = [p for g in optimizer.param_groups for p in g["params"]]
         batches = self._micro_batches(start)
         self._bar = self._progress_bar(start)
@@ -372,7 +434,7 @@ class Trainer:
             if setup.eval_data is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                 result.update(self._evaluate_and_log(model, done))
             if done % cfg.checkpoint_every == 0 or done == end:
-                self._checkpoint(model, optimizer, done, elapsed_before + time.perf_counter() - t0)
+                self._checkpoint(model, optimizer, done, elapsed_before + time.perf_counter() - t0, final=done == end)
         if self._bar is not None:
             self._bar.close()
         for logger in self._loggers:
@@ -411,8 +473,11 @@ class Trainer:
     def _evaluate_and_log(self, model: nn.Module, done: int) -> dict[str, float]:
         """Evaluate on the main process (plus what hooks measure); the others wait."""
         result: dict[str, float] = {}
-        if self.dist.is_main:
+        if self._fsdp:  # a sharded forward needs every process: all evaluate, rank 0 records
             ev = self.evaluate()
+        if self.dist.is_main:
+            if not self._fsdp:
+                ev = self.evaluate()
             for hook in self.hooks:
                 ev.update(hook.on_evaluate(model, done))
             ckpt.append_metrics(self.out, {"step": done, "split": "eval", **ev})
@@ -431,18 +496,36 @@ class Trainer:
             batch = next(batches)
             last = micro == cfg.grad_accum - 1
             # DDP all-reduces gradients in backward; skip that until the last micro-batch
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else forward.no_sync()
+            if self._fsdp:  # FSDP2's form of no_sync: keep unsharded grads until the last micro-batch
+                forward.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext()
+            else:
+                sync = contextlib.nullcontext() if last or not self.dist.enabled else forward.no_sync()
             with sync:
                 with self._autocast():
                     loss, metrics = forward(batch)
                 # mean over micro-batches: with a mean-reduced loss, k batches of b == one of k*b
-                (loss / cfg.grad_accum).backward()
+                scaled = self._scaler.scale_loss(loss) if self._scaler is not None else loss
+                (scaled / cfg.grad_accum).backward()
             for k, v in {"loss": loss, **metrics}.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + _float(v) / cfg.grad_accum
         if not math.isfinite(step_metrics["loss"]):
             raise FloatingPointError(f"loss is {step_metrics['loss']} at step {step}; lower the lr or check the data")
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure the norm, scale by 1
-        step_metrics["grad_norm"] = _float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if self._scaler is not None:  # fp16: a step with inf/nan gradients is skipped and counted
+            def clip() -> None:
+                step_metrics["grad_norm"] = _float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+            step_metrics["grad_norm"] = float("nan")
+            self._scaler.step(optimizer, before_step=clip)
+            step_metrics["skipped_steps"] = float(self._scaler.skipped)
+            optimizer.zero_grad(set_to_none=True)
+            return step_metrics
+        if self._fsdp:
+            fsdp.average_replicated_grads(self._replicated)
+            step_metrics["grad_norm"] = _float(fsdp.clip_grad_norm(params, max_norm))
+        else:
+            step_metrics["grad_norm"] = _float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return step_metrics
@@ -450,19 +533,33 @@ class Trainer:
     def _restore(self, model: nn.Module, optimizer) -> tuple[int, float]:
         """Load the checkpoint in the run folder: weights, optimizer, this process's RNG."""
         cfg = self.config
-        state, hook_state = ckpt.load_checkpoint(self.out, model)
+        where = ckpt.checkpoint_dir(self.out)
+        if sharded.is_sharded(where):  # written by an fsdp run, with any number of processes
+            state, hook_state = ckpt.load_trainer_state(self.out), {}
+            sharded.load_sharded(where, model, optimizer)
+        elif self._fsdp:
+            raise UserError(f"{self.out}: an fsdp run resumes from sharded checkpoints; this one was written by a "
+                            "ddp or single-process run (resume it with parallel = \"ddp\")")
+        else:
+            state, hook_state = ckpt.load_checkpoint(self.out, model)
+            try:
+                optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{self.out}: the checkpoint's optimizer state does not fit this model ({e})") from e
         for hook in self.hooks:
             hook.load_state_dict(hook_state.get(hook.name))
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{self.out}: the checkpoint's optimizer state does not fit this model ({e})") from e
         start = int(state["step"])
         saved_per_step = state.get("data", {}).get("items_per_step")
         per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
         if saved_per_step is not None and saved_per_step != per_step and self.dist.is_main:
             print(f"warning: the checkpoint took {saved_per_step} items a step, this run takes {per_step}; "
                   "the data order will differ from an uninterrupted run", file=sys.stderr)
+        streams = state.get("data", {}).get("stream")
+        if streams is not None:
+            if len(streams) == self.dist.world_size:
+                self._stream_position = (int(streams[self.dist.rank][0]), int(streams[self.dist.rank][1]))
+            else:  # shards are dealt to processes anew: each starts the furthest epoch afresh
+                self._stream_position = (max(int(e) for e, _ in streams) + 1, 0)
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
             ckpt.restore_rng(rngs[self.dist.rank])
@@ -471,6 +568,44 @@ class Trainer:
                   "reseeding", file=sys.stderr)
             self._seed(cfg.seed + start)
         return start, float(state.get("elapsed", 0.0))
+
+    def _fp16_scaler(self, model: nn.Module):
+        """DALL-E's per-resblock gradient scaling (train/grad_scaling.py), as a hook so it is checkpointed."""
+        from cvformers.train.grad_scaling import PerBlockGradScaler
+
+        if self.device.type != "cuda":
+            raise UserError("[train] amp = \"fp16\" is for CUDA GPUs; use amp = \"none\" (or \"bf16\") on this device")
+        if self.config.parallel == "fsdp":
+            raise UserError("[train] amp = \"fp16\" goes with parallel = \"ddp\"; fsdp has its own mixed precision "
+                            "(fsdp_mixed_precision)")
+        scaler = PerBlockGradScaler(model, fsdp.find_blocks(model), world_size=self.dist.world_size)
+        self.hooks.append(scaler)
+        return scaler
+
+    def _check_fsdp(self, blocks: list[nn.Module]) -> None:
+        fsdp.fsdp2()  # torch too old: one line, before anything is sharded
+        if not self.dist.enabled:
+            raise UserError("[train] parallel = \"fsdp\" shards the model across processes: launch with torchrun "
+                            "and 2 or more processes (docs/scale.md), or use parallel = \"ddp\"")
+        stateful = [h.name for h in self.hooks if not isinstance(h, CheckpointCallback)]
+        if stateful:
+            raise UserError(f"parallel = \"fsdp\" does not yet carry trainer hooks ({', '.join(stateful)}: an EMA or a "
+                            "teacher would need sharding too); use parallel = \"ddp\"")
+        if not blocks and self.dist.is_main:
+            print(f"warning: {type(self.model).__name__} has no block list (nn.ModuleList); fsdp shards it as one unit, "
+                  "which gathers the whole model at once", file=sys.stderr)
+        if any(isinstance(h, CheckpointCallback) for h in self.hooks) and self.dist.is_main:
+            print("note: under fsdp no samples are drawn at checkpoints; draw them from the exported "
+                  "model.safetensors (cvformers export RUN)", file=sys.stderr)
+
+    def _check_stream(self, data: Any) -> None:
+        """Every process and DataLoader worker needs a shard of its own (``split_by_node``, ``split_by_worker``)."""
+        readers = self.dist.world_size * max(1, self.config.num_workers)
+        urls = getattr(data, "urls", None)
+        if urls is not None and len(urls) < readers:
+            raise UserError(f"{len(urls)} training shard(s) for {self.dist.world_size} process(es) x "
+                            f"{max(1, self.config.num_workers)} worker(s): each reader needs a shard of its own; "
+                            "write more, smaller shards (cvformers data shards --shard-size)")
 
     def _seed(self, seed: int) -> None:
         # each process its own stream (different dropout masks per shard), reproducible
@@ -486,17 +621,32 @@ class Trainer:
 
         return tqdm(total=self.config.steps, initial=start, unit="step", dynamic_ncols=True)
 
-    def _checkpoint(self, model: nn.Module, optimizer, step: int, elapsed: float) -> None:
+    def _checkpoint(self, model: nn.Module, optimizer, step: int, elapsed: float, final: bool = False) -> None:
         cfg = self.config
         per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
-        epoch, offset = divmod(step, steps_per_epoch(len(self.setup.train_data), per_step))
+        if _is_stream(self.setup.train_data):
+            # one (epoch, batches) per process, in rank order: streams are positioned per process
+            streams = distributed.gather_objects(list(self._stream_position), self.dist)
+            data_state: dict[str, Any] = {"stream": streams, "items_per_step": per_step}
+        else:
+            epoch, offset = divmod(step, steps_per_epoch(len(self.setup.train_data), per_step))
+            data_state = {"epoch": epoch, "offset": offset, "items_per_step": per_step}
         rngs = distributed.gather_objects(ckpt.capture_rng(), self.dist)
+        if self._fsdp:
+            state = {"step": step, "rng": rngs, "data": data_state, "elapsed": elapsed}
+            sharded.save_sharded(self.out, model, optimizer, state, self.dist)
+            if final:  # the ordinary single file for generate / bundle / load_run, gathered from every process
+                full = sharded.gather_full_weights(model)
+                if self.dist.is_main:
+                    save_weights(full, self.out / ckpt.WEIGHTS, metadata={"step": str(step)})
+                distributed.barrier(self.dist)
+            return
         if self.dist.is_main:
             state = {
                 "step": step,
                 "optimizer": optimizer.state_dict(),
                 "rng": rngs,  # one entry per process, in rank order
-                "data": {"epoch": epoch, "offset": offset, "items_per_step": per_step},
+                "data": data_state,
                 "elapsed": elapsed,
             }
             hook_state = {h.name: sd for h in self.hooks if (sd := h.state_dict())}
