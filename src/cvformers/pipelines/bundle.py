@@ -100,7 +100,21 @@ def _run_part(model, src: Path, rel: str, extra: tuple[str, ...] = ()) -> Bundle
     its last logged evaluation in the weights' metadata (the model card of ``save_pretrained`` shows it)."""
     evaluation = last_evaluation(src)
     metadata = {LAST_EVAL_KEY: json.dumps(evaluation, sort_keys=True)} if evaluation else {}
-    return BundlePart(rel, model, {name: (src / name).read_bytes() for name in ("config.toml",) + extra}, metadata)
+    files = {name: (src / name).read_bytes() for name in ("config.toml",) + extra}
+    if "tokenizer.json" in files:
+        files["tokenizer.json"] = _tokenizer_as_written_now(files["tokenizer.json"])
+    return BundlePart(rel, model, files, metadata)
+
+
+def _tokenizer_as_written_now(data: bytes) -> bytes:
+    """A run's caption BPE in today's file layout (one Hugging Face ``tokenizers`` reads), whatever
+    layout the run wrote; a file that is not ours is copied as it is."""
+    from cvformers.text import BPETokenizer
+
+    try:
+        return BPETokenizer.from_bytes(data).to_bytes()
+    except UserError:
+        return data
 
 
 def _write_parts(root: Path, parts: list[BundlePart], dtype: torch.dtype | None) -> None:

@@ -292,7 +292,7 @@ def dalle_task(args: TaskArgs) -> TaskSetup:
         kind="dalle", model=DALLE(cfg), model_config=cfg, train_config=train_cfg,
         train_data=train_data, eval_data=eval_data, collate=text_collate(tokenizer),
         extra_config={"data": to_dict(data_cfg), "text": to_dict(text_cfg), "sampling": sampling_cfg.to_table(),
-                      "dalle": {"vae_source": str(vae_path), "vae_sha256": vae_hash}},
+                      "dalle": {"vae_source": str(args.vae or vae_path), "vae_sha256": vae_hash}},
         extra_files=extra_files,
         on_checkpoint=sample_writer(vae, tokenizer, prompts),
     )
