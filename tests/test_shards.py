@@ -161,3 +161,22 @@ def test_tasks_that_cache_per_item_refuse_a_stream(shards):
         indexed_data(ShardDataset(str(shards), image_size=16), "dalle")
     shapes = _source()
     assert indexed_data(shapes, "dalle") is shapes
+
+
+def test_two_ranks_with_two_workers_each_read_every_sample_once_per_epoch(shards, monkeypatch):
+    from torch.utils.data import DataLoader
+
+    from cvformers.data import collate
+
+    records = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        ds = ShardDataset(str(shards), split="train", image_size=16, shuffle_buffer=4)
+        for epoch in (0, 1):
+            ds.set_epoch(epoch)
+            loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate)
+            records.append([json.dumps(r, sort_keys=True) for batch in loader for r in batch["record"]])
+    src = sorted(json.dumps(_source()[i]["record"], sort_keys=True) for i in range(20))
+    for epoch in (0, 1):  # ranks 0 and 1 of one epoch: 4 readers, one shard each, every sample once
+        assert sorted(records[epoch] + records[2 + epoch]) == src
