@@ -191,3 +191,29 @@ def test_train_resume_and_sample_from_the_cli(tmp_path, capsys):
                            (["--label", "9"], r"labels must be in \[0, 4\)"), (["--label", "x"], "--label takes class ids")):
         assert cli.main(["sample", "ddpm", "--model", str(run), "--num", "2", "--out", str(out), *flags]) == 2
         assert message.replace("\\", "") in capsys.readouterr().err.replace("\\", "")
+
+
+def test_resblock_fused_norm_path_equals_the_module_by_module_formula():
+    """ResBlock's GroupNorm -> (scale, shift) -> in-place SiLU path against the plain formula, values
+    and gradients (the in-place SiLU must not corrupt what autograd saved)."""
+    import torch.nn.functional as F
+
+    from cvformers.nn.unet_blocks import ResBlock
+
+    torch.manual_seed(0)
+    block = ResBlock(8, 12, emb_dim=16, groups=4)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, emb = torch.randn(2, 8, 6, 6, requires_grad=True), torch.randn(2, 16)
+
+    def reference(x):
+        h = block.conv1(F.silu(block.norm1(x)))
+        scale, shift = block.emb_proj(F.silu(emb)).chunk(2, dim=1)
+        h = block.norm2(h) * (1 + scale[..., None, None]) + shift[..., None, None]
+        return block.skip(x) + block.conv2(F.silu(h))
+
+    want = reference(x)
+    (grad_want,) = torch.autograd.grad(want.square().sum(), x)
+    got = block(x, emb)
+    (grad_got,) = torch.autograd.grad(got.square().sum(), x)
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(grad_got, grad_want, atol=1e-4)
