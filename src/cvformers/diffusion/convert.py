@@ -65,7 +65,7 @@ _REQUIRED = {
 }
 
 
-def unet_config_from_diffusers(config: Mapping[str, Any], dropout: float = 0.0) -> UNetConfig:
+def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     """The ``UNetConfig`` of a diffusers ``UNet2DModel`` config (``model.config`` or its
     ``config.json``); a ``ConfigError`` names the first option that has no counterpart here."""
     c = {**_DEFAULTS, **{k: v for k, v in dict(config).items() if not k.startswith("_")}}
@@ -116,7 +116,7 @@ def unet_config_from_diffusers(config: Mapping[str, Any], dropout: float = 0.0) 
         image_size=size, in_channels=c["in_channels"], base_channels=base,
         channel_mults=tuple(w // base for w in widths), num_res_blocks=c["layers_per_block"],
         attention_resolutions=tuple(s for s, a in zip(sides, attn) if a), heads=heads.pop(),
-        dropout=dropout, num_classes=max(n_class - 1, 0), groups=c["norm_num_groups"], norm_eps=c["norm_eps"],
+        dropout=c["dropout"], num_classes=max(n_class - 1, 0), groups=c["norm_num_groups"], norm_eps=c["norm_eps"],
     )
 
 
