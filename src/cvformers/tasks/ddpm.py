@@ -11,9 +11,9 @@ labels the data has (MNIST / Fashion-MNIST classes, the shape of single-object `
 the sub-folder of a folder's images) with label dropout for classifier-free guidance; ``"none"``
 ignores them; ``"caption"`` reads each image's caption through a caption BPE learnt on the
 training captions (saved in the run as ``tokenizer.json``) and a small transformer text encoder
-(``cvformers.diffusion.caption``, GLIDE §2.3), with caption dropout for guidance. An EMA of the weights is kept by a trainer hook (saved and resumed with every
-checkpoint, published as ``ema.safetensors``) and every checkpoint writes ``samples.png`` from
-it with 25 DDIM steps: DDPM §4 reports samples from the EMA, decay 0.9999; a short CPU run
+(``cvformers.diffusion.caption``, GLIDE §2.3), with caption dropout for guidance. An EMA of the
+weights is kept by a trainer hook (saved and resumed with every checkpoint, published as
+``ema.safetensors``) and every checkpoint writes ``samples.png`` from it with 25 DDIM steps: DDPM §4 reports samples from the EMA, decay 0.9999; a short CPU run
 averages over fewer steps (``ema_decay`` 0.999 by default).
 """
 
