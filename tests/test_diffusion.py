@@ -188,6 +188,82 @@ def test_train_resume_and_sample_from_the_cli(tmp_path, capsys):
     assert Image.open(out).size == (4 * 16 + 5 * 2, 16 + 2 * 2)
     capsys.readouterr()
     for flags, message in ((["--sampler", "euler"], "unknown sampler"), (["--steps", "51"], "more than the 50 steps"),
-                           (["--label", "9"], r"labels must be in \[0, 4\)"), (["--label", "x"], "--label takes class ids")):
+                           (["--label", "9"], r"labels must be in \[0, 4\)"), (["--label", "x"], "--label takes class ids"),
+                           (["--prompt", "a red circle"], "not trained on captions")):
         assert cli.main(["sample", "ddpm", "--model", str(run), "--num", "2", "--out", str(out), *flags]) == 2
         assert message.replace("\\", "") in capsys.readouterr().err.replace("\\", "")
+
+
+def test_resblock_fused_norm_path_equals_the_module_by_module_formula():
+    """ResBlock's GroupNorm -> (scale, shift) -> in-place SiLU path against the plain formula, values
+    and gradients (the in-place SiLU must not corrupt what autograd saved)."""
+    import torch.nn.functional as F
+
+    from cvformers.nn.unet_blocks import ResBlock
+
+    torch.manual_seed(0)
+    block = ResBlock(8, 12, emb_dim=16, groups=4)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, emb = torch.randn(2, 8, 6, 6, requires_grad=True), torch.randn(2, 16)
+
+    def reference(x):
+        h = block.conv1(F.silu(block.norm1(x)))
+        scale, shift = block.emb_proj(F.silu(emb)).chunk(2, dim=1)
+        h = block.norm2(h) * (1 + scale[..., None, None]) + shift[..., None, None]
+        return block.skip(x) + block.conv2(F.silu(h))
+
+    want = reference(x)
+    (grad_want,) = torch.autograd.grad(want.square().sum(), x)
+    got = block(x, emb)
+    (grad_got,) = torch.autograd.grad(got.square().sum(), x)
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(grad_got, grad_want, atol=1e-4)
+
+
+# --- caption conditioning ---------------------------------------------------------------------------
+
+def test_caption_tokens_and_pooled_token_reach_the_unet_and_a_dropped_caption_is_zero():
+    from cvformers.diffusion.caption import CaptionDDPM, CaptionDDPMConfig
+
+    torch.manual_seed(0)
+    unet = {**TINY_UNET, "image_size": 16, "in_channels": 1}
+    model = CaptionDDPM(CaptionDDPMConfig(unet=unet, num_steps=50, vocab_size=20, text_len=5, text_width=8,
+                                          text_heads=2)).eval()
+    assert model.cfg.unet.context_dim == 8 and model.cfg.unet.cond_dim == 8
+    for p in model.unet.parameters():  # leave the zero-initialised start so the conditioning matters
+        torch.nn.init.normal_(p, std=0.05)
+    text = torch.tensor([[1, 2, 3, 15, 16], [4, 5, 14, 15, 16]])
+    inputs = model.caption_conditions(text, 2, keep=torch.tensor([True, False]))
+    assert inputs["context"].shape == (2, 5, 8) and torch.equal(inputs["cond"], inputs["context"][:, -1])
+    assert inputs["context"][1].abs().max() == 0 and inputs["context"][0].abs().max() > 0
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([10, 10])
+    with_text = model.unet(x, t, **model.caption_conditions(text, 2))
+    assert not torch.allclose(with_text[0], model.unet(x, t, **model.caption_conditions(None, 2))[0], atol=1e-4)
+    with pytest.raises(ValueError, match=r"caption ids must be in \[0, 20\)"):
+        model.caption_conditions(torch.full((1, 5), 20), 1)
+
+
+def test_caption_ddpm_trains_and_samples_from_a_prompt_on_the_cli(tmp_path, capsys):
+    from cvformers import cli
+
+    cfg = tmp_path / "caption.toml"
+    cfg.write_text("[model]\nnum_steps = 50\ntext_width = 16\ntext_heads = 2\n\n[model.unet]\n" + "\n".join(
+        f"{k} = {str(v).lower() if isinstance(v, bool) else v}" for k, v in TINY_UNET.items())
+        + "\n\n[data]\nsize = 64\neval_size = 16\nimage_size = 16\n\n"
+        + "[ddpm]\nsample_steps = 2\nconditional = \"caption\"\nbpe_vocab_size = 450\n"
+        + "\n[train]\nbatch_size = 8\ncheckpoint_every = 3\neval_every = 0\nlog_every = 1\nwarmup_steps = 1\n")
+    run = tmp_path / "run"
+    assert cli.main(["train", "ddpm", "--data", "shapes", "--out", str(run), "--config", str(cfg), "--steps", "3"]) == 0
+    assert (run / "tokenizer.json").is_file() and (run / "samples.png").is_file()
+    out = tmp_path / "grid.png"
+    base = ["sample", "ddpm", "--model", str(run), "--steps", "3", "--num", "2", "--out", str(out), "--tile-size", "0"]
+    assert cli.main([*base, "--prompt", "a red circle above a blue square", "--guidance", "3"]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (2 * 16 + 3 * 2, 16 + 2 * 2)
+    capsys.readouterr()
+    for flags, message in ((["--prompt", "  "], "the prompt is empty"), (["--label", "1"], "give --prompt, not --label")):
+        assert cli.main([*base, *flags]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="never learnt the word"):
+        assert cli.main([*base, "--prompt", "a purple dragon"]) == 0

@@ -5,8 +5,8 @@ al. 2022, arXiv 2204.06125, §2.1), and its upsampler (the same section's diffus
 twice, as the paper says: "projecting and adding CLIP embeddings to the existing timestep
 embedding, and by projecting CLIP embeddings into four extra tokens of context that are
 concatenated to the sequence of outputs from the GLIDE text encoder". The caption goes through a
-small transformer text encoder of the decoder's own (GLIDE §2.3) whose outputs every attention
-layer of the U-Net reads. Classifier-free guidance: in training "randomly setting the CLIP
+small transformer text encoder of the decoder's own (GLIDE §2.3; ``CaptionDDPM``'s, which this
+model extends) whose outputs every attention layer of the U-Net reads. Classifier-free guidance: in training "randomly setting the CLIP
 embeddings to zero (or a learned embedding) 10% of the time, and randomly dropping the text
 caption 50% of the time"; here a dropped embedding is the zero vector and a dropped caption is
 all-zero context rows. Sampling with guidance s mixes the prediction with both conditions and the
@@ -35,58 +35,43 @@ from einops import rearrange
 from torch import nn
 
 from cvformers.config import ConfigError
+from cvformers.diffusion.caption import CaptionDDPM, CaptionDDPMConfig
 from cvformers.diffusion.model import DDPM, DDPMConfig
 from cvformers.diffusion.prior import clip_space
 from cvformers.diffusion.samplers import DiffusionSamplingConfig
-from cvformers.models.clip_visual import ClipTransformer
 from cvformers.registry import register_kind
 
 
 @dataclass
-class DecoderConfig(DDPMConfig):
-    """The ``[model]`` table of an unCLIP decoder run (a DDPM whose U-Net reads a CLIP embedding)."""
+class DecoderConfig(CaptionDDPMConfig):
+    """The ``[model]`` table of an unCLIP decoder run (a caption DDPM whose U-Net also reads a CLIP embedding)."""
 
     clip_dim: int = 64  # width of the CLIP image embedding (fixed by the CLIP run)
     clip_tokens: int = 4  # context tokens projected from the embedding (paper: four)
     vocab_size: int = 470  # caption token ids (the CLIP run's BPE); 0: no caption input
-    text_len: int = 32  # caption length in tokens
-    text_width: int = 64  # width of the caption encoder = the U-Net's context width
-    text_layers: int = 1  # transformer blocks of the caption encoder
-    text_heads: int = 2  # attention heads of the caption encoder
     emb_drop_prob: float = 0.1  # share of training images whose CLIP embedding is zeroed (paper: 10%)
     caption_drop_prob: float = 0.5  # share of training captions dropped (paper: 50%)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("clip_dim", "clip_tokens", "text_len", "text_width", "text_layers", "text_heads"):
+        for name in ("clip_dim", "clip_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.text_width % self.text_heads:
-            raise ConfigError(f"model.text_heads ({self.text_heads}) must divide model.text_width ({self.text_width})")
-        for name in ("emb_drop_prob", "caption_drop_prob"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.unet.num_classes:
-            raise ConfigError("an unCLIP decoder is conditioned on CLIP embeddings, not labels: remove model.unet.num_classes")
-        # the U-Net's conditioning widths follow from the embedding and the caption encoder
-        self.unet.cond_dim, self.unet.context_dim = self.clip_dim, self.text_width
+        if not 0.0 <= self.emb_drop_prob < 1.0:
+            raise ConfigError(f"model.emb_drop_prob must be in [0, 1), got {self.emb_drop_prob}")
+        # the cond vector is the CLIP embedding here (not the pooled caption, see the module's departures)
+        self.unet.cond_dim = self.clip_dim
 
 
 @register_kind("unclip_decoder", DecoderConfig)
-class UnCLIPDecoder(DDPM):
+class UnCLIPDecoder(CaptionDDPM):
     """``loss(batch)`` (batch: ``image``, ``clip_image``, ``text``); ``sample(embeddings, text)``."""
 
     cfg: DecoderConfig
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__(cfg)
-        w = cfg.text_width
-        self.clip_to_tokens = nn.Linear(cfg.clip_dim, cfg.clip_tokens * w)
-        if cfg.vocab_size:
-            self.token_embedding = nn.Embedding(cfg.vocab_size, w)
-            self.positional_embedding = nn.Parameter(torch.randn(cfg.text_len, w) * 0.01)
-            self.text_encoder = ClipTransformer(w, cfg.text_layers, cfg.text_heads)
-            self.text_ln = nn.LayerNorm(w)
+        self.clip_to_tokens = nn.Linear(cfg.clip_dim, cfg.clip_tokens * cfg.text_width)
 
     def conditions(self, embedding: torch.Tensor, text: torch.Tensor | None,
                    keep_embedding: torch.Tensor | None = None,
@@ -99,16 +84,7 @@ class UnCLIPDecoder(DDPM):
             z = z * keep_embedding.view(b, 1).to(z.dtype)
         context = rearrange(self.clip_to_tokens(z), "b (n w) -> b n w", n=self.cfg.clip_tokens)
         if self.cfg.vocab_size:
-            if text is None:
-                captions = z.new_zeros(b, self.cfg.text_len, self.cfg.text_width)
-            else:
-                if text.shape[1] != self.cfg.text_len:
-                    raise ValueError(f"text has {text.shape[1]} tokens, the decoder expects {self.cfg.text_len}")
-                h = self.text_encoder(self.token_embedding(text) + self.positional_embedding)
-                captions = self.text_ln(h)
-                if keep_text is not None:
-                    captions = captions * keep_text.view(b, 1, 1).to(captions.dtype)
-            context = torch.cat([context, captions], dim=1)
+            context = torch.cat([context, self.encode_captions(text, b, keep_text)], dim=1)
         return {"cond": z, "context": context}
 
     def training_inputs(self, batch: dict, x0: torch.Tensor) -> dict[str, torch.Tensor]:

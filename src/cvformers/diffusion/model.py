@@ -105,11 +105,12 @@ class DDPM(nn.Module):
         with the condition dropped) run as one batch and are mixed in ε (Ho & Salimans eq. 6)."""
         if guidance != 1.0 and null is None:
             raise ConfigError("guidance needs a conditional model; this one was trained without a condition")
+        # the conditional and null rows of the conditioning are the same at every step: join them once
+        both = {k: torch.cat([cond[k], null[k]]) for k in cond} if guidance != 1.0 else {}
 
         def denoise(xt: torch.Tensor, t: torch.Tensor):
             if guidance == 1.0:
                 return self.predict(xt, t, self.unet(xt, t, **cond))
-            both = {k: torch.cat([cond[k], null[k]]) for k in cond}
             out = self.unet(torch.cat([xt, xt]), torch.cat([t, t]), **both)
             x0_c, eps_c = self.predict(xt, t, out[: len(xt)])
             x0_u, eps_u = self.predict(xt, t, out[len(xt):])
@@ -143,7 +144,7 @@ class DDPM(nn.Module):
         return samplers.ddim_sample(denoise, self.schedule, x, steps=s.steps, eta=s.eta, clip=s.clip,
                                     generator=generator, progress=progress)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all: no_grad still counts tensor versions
     def sample(self, n: int, sampling: DiffusionSamplingConfig | None = None, labels: torch.Tensor | None = None,
                generator: torch.Generator | None = None,
                progress: Callable[[Iterable], Iterable] | None = None) -> torch.Tensor:

@@ -31,10 +31,13 @@ Conditioning (all optional, all added to the timestep embedding or read by atten
   the low-resolution image (upsampled to H×W) that a super-resolution model is conditioned on
   (SR3, Saharia et al. 2021; unCLIP's upsamplers, §2.1).
 
-Departures from the DDPM reference: several attention heads instead of one (guided-diffusion's
-choice), PyTorch's default initialisation instead of TF's fan-average uniform one (as
-guided-diffusion), and GroupNorm falls back to fewer than 32 groups for narrow widths.
-ADM's scale-shift norm and BigGAN resampling blocks (Dhariwal & Nichol 2021) are not included.
+Departures from the DDPM reference: the timestep reaches each ResBlock as the scale and shift of
+its second GroupNorm (ADM's adaptive group norm, see ``ResBlock`` for why), several attention
+heads instead of one (guided-diffusion's choice), PyTorch's default initialisation instead of TF's
+fan-average uniform one (as guided-diffusion), and GroupNorm falls back to fewer than 32 groups
+for narrow widths. ADM's BigGAN resampling blocks (Dhariwal & Nichol 2021) are not included.
+The layout and the state dict map one to one onto diffusers' ``UNet2DModel`` with
+``resnet_time_scale_shift="scale_shift"`` (``cvformers.diffusion.convert``).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from cvformers.nn.unet_blocks import (
     SpatialSelfAttention,
     Upsample,
     group_norm,
+    norm_silu,
     timestep_embedding,
 )
 
@@ -70,6 +74,7 @@ class UNetConfig:
     context_dim: int = 0  # width of context tokens the attention layers may read; 0: none
     cond_channels: int = 0  # channels of an image concatenated to the input (super-resolution); 0: none
     groups: int = 32  # GroupNorm groups (fewer where a width is not divisible)
+    norm_eps: float = 1e-6  # GroupNorm epsilon (DDPM's TF code: 1e-6; diffusers' default: 1e-5)
 
     def __post_init__(self) -> None:
         self.channel_mults = tuple(self.channel_mults)  # a TOML / JSON list becomes a tuple
@@ -82,6 +87,8 @@ class UNetConfig:
                 raise ConfigError(f"unet.{name} must be >= 0, got {getattr(self, name)}")
         if not self.channel_mults or min(self.channel_mults) < 1:
             raise ConfigError(f"unet.channel_mults must be a non-empty list of integers >= 1, got {self.channel_mults}")
+        if not self.norm_eps > 0.0:
+            raise ConfigError(f"unet.norm_eps must be > 0, got {self.norm_eps}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"unet.dropout must be in [0, 1), got {self.dropout}")
         if self.image_size % self.min_side_divisor:
@@ -140,9 +147,9 @@ class Middle(nn.Module):
 
     def __init__(self, ch: int, cfg: UNetConfig):
         super().__init__()
-        self.res1 = ResBlock(ch, ch, cfg.emb_dim, cfg.dropout, cfg.groups)
-        self.attn = SpatialSelfAttention(ch, cfg.heads, cfg.context_dim, cfg.groups)
-        self.res2 = ResBlock(ch, ch, cfg.emb_dim, cfg.dropout, cfg.groups)
+        self.res1 = ResBlock(ch, ch, cfg.emb_dim, cfg.dropout, cfg.groups, cfg.norm_eps)
+        self.attn = SpatialSelfAttention(ch, cfg.heads, cfg.context_dim, cfg.groups, cfg.norm_eps)
+        self.res2 = ResBlock(ch, ch, cfg.emb_dim, cfg.dropout, cfg.groups, cfg.norm_eps)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         return self.res2(self.attn(self.res1(h, emb), context), emb)
@@ -160,9 +167,9 @@ class UNet(nn.Module):
         self.cond_proj = nn.Linear(cfg.cond_dim, emb_dim) if cfg.cond_dim > 0 else None
 
         def block(in_ch: int, out_ch: int, side: int) -> ResAttnBlock:
-            attn = (SpatialSelfAttention(out_ch, cfg.heads, cfg.context_dim, cfg.groups)
+            attn = (SpatialSelfAttention(out_ch, cfg.heads, cfg.context_dim, cfg.groups, cfg.norm_eps)
                     if side in cfg.attention_resolutions else None)
-            return ResAttnBlock(ResBlock(in_ch, out_ch, emb_dim, cfg.dropout, cfg.groups), attn)
+            return ResAttnBlock(ResBlock(in_ch, out_ch, emb_dim, cfg.dropout, cfg.groups, cfg.norm_eps), attn)
 
         # --- down path: remember the width of every tensor that will be kept as a skip --------
         self.input_conv = nn.Conv2d(cfg.in_channels + cfg.cond_channels, base, 3, padding=1)
@@ -196,7 +203,7 @@ class UNet(nn.Module):
         out_conv = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
         nn.init.zeros_(out_conv.weight)
         nn.init.zeros_(out_conv.bias)
-        self.out = nn.Sequential(group_norm(ch, cfg.groups), nn.SiLU(), out_conv)
+        self.out = nn.Sequential(group_norm(ch, cfg.groups, cfg.norm_eps), nn.SiLU(), out_conv)
 
     def embed(self, t: torch.Tensor, labels: torch.Tensor | None = None,
               cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -252,4 +259,5 @@ class UNet(nn.Module):
                 h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
             if level.resample is not None:
                 h = level.resample(h)
-        return self.out(h)
+        norm, _, out_conv = self.out
+        return out_conv(norm_silu(norm, h))
