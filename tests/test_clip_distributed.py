@@ -50,3 +50,22 @@ def test_gathered_loss_matches_global_batch(tmp_path):
     assert abs(got["loss"].item() - loss.item()) < 1e-5
     for name, p in model.named_parameters():
         assert torch.allclose(got["grads"][name], p.grad, atol=1e-5, rtol=1e-5), name
+
+
+def test_powersgd_trains_clip_whose_temperature_is_a_scalar(tmp_path):
+    # torch's PowerSGD hook views every gradient as a matrix; CLIP's logit scale is 0-dim
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[data]\nsize = 64\neval_size = 16\n[text]\nbpe_train_captions = 200\n[train]\nsteps = 4\n"
+                   "batch_size = 8\nlog_every = 1\neval_every = 0\nwarmup_steps = 0\nddp_comm = \"powersgd\"\n"
+                   "powersgd_start = 2\n")
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "cvformers", "train", "clip", "--data", "shapes", "--out", str(out), "--config", str(cfg)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"split": "train"' in line]
+    assert len(steps) == 4  # steps 3 and 4 ran with compression on

@@ -140,8 +140,20 @@ def wrap_ddp(
         state = powerSGD_hook.PowerSGDState(
             process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=max(2, start)
         )
-        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        ddp.register_comm_hook(state, _powersgd_with_scalars)
     return ddp
+
+
+def _powersgd_with_scalars(state, bucket):
+    """torch's PowerSGD hook, except for a bucket holding a 0-dim gradient (CLIP's temperature):
+    the hook views every gradient as a matrix and fails on those, so such a bucket is all-reduced
+    whole. The step counter that starts compression moves on as the hook would move it."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    if any(grad.dim() == 0 for grad in bucket.gradients()):
+        state.maybe_increase_iter(bucket)
+        return default_hooks.allreduce_hook(state.process_group, bucket)
+    return powerSGD_hook.powerSGD_hook(state, bucket)
 
 
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
