@@ -198,3 +198,23 @@ def test_get_tokenizer_reads_the_clip_runs_tokenizer(clip_parts):
         cvformers.get_tokenizer("default/vae")
     with pytest.raises(UserError, match="not a CLIP"):
         cvformers.create_model_and_transforms("default/vae")
+
+
+def test_an_ema_saved_in_the_old_swin_layout_resumes_under_the_new_keys():
+    from safetensors.torch import load_file
+
+    from cvformers.loading import load_run
+    from cvformers.train.hooks import EMA, EMAConfig
+
+    model = load_run(OLD_SWIN_RUN)[0]
+    old = load_file(str(OLD_SWIN_RUN / "model.safetensors"))  # keys of the earlier layout
+    ema = EMA(EMAConfig(decay=0.9))
+    ema.load_state_dict({**{f"shadow.{k}": v for k, v in old.items() if v.is_floating_point()},
+                         "updates": torch.tensor(3)})
+    assert set(ema.shadow) != {k for k, v in model.state_dict().items() if v.is_floating_point()}
+    ema.on_fit_start(model)
+    tracked = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    assert set(ema.shadow) == set(tracked) and ema.updates == 3
+    for key, value in tracked.items():
+        torch.testing.assert_close(ema.shadow[key], value.float())
+    ema.after_step(model, 1)  # and it goes on averaging

@@ -100,8 +100,15 @@ class EMA(TrainerHook):
         return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
 
     def on_fit_start(self, model: nn.Module) -> None:
+        tracked = self._tracked(model)
         if not self.shadow:
-            self.shadow = {k: v.detach().float().clone() for k, v in self._tracked(model).items()}
+            self.shadow = {k: v.detach().float().clone() for k, v in tracked.items()}
+        elif set(self.shadow) != set(tracked):
+            from cvformers.loading import upgrade_keys
+
+            # an average saved before the model's keys moved (Swin to timm's layout) is renamed as
+            # its weights are when they load
+            self.shadow = upgrade_keys(model, self.shadow)
 
     def current_decay(self) -> float:
         d = self.config.decay
