@@ -245,14 +245,18 @@ def dalle_task(args: TaskArgs) -> TaskSetup:
     # evaluated batches for the eval split (the whole set when the run sees all of it)
     train_cfg = train_config_from(args, default_train_config())
     global_batch = train_cfg.batch_size * train_cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
-    drawn = {"train": train_cfg.steps * global_batch,
-             data_cfg.eval_split: (train_cfg.eval_batches * train_cfg.batch_size) or sys.maxsize}
+
+    def items_drawn(split: str) -> int:
+        if split == "train":  # also when the eval split is "train": one set of ids serves both
+            return train_cfg.steps * global_batch
+        return (train_cfg.eval_batches * train_cfg.batch_size) or sys.maxsize
+
     # captions do not change the images: the wording share is left out of the cache key
     image_data = {k: v for k, v in to_dict(data_cfg).items() if k != "paraphrase"}
 
     def split_data(split: str):
         source = indexed_data(build_from_config(data_cfg, split), "dalle")
-        items = items_needed(len(source), drawn[split], data_cfg.seed)
+        items = items_needed(len(source), items_drawn(split), data_cfg.seed)
         subset = None if items is None else len(items)
         key = hashlib.sha256(json.dumps([vae_hash, image_data, split] + ([subset] if subset else []),
                                         sort_keys=True).encode()).hexdigest()
