@@ -1,6 +1,9 @@
 """OpenClipart caption-folder builder on a synthetic mini tree (never the real packages)."""
 
+import shutil
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from cvformers.cli import main
@@ -118,3 +121,41 @@ def test_a_collection_title_gives_way_to_the_file_name(tmp_path):
     assert captions["clipart_birds_gallo"].splitlines() == ["bird", "clip art of bird", "bird: rooster"]
     assert "2004" not in "".join(captions.values()) and "hash" not in "".join(captions.values())
     assert "2004" not in "".join(captions.values()) and "collection" not in "".join(captions.values()).lower()
+
+
+def _svg_only(root, rel, title, body):
+    svg = root / "svg" / f"{rel}.svg"
+    svg.parent.mkdir(parents=True, exist_ok=True)
+    svg.write_text(SVG.format(title=title, keywords="").replace('<rect width="10" height="10"/>', body))
+
+
+@pytest.mark.skipif(shutil.which("rsvg-convert") is None, reason="needs librsvg2-bin (.ci/run installs it)")
+def test_svg_drawn_where_the_png_is_broken_or_small(tmp_path):
+    src = tmp_path / "src"
+    _svg_only(src, "a/broken", "Green square", '<rect width="20" height="20" fill="#00c800"/>')
+    (src / "png/a").mkdir(parents=True)
+    (src / "png/a/broken.png").write_bytes(b"\x89PNG not really")
+    _svg_only(src, "a/tiny", "Blue disc", '<circle cx="50" cy="50" r="40" fill="#0000c8"/>')
+    Image.new("RGB", (6, 6), (0, 0, 200)).save(src / "png/a/tiny.png")  # 6 px: blown up it would be blocks
+    out = tmp_path / "out"
+    stats = build_openclipart(out, image_size=32, png_root=src / "png", svg_root=src / "svg", emoji_font=None)
+    assert stats.written == 2 and stats.svg_rendered == 2 and stats.unreadable == 1
+    green = np.asarray(Image.open(out / "clipart_a_broken.png")).astype(int)
+    assert (green[..., 1] > 150).mean() > 0.8 and (green[..., 0] < 60).mean() > 0.8
+    disc = np.asarray(Image.open(out / "clipart_a_tiny.png")).astype(int)
+    # a disc drawn from its outline: white corners, blue centre (the 6 px PNG was a full square)
+    assert disc[0, 0].min() >= 240 and disc[16, 16, 2] > 150 and disc[16, 16, 0] < 60
+
+
+def test_without_rsvg_small_pngs_are_kept_and_said(tmp_path, monkeypatch):
+    import cvformers.data.openclipart as oc
+
+    monkeypatch.setattr(oc, "RSVG", "no-such-rsvg-convert")
+    src = tmp_path / "src"
+    _art(src, "a/small", (200, 0, 0), "Red thing", size=(20, 20))
+    (src / "png/a/broken.png").write_bytes(b"not a png")
+    _svg_only(src, "a/broken", "Green square", '<rect width="20" height="20" fill="#00c800"/>')
+    stats = build_openclipart(tmp_path / "out", image_size=32, png_root=src / "png", svg_root=src / "svg",
+                              emoji_font=None)
+    assert stats.written == 1 and stats.svg_rendered == 0 and stats.small_png == 1 and stats.unreadable == 1
+    assert any("librsvg2-bin" in note for note in stats.notes)

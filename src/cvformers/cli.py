@@ -381,8 +381,9 @@ def _cmd_data_openclipart(args) -> int:
                               emoji_font=None if args.no_emoji else EMOJI_FONT)
     print(f"wrote {stats.written} image-caption pairs to {stats.out} ({stats.clipart} clip art, "
           f"{stats.emoji} emoji); dropped {stats.duplicate_image} duplicate images, "
-          f"{stats.duplicate_caption} duplicate captions, {stats.no_caption} without a title, "
-          f"{stats.unreadable} unreadable or blank, {stats.too_large} too large; "
+          f"{stats.duplicate_caption} duplicate captions, {stats.no_caption} without a title; "
+          f"{stats.svg_rendered} drawn from the SVG (of {stats.unreadable} unreadable or blank PNGs, "
+          f"{stats.too_large} too large, the rest smaller than {args.image_size} px); "
           f"{stats.collection_titles} collection names as titles replaced by the file name, "
           f"{stats.foreign_titles} Italian or French titles replaced by the keywords")
     for note in stats.notes:

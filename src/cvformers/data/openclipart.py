@@ -7,6 +7,9 @@ Sources (Debian/Ubuntu: ``apt-get install openclipart-png openclipart-svg fonts-
 * ``/usr/share/openclipart/png/**.png`` — public-domain clip art; each picture's caption
   comes from the SVG at the same relative path under ``/usr/share/openclipart/svg/``: the
   work's ``<dc:title>`` and its keywords (``<dc:subject>`` … ``<rdf:li>``);
+* the SVG itself, drawn by librsvg's ``rsvg-convert`` (``apt-get install librsvg2-bin``) at 4x
+  ``image_size``, where the PNG is unreadable, blank, too large to decode, or its content is
+  smaller than ``image_size`` (a 48 px icon would be blown up blurred);
 * ``NotoColorEmoji.ttf`` — the colour bitmaps (CBDT table, read with ``fontTools``) of every
   single-code-point emoji, captioned with its Unicode name ("grinning face").
 
@@ -23,6 +26,7 @@ import hashlib
 import io
 import logging
 import re
+import shutil
 import unicodedata
 import warnings
 import xml.etree.ElementTree as ET
@@ -60,6 +64,8 @@ class BuildStats:
     foreign_titles: int = 0  # Italian or French titles: the keywords caption the picture instead
     collection_titles: int = 0  # a collection's name as title ("Lemon SVG theme"): the file name used instead
     unreadable: int = 0  # PNG that PIL could not decode, or blank
+    svg_rendered: int = 0  # pictures drawn from the SVG: PNG unusable, or its content smaller than image_size
+    small_png: int = 0  # PNG content smaller than image_size kept because the SVG could not be drawn
     too_large: int = 0  # PNG above MAX_PIXELS
     duplicate_image: int = 0
     duplicate_caption: int = 0
@@ -186,8 +192,9 @@ def emoji_captions(name: str) -> list[str]:
     return [name, f"an emoji of {with_article(name)}", f"{name} emoji"]
 
 
-def square_on_white(im, image_size: int, margin: float = 0.04):
-    """RGB(A) PIL image -> white square ``image_size`` with the content trimmed and centred."""
+def trimmed_on_white(im):
+    """RGB(A) PIL image -> its content composited onto white and trimmed to its bounding box
+    (RGB), or None for a blank picture."""
     from PIL import Image, ImageChops
 
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -197,13 +204,48 @@ def square_on_white(im, image_size: int, margin: float = 0.04):
     # bounding box of everything that is not (nearly) white
     diff = ImageChops.difference(im, Image.new("RGB", im.size, (255, 255, 255))).convert("L")
     box = diff.point(lambda v: 255 if v > 8 else 0).getbbox()
-    if box is None:
+    return None if box is None else im.crop(box)
+
+
+def square_on_white(im, image_size: int, margin: float = 0.04):
+    """RGB(A) PIL image -> white square ``image_size`` with the content trimmed and centred."""
+    from PIL import Image
+
+    im = trimmed_on_white(im)
+    if im is None:
         return None  # a blank picture
-    im = im.crop(box)
     side = int(max(im.size) * (1 + 2 * margin)) + 1
     canvas = Image.new("RGB", (side, side), (255, 255, 255))
     canvas.paste(im, ((side - im.size[0]) // 2, (side - im.size[1]) // 2))
     return canvas.resize((image_size, image_size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+RSVG = "rsvg-convert"  # librsvg's command line (Debian: librsvg2-bin)
+
+
+def render_svg(svg_path: Path, width: int, timeout: float = 30.0):
+    """The SVG drawn ``width`` px wide (aspect kept) by ``rsvg-convert``, as an RGBA PIL image, or
+    None when the command is missing, fails or takes longer than ``timeout`` seconds."""
+    import subprocess
+
+    from PIL import Image
+
+    exe = shutil.which(RSVG)
+    if exe is None or not svg_path.is_file():
+        return None
+    try:
+        done = subprocess.run([exe, "--width", str(width), "--keep-aspect-ratio", str(svg_path)],
+                              capture_output=True, timeout=timeout, check=False)
+    except (subprocess.TimeoutExpired, OSError):
+        return None
+    if done.returncode != 0 or not done.stdout:
+        return None
+    try:
+        im = Image.open(io.BytesIO(done.stdout))
+        im.load()
+    except Exception:  # PIL raises many types for broken data
+        return None
+    return im
 
 
 def iter_emoji(font_path: Path):
@@ -286,6 +328,7 @@ def build_openclipart(out: str | Path, image_size: int = 64, png_root: str | Pat
         if is_foreign(meta[0]) and meta[1]:  # "Gallo di profilo" -> its keywords: "bird"
             meta = (meta[1][0], meta[1][1:])
             stats.foreign_titles += 1
+        content = None  # the PNG's trimmed content, unless too large, unreadable or blank
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
@@ -293,18 +336,27 @@ def build_openclipart(out: str | Path, image_size: int = 64, png_root: str | Pat
             with im:
                 if im.size[0] * im.size[1] > MAX_PIXELS:  # a few posters would take GBs to decode
                     stats.too_large += 1
-                    continue
-                im.load()
-                square = square_on_white(im, image_size)
+                else:
+                    im.load()
+                    content = trimmed_on_white(im)
+                    if content is None:
+                        stats.unreadable += 1
         except Image.DecompressionBombError:
             stats.too_large += 1
-            continue
         except Exception:  # PIL raises many types for broken files
             stats.unreadable += 1
+        if content is None or max(content.size) < image_size:
+            # missing, too large or smaller than the output: draw the SVG at 4x the output instead
+            drawn = render_svg(svg_root / png.relative_to(png_root).with_suffix(".svg"), 4 * image_size)
+            drawn = trimmed_on_white(drawn) if drawn is not None else None
+            if drawn is not None:
+                content = drawn
+                stats.svg_rendered += 1
+            elif content is not None:
+                stats.small_png += 1
+        if content is None:
             continue
-        if square is None:
-            stats.unreadable += 1
-            continue
+        square = square_on_white(content, image_size)
         stem = "clipart_" + "_".join(rel.parts)
         stats.clipart += emit(stem, square, clipart_captions(*meta))
 
@@ -319,6 +371,9 @@ def build_openclipart(out: str | Path, image_size: int = 64, png_root: str | Pat
                 if square is not None:
                     stats.emoji += emit("emoji_" + re.sub(r"[^a-z0-9]+", "_", name).strip("_"), square,
                                         emoji_captions(name))
+    if stats.small_png and shutil.which(RSVG) is None:
+        stats.notes.append(f"{stats.small_png} pictures kept from PNGs smaller than {image_size} px: "
+                           f"install librsvg2-bin ({RSVG}) to draw them from their SVGs")
     if stats.written == 0:
         raise UserError(f"no captioned pictures found under {png_root}")
     log.info("openclipart folder %s: %s", out, stats)
