@@ -216,6 +216,36 @@ def _cmd_eval_knn(args) -> int:
     return 0
 
 
+def _add_eval_generation(esub) -> None:
+    p = esub.add_parser("generation", help="generated images against held-out caption-folder pairs: FD on CLIP "
+                                           "features and CLIP R-precision")
+    p.add_argument("--model", required=True, help="dalle or unclip run folder or bundle trained on a caption folder")
+    p.add_argument("--clip", default=None, help="CLIP run that judges (default: the CLIP the model carries)")
+    p.add_argument("--data", default=None, help="folder:PATH (default: the model's own training data)")
+    p.add_argument("--holdout", type=float, default=None, help="held-out share of --data (default: the model's)")
+    p.add_argument("--split", default="test", help="the held-out split")
+    p.add_argument("--limit", type=int, default=0, help="use the first N held-out pairs (0: all)")
+    p.add_argument("--candidates", type=int, default=1, help="images drawn per caption; > 1: CLIP keeps the best")
+    p.add_argument("--distractors", type=int, default=99, help="other captions each image is ranked against")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of the first caption; caption i uses seed + i")
+    p.add_argument("--device", default="cpu", type=_device, help="cpu | cuda")
+    p.set_defaults(func=_cmd_eval_generation)
+
+
+def _cmd_eval_generation(args) -> int:
+    import json
+
+    from cvformers.eval.heldout_generation import HeldoutGenerationConfig, evaluate_heldout_generation
+
+    if args.holdout is not None and not 0 < args.holdout < 1:
+        raise UserError(f"--holdout must be between 0 and 1, got {args.holdout}")
+    config = HeldoutGenerationConfig(split=args.split, limit=args.limit, candidates=args.candidates,
+                                     distractors=args.distractors, seed=args.seed)
+    print(json.dumps(evaluate_heldout_generation(args.model, args.clip, args.data, args.holdout, config,
+                                                 device=args.device)))
+    return 0
+
+
 # `cvformers eval WHAT`: each evaluation adds itself here
 def _add_eval_fidelity(esub) -> None:
     p = esub.add_parser("fidelity", help="caption fidelity of generated shapes (and the CLIP reranking gain)")
@@ -281,7 +311,7 @@ def _cmd_eval_fidelity(args) -> int:
     return 0
 
 
-_EVAL_COMMANDS = [_add_eval_fidelity, _add_eval_retrieval, _add_eval_classifier, _add_eval_knn]
+_EVAL_COMMANDS = [_add_eval_fidelity, _add_eval_generation, _add_eval_retrieval, _add_eval_classifier, _add_eval_knn]
 
 
 def _add_eval(sub) -> None:
