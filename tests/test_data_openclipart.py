@@ -159,3 +159,14 @@ def test_without_rsvg_small_pngs_are_kept_and_said(tmp_path, monkeypatch):
                               emoji_font=None)
     assert stats.written == 1 and stats.svg_rendered == 0 and stats.small_png == 1 and stats.unreadable == 1
     assert any("librsvg2-bin" in note for note in stats.notes)
+
+
+def test_a_title_made_of_the_authors_name_gives_way_to_the_keywords(tmp_path):
+    svg = tmp_path / "bug.svg"
+    svg.write_text(SVG.format(title="C Rollandin Francesco", keywords="<rdf:li>Architetto Francesco Rollandin</rdf:li>"
+                              "<rdf:li>insect</rdf:li><rdf:li>ant</rdf:li>")
+                   .replace("Jane Artist", "Architetto Francesco Rollandin"))
+    assert svg_caption(svg) == ("insect", ["ant"])
+    svg.write_text(SVG.format(title="Francesco", keywords="<rdf:li>insect</rdf:li>")
+                   .replace("Jane Artist", "Architetto Francesco Rollandin"))
+    assert svg_caption(svg) == ("Francesco", ["insect"])  # one shared word is not yet a name

@@ -149,15 +149,24 @@ def svg_caption(svg_path: Path) -> tuple[str, list[str]] | None:
     # "Clipart by Nicu Buculei - bee" -> "bee"
     title = re.sub(r"^\s*clip\s*art\s+by\s+[^-]+-\s*", "", _clean(title or ""), flags=re.I)
     raw_title, title = title, clean_title(title)
-    if title.lower() in people or not (title or _COLLECTION.match(_TIMESTAMP.sub("", raw_title).strip())):
-        return None  # no title, or an author's name; a collection's marker leaves "" (the file name says more)
     seen, kws = {title.lower()} | people, []
     for k in keywords:
         k = clean_title(_clean(k)).lower()
         if k and k not in seen and k not in _STOP_KEYWORDS and len(k) < 40:
             seen.add(k)
             kws.append(k)
+    if _is_name(title, people):  # "C Rollandin Francesco" by Architetto Francesco Rollandin: the keywords say more
+        return (kws[0], kws[1:]) if kws else None
+    if not (title or _COLLECTION.match(_TIMESTAMP.sub("", raw_title).strip())):
+        return None  # no title; a collection's marker leaves "" (the file name says more)
     return title, kws
+
+
+def _is_name(title: str, people: set[str]) -> bool:
+    """Whether a title is an author's name, whole or in part ("C Rollandin Francesco")."""
+    words = {w for w in re.findall(r"[a-z]+", title.lower()) if len(w) > 1}
+    names = {w for p in people for w in re.findall(r"[a-z]+", p)}
+    return bool(title) and (title.lower() in people or (len(words) >= 2 and words <= names))
 
 
 def is_foreign(title: str) -> bool:
