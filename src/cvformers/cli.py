@@ -228,6 +228,7 @@ def _add_eval_generation(esub) -> None:
     p.add_argument("--candidates", type=int, default=1, help="images drawn per caption; > 1: CLIP keeps the best")
     p.add_argument("--distractors", type=int, default=99, help="other captions each image is ranked against")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the first caption; caption i uses seed + i")
+    p.add_argument("--splits", type=int, default=10, help="random halvings the FDs are averaged over")
     p.add_argument("--device", default="cpu", type=_device, help="cpu | cuda")
     p.set_defaults(func=_cmd_eval_generation)
 
@@ -240,7 +241,7 @@ def _cmd_eval_generation(args) -> int:
     if args.holdout is not None and not 0 < args.holdout < 1:
         raise UserError(f"--holdout must be between 0 and 1, got {args.holdout}")
     config = HeldoutGenerationConfig(split=args.split, limit=args.limit, candidates=args.candidates,
-                                     distractors=args.distractors, seed=args.seed)
+                                     distractors=args.distractors, seed=args.seed, splits=args.splits)
     print(json.dumps(evaluate_heldout_generation(args.model, args.clip, args.data, args.holdout, config,
                                                  device=args.device)))
     return 0

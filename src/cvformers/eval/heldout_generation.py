@@ -9,8 +9,8 @@ downloaded here, so the features are a CLIP image tower of our own (its unit ima
 as CLIP-based FID variants read them). The figure is on that CLIP's scale and not comparable to
 published FIDs. A Fréchet distance from a few hundred images is biased upward by the sample size,
 so it is read against two references computed at the same size: the held-out pairs are split in
-two halves A and B (alternate pairs), and every FD is "images for A against the real images of
-B":
+two random halves A and B, and every FD is "images for A against the real images of B", averaged
+over ``splits`` random halvings (their standard deviation is printed beside it):
 
 - ``fd_floor``: the real images of A — what a perfect model would score at this size;
 - ``fd_tokenizer``: A's real images through the image tokenizer and back — the best a model
@@ -48,11 +48,12 @@ class HeldoutGenerationConfig:
     limit: int = 0  # pairs to use (0: all)
     candidates: int = 1  # images drawn per caption; >1: the CLIP reranker keeps the best
     distractors: int = 99  # other captions each image is ranked against (R-precision among 1 + this)
-    seed: int = 0  # sampling seed of the first caption (caption i uses seed + i) and of the distractors
+    seed: int = 0  # sampling seed of the first caption (caption i uses seed + i), of the distractors and splits
+    splits: int = 10  # random halvings of the pairs; each FD is their mean (and std)
 
     def __post_init__(self) -> None:
-        if self.limit < 0 or self.candidates < 1 or self.distractors < 1:
-            raise UserError("limit must be >= 0, candidates and distractors >= 1")
+        if self.limit < 0 or self.candidates < 1 or self.distractors < 1 or self.splits < 1:
+            raise UserError("limit must be >= 0, candidates, distractors and splits >= 1")
 
 
 def r_precision(image_emb: torch.Tensor, text_emb: torch.Tensor, captions: list[str], distractors: int,
@@ -74,7 +75,20 @@ def r_precision(image_emb: torch.Tensor, text_emb: torch.Tensor, captions: list[
     return hits / n
 
 
-def _heldout_pairs(data: str, holdout: float, image_size: int, channels: int, split: str, limit: int):
+def fd_over_splits(images: torch.Tensor, real: torch.Tensor, splits: int = 10, seed: int = 0) -> torch.Tensor:
+    """[splits] Fréchet distances, each between the features ``images`` of a random half A of the
+    pairs and the ``real`` features of the other half B (row i of both belongs to pair i)."""
+    g = torch.Generator().manual_seed(seed)
+    half = len(real) // 2
+    out = []
+    for _ in range(splits):
+        p = torch.randperm(len(real), generator=g)
+        out.append(frechet_distance(images[p[:half]], real[p[half:2 * half]]))
+    return torch.tensor(out)
+
+
+def heldout_pairs(data: str, holdout: float, image_size: int, channels: int, split: str = "test", limit: int = 0):
+    """(images [N, C, H, W] in [0, 1], first caption line of each) of a caption folder's held-out split."""
     from cvformers.data import DataConfig, build_from_config
     from cvformers.data.folder import FolderDataset
 
@@ -124,17 +138,23 @@ def heldout_generation(pipe, judge, real: torch.Tensor, captions: list[str],
                                            for x in real.split(64)]).clamp(0, 1)
     feats = {name: judge.embed_images(x).cpu() for name, x in sets.items()}
     texts = judge.embed_texts(captions).cpu()
-    a, b = slice(0, None, 2), slice(1, None, 2)  # halves A and B: alternate pairs
+    per_split = {name: fd_over_splits(feats[name], feats["real"], c.splits, c.seed) if name in feats else None
+                 for name in ("generated", "real", "tokenizer")}
+    half = len(captions) // 2
 
     def fd(name: str) -> float | None:
-        return frechet_distance(feats[name][a], feats["real"][b]) if name in feats else None
+        return None if per_split[name] is None else float(per_split[name].mean())
+
+    def spread(name: str) -> float | None:
+        return None if per_split[name] is None or c.splits < 2 else float(per_split[name].std())
 
     def rp(name: str) -> float | None:
         return r_precision(feats[name], texts, captions, c.distractors, c.seed) if name in feats else None
 
     reranker = getattr(pipe, "reranker", None) or getattr(pipe, "clip", None)
-    result = {"pairs": len(captions), "half_size": len(captions[a]), "candidates": c.candidates,
+    result = {"pairs": len(captions), "half_size": half, "candidates": c.candidates, "splits": c.splits,
               "fd": fd("generated"), "fd_floor": fd("real"), "fd_tokenizer": fd("tokenizer"),
+              "fd_std": spread("generated"), "fd_floor_std": spread("real"), "fd_tokenizer_std": spread("tokenizer"),
               "r_precision": rp("generated"), "r_precision_real": rp("real"), "r_precision_tokenizer": rp("tokenizer"),
               "distractors": c.distractors,
               "reranked_by_judge": c.candidates > 1 and getattr(reranker, "model", reranker) is judge.model,
@@ -168,9 +188,9 @@ def evaluate_heldout_generation(model: str | Path, clip: str | Path | None = Non
     if c.candidates > 1 and getattr(pipe, "reranker", True) is None:
         pipe.reranker = judge
     channels = getattr(getattr(pipe, "vae", None), "channels", 3)
-    real, captions = _heldout_pairs(data, holdout, pipe.image_size, channels, c.split, c.limit)
+    real, captions = heldout_pairs(data, holdout, pipe.image_size, channels, c.split, c.limit)
     return {"model": str(model), "data": data, "split": c.split, "judge": str(clip) if clip else "the model's CLIP",
             **heldout_generation(pipe, judge, real, captions, c)}
 
 
-__all__ = ["HeldoutGenerationConfig", "evaluate_heldout_generation", "heldout_generation", "r_precision"]
+__all__ = ["HeldoutGenerationConfig", "evaluate_heldout_generation", "heldout_generation", "heldout_pairs", "fd_over_splits", "r_precision"]
