@@ -2,7 +2,7 @@
 # Train the clip-art text-to-image model from nothing: the OpenClipart + emoji caption folder, a
 # VQ-VAE image tokenizer, the DALL-E transformer and a CLIP reranker, each on the same 95% of the
 # files (5% held out by path hash for the figures of docs/results.md), then one fp16 bundle.
-# About 75 minutes of a 2-core machine (one thread per run); needs Debian's openclipart-png,
+# About 25 minutes of a 2-core machine (one thread per run); needs Debian's openclipart-png,
 # openclipart-svg, fonts-noto-color-emoji and librsvg2-bin, and `pip install -e '.[data]'`.
 #
 #   bash scripts/build_clipart_bundle.sh                 # runs in runs/clipart/, bundle in runs/clipart/bundle

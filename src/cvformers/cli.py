@@ -236,14 +236,35 @@ def _add_eval_generation(esub) -> None:
 def _cmd_eval_generation(args) -> int:
     import json
 
-    from cvformers.eval.heldout_generation import HeldoutGenerationConfig, evaluate_heldout_generation
+    from cvformers.eval.heldout_generation import HeldoutGenerationConfig, heldout_generation, heldout_pairs, run_data
+    from cvformers.pipelines.rerank import ClipReranker
+    from cvformers.pipelines.text_to_image import TextToImage
+    from cvformers.pipelines.unclip import UnCLIP, is_unclip
 
     if args.holdout is not None and not 0 < args.holdout < 1:
         raise UserError(f"--holdout must be between 0 and 1, got {args.holdout}")
     config = HeldoutGenerationConfig(split=args.split, limit=args.limit, candidates=args.candidates,
                                      distractors=args.distractors, seed=args.seed, splits=args.splits)
-    print(json.dumps(evaluate_heldout_generation(args.model, args.clip, args.data, args.holdout, config,
-                                                 device=args.device)))
+    data, holdout = args.data, args.holdout
+    if data is None or holdout is None:
+        own_data, own_holdout = run_data(args.model)
+        data, holdout = data or own_data, own_holdout if holdout is None else holdout
+    if is_unclip(args.model):
+        pipe = UnCLIP.load(args.model, device=args.device)
+        carried = ClipReranker(pipe.clip, pipe.tokenizer)
+    else:
+        pipe = TextToImage.load(args.model, device=args.device)
+        carried = pipe.reranker
+    judge = ClipReranker.load(args.clip, device=args.device) if args.clip is not None else carried
+    if judge is None:
+        raise UserError(f"{args.model} carries no CLIP: give --clip RUN to score with")
+    if config.candidates > 1 and getattr(pipe, "reranker", True) is None:
+        pipe.reranker = judge
+    channels = getattr(getattr(pipe, "vae", None), "channels", 3)
+    real, captions = heldout_pairs(data, holdout, pipe.image_size, channels, config.split, config.limit)
+    result = heldout_generation(pipe, judge, real, captions, config)
+    print(json.dumps({"model": args.model, "data": data, "split": config.split,
+                      "judge": args.clip or "the model's CLIP", **result}))
     return 0
 
 

@@ -103,7 +103,7 @@ def heldout_pairs(data: str, holdout: float, image_size: int, channels: int, spl
     return images, captions
 
 
-def _run_data(model: str | Path) -> tuple[str, float]:
+def run_data(model: str | Path) -> tuple[str, float]:
     """The data spec and held-out share a run or bundle was trained with."""
     from cvformers.config import load_toml
     from cvformers.loading import resolve_run
@@ -122,8 +122,13 @@ def heldout_generation(pipe, judge, real: torch.Tensor, captions: list[str],
                        config: HeldoutGenerationConfig | None = None) -> dict[str, Any]:
     """The figures of the module docstring for ``pipe`` (a ``TextToImage`` or ``UnCLIP``) on the
     held-out ``real`` images [N, C, H, W] in [0, 1] and their ``captions``, judged by the CLIP
-    ``judge`` (a ``ClipReranker``). ``fd_tokenizer`` needs the pipeline's image tokenizer
-    (``pipe.vae``); a diffusion pipeline has none and reports None."""
+    ``judge`` (a ``ClipReranker``: ``embed_images``, ``embed_texts``). ``fd_tokenizer`` needs the
+    pipeline's image tokenizer (``pipe.vae``); a diffusion pipeline has none and reports None.
+
+        pipe = TextToImage.load("runs/clipart/bundle")
+        real, captions = heldout_pairs(*run_data("runs/clipart/bundle"), pipe.image_size, 3)
+        print(heldout_generation(pipe, pipe.reranker, real, captions))
+    """
     c = config or HeldoutGenerationConfig()
     start = time.perf_counter()
     generated = []
@@ -162,35 +167,4 @@ def heldout_generation(pipe, judge, real: torch.Tensor, captions: list[str],
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
 
 
-def evaluate_heldout_generation(model: str | Path, clip: str | Path | None = None, data: str | None = None,
-                                holdout: float | None = None, config: HeldoutGenerationConfig | None = None,
-                                device: str = "cpu") -> dict[str, Any]:
-    """``cvformers eval generation``: a DALL-E or unCLIP run / bundle on the held-out pairs of the
-    caption folder it was trained on (or ``data`` with ``holdout``), judged by ``clip`` (default:
-    the CLIP the model carries)."""
-    from cvformers.pipelines.rerank import ClipReranker
-    from cvformers.pipelines.text_to_image import TextToImage
-    from cvformers.pipelines.unclip import UnCLIP, is_unclip
-
-    c = config or HeldoutGenerationConfig()
-    if data is None or holdout is None:
-        run_data, run_holdout = _run_data(model)
-        data, holdout = data or run_data, run_holdout if holdout is None else holdout
-    if is_unclip(model):
-        pipe = UnCLIP.load(model, device=device)
-        carried = ClipReranker(pipe.clip, pipe.tokenizer)
-    else:
-        pipe = TextToImage.load(model, device=device)
-        carried = pipe.reranker
-    judge = ClipReranker.load(clip, device=device) if clip is not None else carried
-    if judge is None:
-        raise UserError(f"{model} carries no CLIP: give --clip RUN to score with")
-    if c.candidates > 1 and getattr(pipe, "reranker", True) is None:
-        pipe.reranker = judge
-    channels = getattr(getattr(pipe, "vae", None), "channels", 3)
-    real, captions = heldout_pairs(data, holdout, pipe.image_size, channels, c.split, c.limit)
-    return {"model": str(model), "data": data, "split": c.split, "judge": str(clip) if clip else "the model's CLIP",
-            **heldout_generation(pipe, judge, real, captions, c)}
-
-
-__all__ = ["HeldoutGenerationConfig", "evaluate_heldout_generation", "heldout_generation", "heldout_pairs", "fd_over_splits", "r_precision"]
+__all__ = ["HeldoutGenerationConfig", "fd_over_splits", "heldout_generation", "heldout_pairs", "r_precision", "run_data"]
