@@ -139,7 +139,7 @@ CASES = [
                 "--steps", "1", "--batch-size", "2"]),
     ("train: --lr nan", 2, lambda w: ["train", "dvae", "--out", w / "out/run", "--lr", "nan"]),
     ("train: --resume without a run", 2, lambda w: ["train", "dvae", "--out", w / "out/run", "--resume"]),
-    ("train: unknown task", 2, lambda w: ["train", "ddpm", "--out", w / "out/run"]),
+    ("train: unknown task", 2, lambda w: ["train", "gan", "--out", w / "out/run"]),
     ("train: dalle without --vae", 2, lambda w: ["train", "dalle", "--out", w / "out/run"]),
     ("train: unknown data spec", 2, lambda w: ["train", "dvae", "--data", "imagenet", "--out", w / "out/run"]),
     ("train: wds: pattern matching no file", 2,
