@@ -88,5 +88,10 @@ def test_cli_scores_the_shipped_model_on_a_folder(tmp_path, capsys):
     assert result["pairs"] == 8 and result["half_size"] == 4
     assert result["fd_floor"] >= 0 and result["fd_tokenizer"] >= 0 and result["fd"] >= 0
     assert 0 <= result["r_precision"] <= 1 and result["r_precision_real"] >= 0.5  # the shipped CLIP knows shapes
+    assert result["reranked_by_judge"] is False
+    assert main(["eval", "generation", "--model", "default", "--data", f"folder:{tmp_path}", "--holdout", "0.5",
+                 "--limit", "4", "--distractors", "2", "--candidates", "2"]) == 0
+    reranked = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert reranked["candidates"] == 2 and reranked["reranked_by_judge"] is True  # the bundle's CLIP did both
     assert main(["eval", "generation", "--model", "default"]) == 2  # shapes, not a caption folder
     assert "caption folder" in capsys.readouterr().err

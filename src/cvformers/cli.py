@@ -249,7 +249,7 @@ def _cmd_eval_generation(args) -> int:
     if data is None or holdout is None:
         own_data, own_holdout = run_data(args.model)
         data, holdout = data or own_data, own_holdout if holdout is None else holdout
-    if is_unclip(args.model):
+    if is_unclip(args.model):  # an unCLIP model carries the CLIP it was trained on, and reranks with it
         pipe = UnCLIP.load(args.model, device=args.device)
         carried = ClipReranker(pipe.clip, pipe.tokenizer)
     else:
@@ -258,8 +258,8 @@ def _cmd_eval_generation(args) -> int:
     judge = ClipReranker.load(args.clip, device=args.device) if args.clip is not None else carried
     if judge is None:
         raise UserError(f"{args.model} carries no CLIP: give --clip RUN to score with")
-    if config.candidates > 1 and getattr(pipe, "reranker", True) is None:
-        pipe.reranker = judge
+    if isinstance(pipe, TextToImage) and pipe.reranker is None and config.candidates > 1:
+        pipe.reranker = judge  # a DALL-E without its own CLIP reranks with the judge
     channels = getattr(getattr(pipe, "vae", None), "channels", 3)
     real, captions = heldout_pairs(data, holdout, pipe.image_size, channels, config.split, config.limit)
     result = heldout_generation(pipe, judge, real, captions, config)
