@@ -57,3 +57,39 @@ def fmt_x(a: float, b: float) -> str:
     if a != a or b != b or b == 0:
         return "—"
     return f"{a / b:.1f}×"
+
+
+PEER_BACKBONES = ("timm", "cvformers-all-tokens", "cvformers")
+
+
+def peer_vit(preset: str, kind: str = "timm") -> torch.nn.Module:
+    """The ViT a peer's method trains in a DINO comparison, with cvformers' initial weights of ``preset``.
+
+    - ``timm``: timm's ``VisionTransformer`` of the same shape (``dynamic_img_size``, so local views
+      get resampled position embeddings, timm's bicubic with antialiasing), what lightly's ViT
+      examples build on; the preset's weights load into it key for key.
+    - ``cvformers-all-tokens``: cvformers' ViT computing its last block for every token, as every
+      other ViT does: the same function as ``cvformers`` within float rounding.
+    - ``cvformers``: cvformers' ViT as ``cvformers train dino`` runs it (the last block updates the
+      class token alone).
+    """
+    from cvformers.models.vision import create_model
+
+    ours = create_model(preset, num_classes=0)
+    if kind == "cvformers":
+        return ours
+    if kind == "cvformers-all-tokens":
+        ours.forward = lambda x: ours.forward_features(x)[:, 0]
+        return ours
+    if kind != "timm":
+        raise ValueError(f"peer backbone must be one of {PEER_BACKBONES}, got {kind!r}")
+    from timm.models.vision_transformer import VisionTransformer
+
+    c = ours.cfg
+    if c.patch_norm or c.shifted_patches or c.locality_attention or c.pool != "token":
+        raise ValueError(f"{preset} has options timm's VisionTransformer does not have; take a *_paper preset")
+    vit = VisionTransformer(img_size=c.image_size, patch_size=c.patch_size, in_chans=c.in_chans, num_classes=0,
+                            embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio,
+                            qkv_bias=c.qkv_bias, dynamic_img_size=True)
+    vit.load_state_dict(ours.state_dict())
+    return vit

@@ -9,7 +9,10 @@ scales 0.4–1 and 0.05–0.4, the paper's flip / jitter / grey / blur / solariz
 lr warmed up for 50 steps then cosine to 0.002 x, weight decay 0.04 -> 0.4 on a cosine, teacher
 momentum 0.996 -> 1, teacher temperature 0.04, centre momentum 0.9, the last layer frozen for the
 first 10% of the steps, gradient norm clipped at 3.0. What differs is lightly's own code: its
-transforms per PIL image, ``DINOProjectionHead``, ``DINOLoss``, ``update_momentum``.
+transforms per PIL image, ``DINOProjectionHead``, ``DINOLoss``, ``update_momentum``, and the ViT
+around which a lightly user builds DINO: by default timm's ``VisionTransformer`` of the same shape,
+starting from the same weights (``--peer-backbone``: ``cvformers-all-tokens`` is cvformers' ViT
+computing its last block for every token as timm does, ``cvformers`` the ViT as ``train dino`` runs it).
 
 The teacher's backbone is then scored as ``cvformers eval knn`` scores a run (weighted k-NN,
 k = 20, T = 0.07, and the linear probe), on the same memory bank and queries; with ``--ours RUN``
@@ -28,23 +31,25 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PEER_BACKBONES, peer_vit  # noqa: E402
+
 K, HIDDEN, BOTTLENECK, LOCAL, PRESET = 1024, 512, 128, 6, "vit_nano_patch4_28_paper"
 
 
-def build_student():
+def build_student(peer_backbone: str):
     from lightly.models.modules import DINOProjectionHead
-
-    from cvformers.models.vision import create_model
 
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.backbone = create_model(PRESET, num_classes=0)
+            self.backbone = peer_vit(PRESET, peer_backbone)
             self.head = DINOProjectionHead(self.backbone.num_features, HIDDEN, BOTTLENECK, K, freeze_last_layer=1)
 
         def forward(self, x):
@@ -66,7 +71,7 @@ def train(args) -> dict:
 
     torch.manual_seed(args.seed)
     data = build_dataset("fashion-mnist", split="train", image_size=28, channels=1)
-    Net = build_student()
+    Net = build_student(args.peer_backbone)
     student, teacher = Net(), Net()  # lightly's head holds a weight_norm, which deepcopy refuses
     teacher.load_state_dict(student.state_dict())
     deactivate_requires_grad(teacher)
@@ -113,7 +118,8 @@ def train(args) -> dict:
 
     save_file({k: v.contiguous() for k, v in teacher.backbone.state_dict().items()}, out / "teacher_backbone.safetensors")
     summary = {"steps": args.steps, "batch_size": args.batch_size, "seconds": round(log[-1]["elapsed"], 1),
-               "images_per_s": round(log[-1]["images_per_s"], 2), "threads": torch.get_num_threads()}
+               "images_per_s": round(log[-1]["images_per_s"], 2), "threads": torch.get_num_threads(),
+               "backbone": args.peer_backbone}
     (out / "train.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -152,6 +158,8 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="folder for the lightly teacher's backbone and train.json")
     ap.add_argument("--eval-only", action="store_true", help="score an earlier --out without training")
     ap.add_argument("--ours", help="a cvformers dino run to score with the same bank and queries")
+    ap.add_argument("--peer-backbone", choices=PEER_BACKBONES, default="timm",
+                    help="the ViT lightly's DINO trains (same shape and initial weights; see the module doc)")
     ap.add_argument("--train-limit", type=int, default=20000, help="memory bank: the first N train images")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -182,6 +182,36 @@ def test_vit_forward_equals_attention_path():
     h = torch.randn(2, 5, 32)
     torch.testing.assert_close(block(h), block(h, return_weights=True)[0], atol=1e-5, rtol=1e-5)
 
+@pytest.mark.parametrize("options", [{}, {"patch_norm": True, "shifted_patches": True, "locality_attention": True},
+                                     {"qkv_bias": False, "drop_path": 0.2}])
+def test_vit_class_token_path_equals_every_token_path(options):
+    """The last block updates only the class token when that is all that is read: the output and
+    every parameter's gradient equal the full computation's, at the trained size and a smaller one,
+    in training mode (drop path draws the same per-image masks)."""
+    torch.manual_seed(0)
+    vit = build_backbone("vit", {**TINY["vit"], **options}).train()
+    for size in (16, 8):
+        x = torch.rand(3, 1, size, size)
+        torch.manual_seed(1)
+        fast = vit(x)
+        torch.manual_seed(1)
+        full = vit.forward_head(vit.forward_features(x))
+        torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+        g_fast = torch.autograd.grad(fast.square().sum(), list(vit.parameters()))
+        g_full = torch.autograd.grad(full.square().sum(), list(vit.parameters()))
+        for a, b in zip(g_fast, g_full):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    block = ViTBlock(32, 4).eval()
+    h = torch.randn(2, 5, 32)
+    out = block(h, queries=2)
+    assert out.shape == (2, 2, 32)
+    torch.testing.assert_close(out, block(h)[:, :2], atol=1e-5, rtol=1e-5)
+    # the patch tokens do reach the class token through the last block's keys and values
+    h2 = h.clone()
+    h2[:, 3] += torch.randn(32)  # not a constant: LayerNorm would remove it
+    assert not torch.allclose(block(h2, queries=1), out[:, :1])
+
+
 def test_vit_interpolates_position_embeddings_for_other_sizes():
     vit = build_backbone("vit", TINY["vit"]).eval()
     assert vit(torch.rand(1, 1, 24, 24)).shape == (1, 4)

@@ -140,7 +140,7 @@ def _masked_attention_short(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     """softmax(q kᵀ · scale + mask) v with the [N, N] float mask added inside one batched product
     (``baddbmm``) over [B·heads, N, d]; the same function as SDPA with ``attn_mask=mask``."""
     b, h, n, d = q.shape
-    q, k, v = (t.reshape(b * h, n, d) for t in (q, k, v))
+    q, k, v = (t.flatten(0, 1) for t in (q, k, v))
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scale)
     return torch.bmm(scores.softmax(dim=-1), v).view(b, h, n, d)
@@ -175,25 +175,36 @@ class ViTAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_dropout)
         self.log_scale = nn.Parameter(torch.tensor(-0.5 * math.log(dim // num_heads))) if locality else None
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, return_weights: bool = False):
-        """x [B, N, dim] -> [B, N, dim]; with ``return_weights`` -> (out, weights [B, heads, N, N])."""
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, return_weights: bool = False,
+                queries: int | None = None):
+        """x [B, N, dim] -> [B, N, dim]; with ``return_weights`` -> (out, weights [B, heads, N, N]).
+
+        ``queries = m``: only the first m tokens ask (the output is [B, m, dim]); every token is
+        still read as key and value. The same numbers as ``forward(x)[:, :m]`` for less work.
+        """
         scale = None
-        if self.log_scale is None:
-            qkv = self.qkv(x)
-        else:  # LSA: the learned temperature scales q (SDPA takes only a float scale), folded into
-            # q's rows of the weight and bias, which costs a weight-sized product, not a q-sized one
+        weight, b = self.qkv.weight, self.qkv.bias
+        if self.log_scale is not None:  # LSA: the learned temperature scales q (SDPA takes only a
+            # float scale), folded into q's rows of the weight and bias: a weight-sized product, not a q-sized one
             if bias is not None:
                 raise ValueError("locality attention takes no extra bias")
             dim = x.shape[-1]
             rows = torch.cat([self.log_scale.exp().expand(dim), self.log_scale.new_ones(2 * dim)])
-            b = None if self.qkv.bias is None else self.qkv.bias * rows
-            qkv, scale = F.linear(x, self.qkv.weight * rows[:, None], b), 1.0
+            weight, b, scale = weight * rows[:, None], None if b is None else b * rows, 1.0
             bias = diagonal_mask(x.shape[1], x.device, x.dtype)
-        # timm's layout of the fused projection: output features ordered (qkv, head, head_dim).
-        # Split on the qkv axis before moving the heads forward: the backward then stacks the three
-        # gradients straight into qkv's layout, one copy instead of a stack plus a permuted copy.
-        qkv = qkv.unflatten(-1, (3, self.num_heads, -1))
-        q, k, v = (rearrange(t, "b n h d -> b h n d") for t in qkv.unbind(2))
+        if queries is None:
+            # timm's layout of the fused projection: output features ordered (qkv, head, head_dim).
+            # Split on the qkv axis before moving the heads forward: the backward then stacks the three
+            # gradients straight into qkv's layout, one copy instead of a stack plus a permuted copy.
+            qkv = F.linear(x, weight, b).unflatten(-1, (3, self.num_heads, -1))
+            q, k, v = (rearrange(t, "b n h d -> b h n d") for t in qkv.unbind(2))
+        else:  # q of the asking tokens only, k and v of all: the fused weight's rows split (q | k, v)
+            dim = x.shape[-1]
+            q = F.linear(x[:, :queries], weight[:dim], None if b is None else b[:dim])
+            q = rearrange(q, "b n (h d) -> b h n d", h=self.num_heads)
+            kv = F.linear(x, weight[dim:], None if b is None else b[dim:]).unflatten(-1, (2, self.num_heads, -1))
+            k, v = (rearrange(t, "b n h d -> b h n d") for t in kv.unbind(2))
+            bias = None if bias is None else bias[..., :queries, :]
         dropout = self.attn_dropout if self.training else 0.0
         out, weights = attention(q, k, v, bias, dropout, return_weights, scale)
         out = self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
@@ -214,11 +225,16 @@ class ViTBlock(nn.Module):
         # exact (erf) GELU, as in the ViT reference and timm — not the tanh approximation
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout=dropout)
 
-    def forward(self, x: torch.Tensor, return_weights: bool = False):
+    def forward(self, x: torch.Tensor, return_weights: bool = False, queries: int | None = None):
+        """x [B, N, dim] -> [B, N, dim]. ``queries = m`` updates only the first m tokens (output
+        [B, m, dim], the same numbers as the full block's first m): what a last block needs when
+        only the class token is read afterwards."""
         if return_weights:
-            attn_out, weights = self.attn(self.norm1(x), return_weights=True)
+            attn_out, weights = self.attn(self.norm1(x), return_weights=True, queries=queries)
         else:
-            attn_out, weights = self.attn(self.norm1(x)), None
+            attn_out, weights = self.attn(self.norm1(x), queries=queries), None
+        if queries is not None:
+            x = x[:, :queries]
         x = x + self.drop_path(attn_out)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return (x, weights) if return_weights else x
