@@ -1,6 +1,7 @@
 """DINO training speed: cvformers' ``train dino`` step against lightly's DINO pipeline, same ViT.
 
-Both train the same backbone (cvformers' ``vit_nano_patch4_28``, [CLS] features) with the same
+Both train the same backbone (the shape and initial weights of cvformers' ``vit_nano_patch4_28_paper``,
+[CLS] features; lightly's around timm's ``VisionTransformer`` by default, ``--peer-backbone``) with the same
 head sizes (3-layer MLP 512 wide, bottleneck 128, K = 1024, weight-normalised last layer), the
 same batch, the same views (2 global of 28 px, 6 local of 12 px, the paper's augmentations) and
 the same per-step work: student over all views, teacher over the global views, the loss over all
@@ -24,9 +25,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PEER_BACKBONES, peer_vit  # noqa: E402
+
+PRESET = "vit_nano_patch4_28_paper"
 
 K, HIDDEN, BOTTLENECK, LOCAL = 1024, 512, 128, 6
 
@@ -46,7 +54,7 @@ def ours(images: torch.Tensor, batch: int):
     from cvformers.train.teacher import DINOTeacher, TeacherConfig
     from cvformers.train.trainer import param_groups
 
-    _, backbone = preset_config("vit_nano_patch4_28")
+    _, backbone = preset_config(PRESET)
     model = DINO(DINOConfig(backbone=to_dict(backbone), out_dim=K, hidden_dim=HIDDEN, bottleneck_dim=BOTTLENECK))
     teacher = DINOTeacher(TeacherConfig(), total_steps=1000, out_dim=K, publish=False)
     teacher.on_fit_start(model)
@@ -68,7 +76,7 @@ def ours(images: torch.Tensor, batch: int):
     return step
 
 
-def lightly_pipeline(images: torch.Tensor, batch: int, our_views: bool):
+def lightly_pipeline(images: torch.Tensor, batch: int, our_views: bool, peer_backbone: str):
     from lightly.loss import DINOLoss
     from lightly.models.modules import DINOProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
@@ -77,12 +85,10 @@ def lightly_pipeline(images: torch.Tensor, batch: int, our_views: bool):
     from torchvision.transforms.functional import to_pil_image
 
     from cvformers.data.multicrop import MultiCropCollate, MultiCropConfig
-    from cvformers.models.vision import create_model
-
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.backbone = create_model("vit_nano_patch4_28", num_classes=0)
+            self.backbone = peer_vit(PRESET, peer_backbone)
             self.head = DINOProjectionHead(128, HIDDEN, BOTTLENECK, K, freeze_last_layer=1)
 
         def forward(self, x):
@@ -133,13 +139,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per round and pipeline")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--peer-backbone", choices=PEER_BACKBONES, default="timm",
+                    help="the ViT lightly's DINO trains (same shape and initial weights)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     images = fashion_images(args.batch_size * 8)
     runs = {"cvformers": ours(images, args.batch_size),
-            "lightly": lightly_pipeline(images, args.batch_size, our_views=False),
-            "lightly + our views": lightly_pipeline(images, args.batch_size, our_views=True)}
+            "lightly": lightly_pipeline(images, args.batch_size, False, args.peer_backbone),
+            "lightly + our views": lightly_pipeline(images, args.batch_size, True, args.peer_backbone)}
     speeds: dict[str, list[float]] = {name: [] for name in runs}
     for name, step in runs.items():
         step(0)  # warm-up
@@ -151,7 +159,8 @@ def main() -> None:
             speeds[name].append(args.steps * args.batch_size / (time.perf_counter() - t))
     import lightly
 
-    print(f"torch {torch.__version__}, lightly {lightly.__version__}, {args.threads} thread(s), batch "
+    print(f"torch {torch.__version__}, lightly {lightly.__version__} around {args.peer_backbone}'s ViT, "
+          f"{args.threads} thread(s), batch "
           f"{args.batch_size}, 2 x 28 px + {LOCAL} x 12 px views, K = {K}; {args.rounds} rounds of {args.steps} steps")
     ours_speed = statistics.median(speeds["cvformers"])
     for name, xs in speeds.items():

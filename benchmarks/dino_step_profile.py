@@ -5,9 +5,11 @@ batch 64, 2 global views of 28 px + 6 local of 12 px) split into: making the vie
 forward, the student's forward and loss, the backward, the optimizer step (with clipping) and the
 teacher's EMA. With ``--compile`` it then times eager steps against steps whose student and teacher
 backbones went through ``torch.compile`` (``nn.Module.compile``, keys unchanged), in interleaved
-rounds, and prints the compile time.
+rounds, and prints the compile time. With ``--all-tokens`` it times, the same way, steps whose ViTs
+compute their last block for every token (as timm and every other ViT do) against cvformers' default,
+where the last block updates the class token alone.
 
-    python benchmarks/dino_step_profile.py --threads 1 [--compile]
+    python benchmarks/dino_step_profile.py --threads 1 [--compile] [--all-tokens]
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ from cvformers.train.trainer import param_groups
 PARTS = ("views", "teacher forward", "student forward + loss", "backward", "optimizer", "teacher EMA")
 
 
-def make_step(model: DINO, items: list[dict], batch: int, compiled: bool):
+def make_step(model: DINO, items: list[dict], batch: int, compiled: bool, all_tokens: bool = False):
     """A function step(i, times) doing one training step on batch i, adding each part's seconds to ``times``."""
     model = copy.deepcopy(model)
     teacher = DINOTeacher(TeacherConfig(), total_steps=1000, out_dim=model.cfg.out_dim, publish=False)
     teacher.on_fit_start(model)
+    if all_tokens:  # the ViT's every-token path: the same numbers, the last block over 1 + N tokens
+        for vit in (model.backbone, teacher.teacher.backbone):
+            vit.forward = lambda x, vit=vit: vit.forward_head(vit.forward_features(x))
     if compiled:
         model.backbone.compile()
         teacher.teacher.backbone.compile()
@@ -70,7 +75,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20, help="timed steps of the breakdown")
     ap.add_argument("--compile", action="store_true", help="also time eager against compiled backbones")
-    ap.add_argument("--rounds", type=int, default=4, help="(--compile) interleaved rounds of 4 steps each")
+    ap.add_argument("--all-tokens", action="store_true",
+                    help="also time the ViTs' every-token last block against the class-token one")
+    ap.add_argument("--rounds", type=int, default=4, help="(--compile, --all-tokens) interleaved rounds of 4 steps")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -97,15 +104,26 @@ def main() -> None:
         compiled(0)
         compiled(1)
         print(f"compile (first two steps): {time.perf_counter() - start:.1f} s")
-        speeds: dict[str, list[float]] = {"eager": [], "compiled": []}
-        for r in range(args.rounds):
-            for name, step in (("eager", eager), ("compiled", compiled)):
-                start = time.perf_counter()
-                for i in range(4):
-                    step(100 + 4 * r + i)
-                speeds[name].append(4 * args.batch_size / (time.perf_counter() - start))
-        for name, xs in speeds.items():
-            print(f"{name:9s} {statistics.median(xs):6.1f} images/s (median of {args.rounds} rounds)")
+        interleave({"eager": eager, "compiled": compiled}, args)
+    if args.all_tokens:
+        every = make_step(model, items, args.batch_size, compiled=False, all_tokens=True)
+        every(0)
+        interleave({"class token (default)": eager, "every token": every}, args)
+
+
+def interleave(steps: dict, args) -> None:
+    """Rounds of 4 steps of each in turn, the order flipped every round; medians and the ratio."""
+    speeds: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(args.rounds):
+        for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+            start = time.perf_counter()
+            for i in range(4):
+                steps[name](100 + 4 * r + i)
+            speeds[name].append(4 * args.batch_size / (time.perf_counter() - start))
+    medians = {name: statistics.median(xs) for name, xs in speeds.items()}
+    first = next(iter(medians.values()))
+    for name, med in medians.items():
+        print(f"{name:22s} {med:6.1f} images/s (median of {args.rounds} rounds)   first / this = {first / med:.2f}x")
 
 
 if __name__ == "__main__":
