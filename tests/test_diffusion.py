@@ -267,3 +267,44 @@ def test_caption_ddpm_trains_and_samples_from_a_prompt_on_the_cli(tmp_path, caps
         assert message in capsys.readouterr().err
     with pytest.warns(UserWarning, match="never learnt the word"):
         assert cli.main([*base, "--prompt", "a purple dragon"]) == 0
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weights_count_the_x0_error_times_min_snr(prediction):
+    """Min-SNR-γ: weight × (target error)² equals min(SNR_t, γ) × (x̂_0 error)², for either target."""
+    from cvformers.diffusion.model import min_snr_weights
+
+    torch.manual_seed(0)
+    s = Schedule.make("cosine", 1000)
+    t = torch.tensor([0, 50, 300, 600, 999])
+    x0, noise = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    xt = q_sample(s, x0, t, noise)
+    target = noise if prediction == "eps" else v_target(s, x0, t, noise)
+    out = target + 0.1 * torch.randn_like(target)  # a U-Net output with some error
+    x0_hat = x0_eps_from_v(s, xt, t, out)[0] if prediction == "v" else x0_from_eps(s, xt, t, out)
+    gamma = 5.0
+    snr = s.alphas_cumprod[t] / (1 - s.alphas_cumprod[t])
+    weighted = min_snr_weights(s, t, gamma, prediction) * (out - target).square().flatten(1).mean(1)
+    expected = snr.clamp(max=gamma) * (x0_hat - x0).square().flatten(1).mean(1)
+    torch.testing.assert_close(weighted, expected, rtol=1e-3, atol=1e-6)
+    assert (snr[:2] > gamma).all() and (snr[-2:] < gamma).all()  # both sides of the clip are exercised
+
+
+def test_min_snr_loss_is_weighted_and_reports_the_plain_mse():
+    from cvformers.diffusion.model import DDPM, DDPMConfig
+
+    torch.manual_seed(0)
+    unet = dict(image_size=8, in_channels=1, base_channels=8, channel_mults=[1], num_res_blocks=1,
+                attention_resolutions=[], heads=1, groups=4)
+    plain, weighted = DDPM(DDPMConfig(unet=unet, prediction="v")), DDPM(DDPMConfig(unet=unet, prediction="v",
+                                                                                   min_snr_gamma=5.0))
+    weighted.load_state_dict(plain.state_dict())
+    batch = {"image": torch.rand(16, 1, 8, 8)}
+    torch.manual_seed(1)
+    loss_p, m_p = plain.loss(batch)
+    torch.manual_seed(1)
+    loss_w, m_w = weighted.loss(batch)
+    assert m_p["mse"] == pytest.approx(m_w["mse"]) and loss_p.item() == pytest.approx(m_p["mse"])
+    assert loss_w.item() < loss_p.item()  # every v weight min(SNR, 5) / (SNR + 1) is below 1
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        DDPMConfig(min_snr_gamma=-1.0)

@@ -29,6 +29,19 @@ from cvformers.registry import register_kind
 EMA_FILE = "ema.safetensors"  # a run's averaged weights, what sampling loads (written by the EMA hook)
 
 
+def min_snr_weights(schedule: Schedule, t: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Per-image loss weights of Min-SNR-γ (Hang et al. 2023 §3.4) for the U-Net's target.
+
+    The x̂_0 error weighted by min(SNR_t, γ), SNR_t = ᾱ_t / (1 - ᾱ_t), said in the target trained on:
+    an ε error reaches x̂_0 divided by sqrt(SNR_t), a v error multiplied by sqrt(1 - ᾱ_t), so the
+    weights are min(SNR_t, γ) / SNR_t for ε and min(SNR_t, γ) / (SNR_t + 1) for v.
+    """
+    ac = schedule.alphas_cumprod.to(t.device)[t]
+    snr = ac / (1 - ac)
+    clipped = snr.clamp(max=gamma)
+    return clipped / snr if prediction == "eps" else clipped / (snr + 1)
+
+
 @dataclass
 class DDPMConfig:
     """The ``[model]`` table of a diffusion run."""
@@ -38,6 +51,10 @@ class DDPMConfig:
     schedule: Literal["linear", "cosine"] = "linear"  # β schedule: DDPM's linear or improved DDPM's cosine
     prediction: Literal["eps", "v"] = "eps"  # what the U-Net predicts: the noise ε (DDPM) or v
     cond_drop_prob: float = 0.1  # classifier-free guidance: share of training labels replaced by "no label"
+    # Min-SNR-γ loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+    # Weighting Strategy", eq. 9-10): each timestep's loss weighted as if its x̂_0 error counted
+    # min(SNR_t, γ), so that the many nearly-clean steps stop dominating; 0 = off (L_simple, DDPM eq. 14)
+    min_snr_gamma: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.unet, dict):
@@ -48,6 +65,8 @@ class DDPMConfig:
             raise ValueError(f"model.num_steps must be >= 2, got {self.num_steps}")
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise ValueError(f"model.cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        if self.min_snr_gamma < 0:
+            raise ValueError(f"model.min_snr_gamma must be >= 0 (0 = off), got {self.min_snr_gamma}")
 
 
 @register_kind("ddpm", DDPMConfig)
@@ -89,8 +108,12 @@ class DDPM(nn.Module):
         xt = q_sample(self.schedule, x0, t, noise)
         out = self.unet(xt, t, **conditions)
         target = noise if self.cfg.prediction == "eps" else v_target(self.schedule, x0, t, noise)
-        loss = F.mse_loss(out, target)
-        return loss, {"mse": loss.item()}
+        per_image = (out - target).square().flatten(1).mean(dim=1)
+        mse = per_image.mean()
+        if not self.cfg.min_snr_gamma:
+            return mse, {"mse": mse.item()}
+        return (min_snr_weights(self.schedule, t, self.cfg.min_snr_gamma, self.cfg.prediction) * per_image).mean(), \
+            {"mse": mse.item()}
 
     def predict(self, xt: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂_0, ε̂) from the U-Net's output, whichever target it was trained on."""
