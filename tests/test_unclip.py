@@ -163,6 +163,8 @@ def test_bundle_load_generate_vary_and_the_cli(tiny_runs, tmp_path, capsys):
     assert result.images.shape == (2, 3, 32, 32) and bool((result.scores[:-1] >= result.scores[1:]).all())
     again = pipe.generate("a red circle", num_images=2, candidates=3, **fast)
     assert torch.equal(result.images, again.images)  # same seed, same images
+    guided = pipe.generate("a red circle", num_images=2, candidates=3, prior_guidance=3.0, **fast)
+    assert not torch.equal(result.images, guided.images) and guided.settings["prior_guidance"] == 3.0
     assert pipe.vary(result.images[0], 2, **fast).images.shape == (2, 3, 32, 32)
     assert pipe.interpolate(result.images[0], result.images[1], 3, **fast).shape == (3, 3, 32, 32)
     from cvformers.eval.generation import caption_fidelity
@@ -172,12 +174,13 @@ def test_bundle_load_generate_vary_and_the_cli(tiny_runs, tmp_path, capsys):
 
     out = tmp_path / "g.png"
     assert cli.main(["generate", "a red circle", "--model", str(bundle), "--num", "2", "--steps", "2",
-                     "--out", str(out)]) == 0
+                     "--prior-guidance", "2", "--out", str(out)]) == 0
     assert Image.open(out).size[0] >= 2 * 128
     capsys.readouterr()
     for argv, message in [
         (["generate", "a red circle", "--model", str(bundle), "--top-k", "5"], "DALL-E settings"),
         (["generate", " ", "--model", str(bundle), "--steps", "2"], "the prompt is empty"),
+        (["generate", "a red circle", "--model", "default", "--prior-guidance", "3"], "diffusion settings"),
         (["vary", str(tmp_path / "missing.png"), "--model", str(bundle)], "not found"),
         (["text-diff", str(out), "--caption", "a", "--to", "b", "--amounts", "0,2", "--model", str(bundle)],
          "amounts must be numbers in \\[0, 1\\]"),

@@ -286,6 +286,7 @@ def _add_eval_fidelity(esub) -> None:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--steps", type=int, default=None, help="(unclip) decoder DDIM steps")
+    p.add_argument("--prior-guidance", type=float, default=None, help="(unclip) the prior's classifier-free guidance")
     p.add_argument("--no-upsampler", action="store_true", help="(unclip) score the decoder's images, before the upsampler")
     p.add_argument("--show-misses", default=None, metavar="DIR",
                    help="write the images the checker failed, each with its caption and verdict, as DIR/misses_*.png "
@@ -311,10 +312,10 @@ def _cmd_eval_fidelity(args) -> int:
         pipe = UnCLIP.load(args.model, device=args.device)
         if args.no_upsampler:
             pipe.upsampler = None
-        sampling = {"guidance": args.guidance, "steps": args.steps}
+        sampling = {"guidance": args.guidance, "steps": args.steps, "prior_guidance": args.prior_guidance}
     else:
-        if args.steps is not None or args.no_upsampler:
-            raise UserError("--steps and --no-upsampler are unCLIP settings")
+        if args.steps is not None or args.no_upsampler or args.prior_guidance is not None:
+            raise UserError("--steps, --prior-guidance and --no-upsampler are unCLIP settings")
         reranker = None
         if args.clip:
             from cvformers.pipelines.rerank import ClipReranker
@@ -490,6 +491,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--steps", type=int, default=None, help="(unclip) decoder DDIM steps")
+    p.add_argument("--prior-guidance", type=float, default=None, help="(unclip) the prior's classifier-free guidance")
     p.add_argument("--candidates", type=int, default=None, help="sample this many and keep the --num best (needs --clip)")
     p.add_argument("--clip", default=None, help="CLIP run folder or weight file used to rerank the candidates")
     p.add_argument("--image-prompt", default=None, help="image whose top rows the samples keep (DALL-E §3.3)")
@@ -521,14 +523,14 @@ def _generator_pipeline(args):
         given = [flag for flag, value in dalle_only.items() if value is not None]
         if given:
             raise UserError(f"{', '.join(given)}: DALL-E settings; {args.model} is an unCLIP model "
-                            "(it takes --guidance, --steps, --candidates, --seed)")
+                            "(it takes --guidance, --prior-guidance, --steps, --candidates, --seed)")
         pipe = UnCLIP.load(args.model, device=args.device)
-        return pipe, pipe.sampling.override(guidance=args.guidance, steps=args.steps, candidates=args.candidates,
-                                            seed=args.seed), {}
+        return pipe, pipe.sampling.override(guidance=args.guidance, prior_guidance=args.prior_guidance,
+                                            steps=args.steps, candidates=args.candidates, seed=args.seed), {}
     from cvformers.pipelines.text_to_image import TextToImage
 
-    if args.steps is not None:
-        raise UserError("--steps is a diffusion setting; DALL-E draws one image id per step")
+    if args.steps is not None or args.prior_guidance is not None:
+        raise UserError("--steps and --prior-guidance are diffusion settings; DALL-E draws one image id per step")
     reranker = None
     if args.clip is not None:
         from cvformers.pipelines.rerank import ClipReranker
