@@ -201,3 +201,21 @@ def test_colourless_captions_replace_a_fixed_share_of_training_captions(tmp_path
     assert main(["train", "clip", "--data", "shapes", "--out", str(tmp_path / "y"),
                  "--steps", "1", "--config", str(cfg)]) == 2
     assert "between 0 and 1" in capsys.readouterr().err
+
+
+def test_image_tower_last_block_on_the_class_token_equals_every_token():
+    """The last block updates the class token alone: embedding and every gradient equal the full path's."""
+    from cvformers.models.clip_visual import ClipVisionTransformer
+
+    torch.manual_seed(0)
+    tower = ClipVisionTransformer(image_size=16, patch_size=4, width=32, layers=2, heads=4, embed_dim=8, in_channels=1)
+    images = torch.randn(3, 1, 16, 16)
+    fast = tower(images)
+    full = tower.ln_post(tower.transformer(tower.tokens(images))[:, 0]) @ tower.proj
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    g_fast = torch.autograd.grad(fast.square().sum(), list(tower.parameters()))
+    g_full = torch.autograd.grad(full.square().sum(), list(tower.parameters()))
+    for a, b in zip(g_fast, g_full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unmasked"):
+        tower.transformer.resblocks[0].attn(torch.randn(1, 5, 32), causal=True, queries=1)
