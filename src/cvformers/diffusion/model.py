@@ -109,11 +109,9 @@ class DDPM(nn.Module):
         out = self.unet(xt, t, **conditions)
         target = noise if self.cfg.prediction == "eps" else v_target(self.schedule, x0, t, noise)
         per_image = (out - target).square().flatten(1).mean(dim=1)
-        mse = per_image.mean()
-        if not self.cfg.min_snr_gamma:
-            return mse, {"mse": mse.item()}
-        return (min_snr_weights(self.schedule, t, self.cfg.min_snr_gamma, self.cfg.prediction) * per_image).mean(), \
-            {"mse": mse.item()}
+        weights = (min_snr_weights(self.schedule, t, self.cfg.min_snr_gamma, self.cfg.prediction)
+                   if self.cfg.min_snr_gamma else 1.0)
+        return (weights * per_image).mean(), {"mse": per_image.mean().item()}
 
     def predict(self, xt: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂_0, ε̂) from the U-Net's output, whichever target it was trained on."""
