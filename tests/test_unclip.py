@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cvformers.config import ConfigError, from_dict
-from cvformers.diffusion.decoder import DecoderConfig, UnCLIPDecoder, Upsampler, UpsamplerConfig, gaussian_blur
+from cvformers.diffusion.decoder import (DecoderConfig, LatentDecoder, LatentDecoderConfig, UnCLIPDecoder, Upsampler,
+                                         UpsamplerConfig, gaussian_blur)
 from cvformers.diffusion.prior import DiffusionPrior, PriorConfig, clip_space
 from cvformers.diffusion.samplers import DiffusionSamplingConfig
 from cvformers.errors import UserError
@@ -206,6 +207,113 @@ def test_a_bundle_with_a_missing_part_is_refused_in_one_line(tiny_runs, tmp_path
     shutil.rmtree(broken / "prior")
     with pytest.raises(UserError, match="the prior/ folder is missing"):
         UnCLIP.load(broken)
+
+
+def test_a_prior_and_a_decoder_of_different_clips_are_refused(tiny_runs, tmp_path):
+    import shutil
+
+    from cvformers.loading import resolve_run
+    from cvformers.pipelines.unclip import UnCLIP
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_runs, mixed)
+    other = resolve_run("unclip") / "clip" / "model.safetensors"  # another CLIP than default/clip
+    shutil.copyfile(other, mixed / "decoder" / "clip" / "model.safetensors")
+    with pytest.raises(UserError, match="trained with different CLIPs"):
+        UnCLIP.load(mixed)
+
+
+# --- the latent decoder -------------------------------------------------------------------------------
+
+
+def shipped_vqvae():
+    from cvformers.loading import load_vae
+
+    return load_vae("default/vae")
+
+
+def tiny_latent_decoder(vae) -> LatentDecoder:
+    from cvformers.config import to_dict
+
+    table = {"clip_dim": 8, "vocab_size": 20, "text_len": 5, "text_width": 16, "num_steps": 50, "vae": to_dict(vae.cfg),
+             "unet": {**TINY_UNET, "image_size": vae.cfg.grid_size, "in_channels": 72, "attention_resolutions": [4]}}
+    model = LatentDecoder(from_dict(LatentDecoderConfig, table, "model"))
+    model.vae.load_state_dict(vae.state_dict())
+    return model
+
+
+def test_latent_decoder_maps_code_ids_into_a_box_and_snaps_back_to_them():
+    from cvformers.data.shapes import ShapesDataset
+
+    vae = shipped_vqvae()
+    decoder = tiny_latent_decoder(vae)
+    data = ShapesDataset("test", image_size=32)
+    ids = vae.encode(torch.stack([data[i]["image"] for i in range(6)]))
+    x0 = decoder.clean_sample({"image_ids": ids})
+    assert x0.shape == (6, 72, 8, 8) and float(x0.min()) >= -1 and float(x0.max()) <= 1
+    assert float(x0.amin(dim=(0, 2, 3)).min()) < 0.9  # not all squashed to one end of the box
+    assert torch.equal(decoder.nearest_ids(x0), ids)  # each cell is its own code again
+    # a small error in every channel snaps to the same codes, or to near-twins that draw the same
+    noisy = decoder.nearest_ids(x0 + 0.02 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)))
+    assert float((noisy == ids).float().mean()) > 0.9
+    assert float((vae.decode(noisy) - vae.decode(ids)).abs().mean()) < 0.01
+    # what it draws is the tokenizer's decoding of those codes
+    assert torch.allclose(decoder.to_images(x0), vae.decode(ids))
+    with pytest.raises(ConfigError, match="latent grid is 72x8x8"):
+        from_dict(LatentDecoderConfig, {"vae": {**vae.cfg.__dict__}, "unet": TINY_UNET}, "model")
+
+
+def test_latent_decoder_samples_images_deterministically_from_its_embedding():
+    vae = shipped_vqvae()
+    decoder = tiny_latent_decoder(vae).eval()
+    assert decoder.image_size == 32 and decoder.image_shape == (72, 8, 8)
+    emb = torch.randn(2, 8)
+    s = DiffusionSamplingConfig(steps=3, guidance=2.0, seed=0)
+    noise = torch.randn(2, 72, 8, 8)
+    a = decoder.sample(emb, torch.randint(0, 20, (2, 5)), s, noise=noise)
+    b = decoder.sample(emb, torch.randint(0, 20, (2, 5)) * 0, s, noise=noise)
+    again = decoder.sample(emb, torch.randint(0, 20, (2, 5)) * 0, s, noise=noise)
+    assert a.shape == (2, 3, 32, 32) and torch.equal(b, again)
+    loss, metrics = decoder.loss({"image_ids": torch.randint(0, vae.num_tokens, (4, 8, 8)), "clip_image": torch.randn(4, 8),
+                                  "text": torch.randint(0, 20, (4, 5))})
+    loss.backward()
+    assert all(p.grad is None for p in decoder.vae.parameters())  # the tokenizer stays frozen
+    assert decoder.unet.input_conv.weight.grad is not None
+
+
+def test_latent_decoder_task_bundle_and_refusals(tiny_runs, tmp_path, capsys):
+    import shutil
+
+    from cvformers import cli
+    from cvformers.pipelines.unclip import UnCLIP
+
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_runs / "prior", runs / "prior")
+    config = tmp_path / "latent.toml"
+    config.write_text("[data]\nsize = 48\neval_size = 16\n\n[unclip]\nsample_steps = 2\n\n"
+                      "[train]\nsteps = 2\nbatch_size = 8\ncheckpoint_every = 2\neval_every = 0\nwarmup_steps = 1\n\n"
+                      "[model]\nnum_steps = 50\ntext_layers = 1\n\n[model.unet]\nbase_channels = 16\n"
+                      "channel_mults = [1, 2]\nnum_res_blocks = 1\nheads = 2\n")
+    decoder = runs / "decoder"
+    assert cli.main(["train", "unclip-decoder", "--vae", "default/vae", "--config", str(config), "--out", str(decoder)]) == 0
+    assert (decoder / "vae" / "model.safetensors").is_file() and (decoder / "vae_ids_train.safetensors").is_file()
+    capsys.readouterr()
+    assert cli.main(["train", "unclip-decoder", "--out", str(decoder), "--resume", "--steps", "3"]) == 0
+    assert "tokenizing" not in capsys.readouterr().err  # the ids come from the cache
+    for argv, message in [
+        (["train", "unclip-decoder", "--out", str(decoder), "--resume", "--steps", "4", "--vae", "default/vae"],
+         "keeps its own tokenizer"),
+        (["train", "unclip-decoder", "--vae", "default/clip", "--out", str(tmp_path / "x")], "not an image tokenizer"),
+    ]:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (argv, err)
+    bundle = tmp_path / "bundle"
+    assert cli.main(["bundle", "--unclip", str(runs), "--out", str(bundle)]) == 0
+    pipe = UnCLIP.load(bundle)
+    assert isinstance(pipe.decoder, LatentDecoder) and pipe.image_size == 32
+    out = pipe.generate("a red circle", num_images=2, steps=2, prior_steps=2)
+    assert out.images.shape == (2, 3, 32, 32)
 
 
 # --- the shipped bundle -------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--until", type=int, default=None,
                    help="stop (and checkpoint) after this step; --resume continues on the same schedule")
-    p.add_argument("--vae", default=None, help="(dalle) run folder of the trained image tokenizer")
+    p.add_argument("--vae", default=None, help="(dalle) run folder of the trained image tokenizer; (unclip-decoder) a VQ-VAE run: draw its latent grid")
     p.add_argument("--clip", default=None, help="(unclip-prior, unclip-decoder) CLIP run folder (default: default/clip)")
     p.add_argument("--model", default=None, help="(classifier, clip, dino) model preset name")
     p.add_argument("--device", default=None, type=_device, help="cpu | cuda (default: cuda when available)")

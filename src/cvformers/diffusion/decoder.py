@@ -26,7 +26,7 @@ low-resolution pixels, our choice for 32 px images (the paper does not state its
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -40,6 +40,7 @@ from cvformers.diffusion.model import DDPM, DDPMConfig
 from cvformers.diffusion.prior import clip_space
 from cvformers.diffusion.samplers import DiffusionSamplingConfig
 from cvformers.registry import register_kind
+from cvformers.vae.vqvae import VQVAE, VQVAEConfig
 
 
 @dataclass
@@ -108,7 +109,100 @@ class UnCLIPDecoder(CaptionDDPM):
         none = torch.zeros(n, dtype=torch.bool, device=device)
         null = self.conditions(embeddings, None, keep_embedding=none)
         x = self.run_sampler(n, s, cond, null, generator, progress, noise)
+        return self.to_images(x)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images it draws."""
+        return self.cfg.unet.image_size
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """The sampler's x̂_0 (the model's space) -> images in [0, 1]."""
         return ((x + 1) / 2).clamp(0, 1)
+
+
+@dataclass
+class LatentDecoderConfig(DecoderConfig):
+    """The ``[model]`` table of an unCLIP decoder that draws a VQ-VAE's latent grid (``[model.vae]``:
+    the frozen tokenizer's own config; ``unet.image_size`` and ``unet.in_channels`` follow from it)."""
+
+    vae: VQVAEConfig = field(default_factory=VQVAEConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vae, dict):
+            from cvformers.config import from_dict
+
+            self.vae = from_dict(VQVAEConfig, self.vae, "model.vae")
+        super().__post_init__()
+        v = self.vae
+        if (self.unet.image_size, self.unet.in_channels) != (v.grid_size, latent_channels(v)):
+            raise ConfigError(f"model.unet draws {self.unet.in_channels}x{self.unet.image_size}x{self.unet.image_size} "
+                              f"but the VQ-VAE's latent grid is {latent_channels(v)}x{v.grid_size}x{v.grid_size}; "
+                              "remove unet.image_size and unet.in_channels")
+
+
+def latent_channels(vae: VQVAEConfig) -> int:
+    """Channels of a VQ-VAE's code vectors at one cell: structure (+ colour, when factorised)."""
+    return vae.code_dim + (vae.colour_dim if vae.colour_vocab_size else 0)
+
+
+@register_kind("unclip_latent_decoder", LatentDecoderConfig)
+class LatentDecoder(UnCLIPDecoder):
+    """unCLIP's decoder in the latent grid of a frozen VQ-VAE, beside the paper's pixel decoder.
+
+    Departure from unCLIP §2.1 (whose decoder diffuses pixels), as Kandinsky 2.x and Stable unCLIP
+    do with their VQ / KL autoencoders (latent diffusion, Rombach et al. 2022, §3): the U-Net draws
+    the grid of code vectors that the image tokenizer's decoder turns into pixels, so the tokenizer
+    supplies the crisp shapes a small pixel U-Net learns slowly, and each step runs on an 8x8 grid
+    instead of 32x32 pixels. Each channel of the code vectors is mapped linearly from its range
+    over the codebook onto [-1, 1], so the sampler's clipping of x̂_0 keeps it inside the box of
+    real codes. To draw an image, every cell of x̂_0 is snapped to its nearest codebook vector
+    (structure and colour each in their own codebook, as the tokenizer quantises) and decoded.
+    Training reads the images' code ids (``batch["image_ids"]``, computed once by the task).
+    """
+
+    cfg: LatentDecoderConfig
+
+    def __init__(self, cfg: LatentDecoderConfig):
+        super().__init__(cfg)
+        self.vae = VQVAE(cfg.vae)  # frozen: its weights are the tokenizer's, saved with the decoder
+        self.vae.requires_grad_(False)
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.vae.image_size
+
+    def _ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per channel (low, high) of the codebook vectors, the box of the latent space."""
+        lows, highs = zip(*[(q.codebook.amin(0), q.codebook.amax(0)) for q in self.vae.quantizers()])
+        low, high = torch.cat(lows), torch.cat(highs)
+        return low, (high - low).clamp(min=1e-6)
+
+    def latents(self, ids: torch.Tensor) -> torch.Tensor:
+        """Code ids [B, h, w] -> the model's x_0 [B, C, h, w] in [-1, 1]."""
+        vectors = [q.codebook[part] for part, q in zip(self.vae.split_ids(ids.long()), self.vae.quantizers())]
+        low, width = self._ranges()
+        z = (torch.cat(vectors, dim=-1) - low) / width * 2 - 1
+        return rearrange(z, "b h w c -> b c h w")
+
+    def nearest_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's x̂_0 [B, C, h, w] -> the nearest code ids [B, h, w], one codebook at a time."""
+        low, width = self._ranges()
+        z = rearrange(x, "b c h w -> b h w c").float()
+        z = (z + 1) / 2 * width + low
+        parts, start = [], 0
+        for q in self.vae.quantizers():
+            dim = q.codebook.shape[1]
+            flat = z[..., start:start + dim].reshape(-1, dim)
+            parts.append(q.nearest(flat).view(z.shape[:3]))
+            start += dim
+        return self.vae.join_ids(parts)
+
+    def clean_sample(self, batch: dict) -> torch.Tensor:
+        return self.latents(batch["image_ids"].to(self.vae.quantizer.codebook.device))
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(self.nearest_ids(x))
 
 
 @dataclass
@@ -181,4 +275,4 @@ class Upsampler(DDPM):
         return ((x + 1) / 2).clamp(0, 1)
 
 
-__all__ = ["DecoderConfig", "UnCLIPDecoder", "Upsampler", "UpsamplerConfig", "gaussian_blur"]
+__all__ = ["DecoderConfig", "LatentDecoder", "LatentDecoderConfig", "UnCLIPDecoder", "Upsampler", "UpsamplerConfig", "gaussian_blur"]

@@ -99,8 +99,12 @@ class DDPM(nn.Module):
         labels[drop | (labels < 0)] = self.num_classes  # "no label": the unconditional model
         return {"labels": labels}
 
+    def clean_sample(self, batch: dict) -> torch.Tensor:
+        """x_0 of a training batch in the model's space: the images, mapped from [0, 1] to [-1, 1]."""
+        return batch["image"] * 2 - 1
+
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        x0 = batch["image"] * 2 - 1
+        x0 = self.clean_sample(batch)
         b = x0.shape[0]
         conditions = self.training_inputs(batch, x0)
         t = torch.randint(0, self.cfg.num_steps, (b,), device=x0.device)

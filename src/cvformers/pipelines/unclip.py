@@ -45,7 +45,8 @@ from cvformers.pipelines.pretrained import PretrainedPipeline, text_tokenizer_fi
 from cvformers.pipelines.text_to_image import MAX_CANDIDATES, Generation, UnknownWords, count_candidates
 
 PARTS = ("prior", "decoder", "upsampler", "clip")
-KINDS = {"prior": "unclip_prior", "decoder": "unclip_decoder", "upsampler": "unclip_upsampler"}
+KINDS = {"prior": ("unclip_prior",), "decoder": ("unclip_decoder", "unclip_latent_decoder"),
+         "upsampler": ("unclip_upsampler",)}
 
 
 @dataclass(frozen=True)
@@ -118,13 +119,23 @@ def _load_stage(folder: Path, part: str, device):
     if not (folder / "config.toml").is_file() or not (folder / "model.safetensors").is_file():
         raise UserError(f"{folder} is not a complete unCLIP {part} run: config.toml or model.safetensors is missing")
     model, cfg = load_run(folder, device)
-    if cfg.get("kind") != KINDS[part]:
-        raise UserError(f"{folder} holds a {cfg.get('kind')!r} model where the {part} ({KINDS[part]}) belongs")
+    if cfg.get("kind") not in KINDS[part]:
+        raise UserError(f"{folder} holds a {cfg.get('kind')!r} model where the {part} "
+                        f"({' or '.join(KINDS[part])}) belongs")
     if (folder / EMA_FILE).is_file():
         load_weights(model, folder / EMA_FILE)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def _refuse_mixed_clips(root: Path) -> None:
+    """A prior and a decoder only fit together in one CLIP's embedding space: runs that carry
+    different CLIPs (each run keeps a copy of its own under clip/) are refused before loading."""
+    weights = [root / part / "clip" / "model.safetensors" for part in ("prior", "decoder")]
+    if all(w.is_file() for w in weights) and weights[0].read_bytes() != weights[1].read_bytes():
+        raise UserError(f"{root}: the prior and the decoder were trained with different CLIPs (prior/clip and "
+                        "decoder/clip differ); train both with the same --clip")
 
 
 class UnCLIP(PretrainedPipeline):
@@ -142,9 +153,9 @@ class UnCLIP(PretrainedPipeline):
                             f"the decoder {decoder.cfg.clip_dim}: they were trained with another CLIP")
         if prior.cfg.text_len != clip.cfg.context_length:
             raise UserError(f"the prior reads {prior.cfg.text_len} caption tokens, the CLIP {clip.cfg.context_length}")
-        if upsampler is not None and upsampler.cfg.low_res != decoder.cfg.unet.image_size:
+        if upsampler is not None and upsampler.cfg.low_res != decoder.image_size:
             raise UserError(f"the upsampler enlarges {upsampler.cfg.low_res}-px images but the decoder draws "
-                            f"{decoder.cfg.unet.image_size} px")
+                            f"{decoder.image_size} px")
         self.prior, self.decoder, self.clip, self.tokenizer = prior, decoder, clip.eval(), tokenizer
         self.upsampler = upsampler
         self.sampling = sampling or UnCLIPSamplingConfig()
@@ -165,6 +176,7 @@ class UnCLIP(PretrainedPipeline):
         for part in ("prior", "decoder"):
             if not (root / part).is_dir():
                 raise UserError(f"{root} is not an unCLIP model: the {part}/ folder is missing")
+        _refuse_mixed_clips(root)
         prior = _load_stage(root / "prior", "prior", device)
         decoder = _load_stage(root / "decoder", "decoder", device)
         upsampler = _load_stage(root / "upsampler", "upsampler", device) if (root / "upsampler").is_dir() else None
@@ -196,7 +208,7 @@ class UnCLIP(PretrainedPipeline):
         return parts
 
     def card_limits(self) -> list[str]:
-        size = self.decoder.cfg.unet.image_size
+        size = self.decoder.image_size
         return [f"Draws {self.image_size}x{self.image_size} images" +
                 (f" (the decoder draws {size} px, the upsampler enlarges them)" if self.upsampler else "") +
                 " of the kind its training data holds (see the parts table) and nothing else.",
@@ -212,7 +224,7 @@ class UnCLIP(PretrainedPipeline):
 
     @property
     def image_size(self) -> int:
-        return (self.upsampler or self.decoder).cfg.unet.image_size
+        return self.upsampler.cfg.unet.image_size if self.upsampler is not None else self.decoder.image_size
 
     @property
     def reranks(self) -> bool:

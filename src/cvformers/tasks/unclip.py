@@ -6,6 +6,11 @@ of DALL-E 2 (unCLIP, Ramesh et al. 2022), each its own run, all reading one froz
     cvformers train unclip-upsampler --data shapes --out runs/unclip/upsampler
     cvformers bundle --unclip runs/unclip --out my-unclip   # prior/ decoder/ [upsampler/] + the CLIP
 
+``--vae`` (decoder only) is a VQ-VAE run folder: the decoder then draws that tokenizer's latent
+grid instead of pixels (``LatentDecoder``, a departure from the paper said there); the tokenizer
+is copied into the run under ``vae/`` and its code ids of the training set are cached beside it
+(``vae_ids_<split>.safetensors``).
+
 ``--clip`` is a CLIP run folder (default: the shipped model's, ``default/clip``); it is copied
 into the prior's and the decoder's run folders under ``clip/``, so that each run says which
 embedding space it was trained in. The CLIP image and text embeddings of the training set are
@@ -27,22 +32,27 @@ from torch.utils.data import Dataset
 
 from cvformers.config import ConfigError, from_dict, to_dict
 from cvformers.data import DataConfig, build_from_config
-from cvformers.diffusion.decoder import DecoderConfig, UnCLIPDecoder, Upsampler, UpsamplerConfig
+from cvformers.diffusion.decoder import (DecoderConfig, LatentDecoder, LatentDecoderConfig, UnCLIPDecoder,
+                                         Upsampler, UpsamplerConfig, latent_channels)
 from cvformers.diffusion.model import EMA_FILE
 from cvformers.diffusion.prior import DiffusionPrior, PriorConfig
 from cvformers.diffusion.samplers import DiffusionSamplingConfig
 from cvformers.errors import UserError
-from cvformers.loading import TOKENIZER_FILE, load_clip, resolve_run
+from cvformers.loading import TOKENIZER_FILE, load_clip, load_vae, resolve_run
 from cvformers.tasks import TaskArgs, TaskSetup, data_config_from, indexed_data, register_task
 from cvformers.tasks.cache import cached_tensors
 from cvformers.train.hooks import EMA, EMAConfig
+from cvformers.vae.vqvae import VQVAE
 
 CLIP_DIR = "clip"  # the frozen CLIP a prior / decoder run was trained with, copied into the run
+VAE_DIR = "vae"  # the frozen VQ-VAE whose latent grid a latent decoder draws, copied into the run
 DEFAULT_CLIP = "default/clip"
 SAMPLES_FILE = "samples.png"
 
 # CPU-sized U-Nets. Decoder: 32 -> 16 -> 8 px, attention (with the context) at 16 and 8.
 DECODER_UNET = dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, heads=4, dropout=0.0)
+# Latent decoder: the tokenizer's 8x8 grid -> 4x4, attention at both; wider, as each step is cheap.
+LATENT_DECODER_UNET = dict(base_channels=64, channel_mults=(1, 2), num_res_blocks=2, heads=4, dropout=0.0)
 # Upsampler: 64 -> 32 -> 16 -> 8 px, attention only at 8 (it sharpens; the layout comes from its input).
 UPSAMPLER_UNET = dict(base_channels=32, channel_mults=(1, 1, 2, 2), num_res_blocks=1, heads=4, dropout=0.0,
                       attention_resolutions=(8,))
@@ -76,6 +86,31 @@ def _clip_source(args: TaskArgs) -> Path:
     if args.resume and saved.is_dir():
         return saved  # the run's own copy: the embedding space it was trained in
     return resolve_run(args.clip or DEFAULT_CLIP)
+
+
+def _vae_source(args: TaskArgs) -> Path | None:
+    """The VQ-VAE a latent decoder draws for (None: a pixel decoder)."""
+    saved = Path(args.out) / VAE_DIR
+    if args.resume:
+        if saved.is_dir():
+            if args.vae:
+                raise UserError(f"--vae: a resumed run keeps its own tokenizer ({saved}); remove --vae")
+            return saved
+        if args.vae:
+            raise UserError("--vae: the run being resumed draws pixels; a latent decoder is a new run (another --out)")
+        return None
+    return resolve_run(args.vae) if args.vae else None
+
+
+def _latent_vae(path: Path, data_cfg: DataConfig, device: str | None) -> VQVAE:
+    vae = load_vae(path, device=device or "cpu")
+    if not isinstance(vae, VQVAE):
+        raise UserError(f"--vae {path}: a latent decoder needs a VQ-VAE (its code vectors are the latent), "
+                        f"not a {type(vae).__name__}")
+    if (vae.image_size, vae.channels) != (data_cfg.image_size, data_cfg.channels):
+        raise UserError(f"--vae {path} reads {vae.image_size}-px images with {vae.channels} channel(s); "
+                        f"the data has {data_cfg.image_size} px and {data_cfg.channels}: set [data] to match")
+    return vae
 
 
 def _file_hash(path: Path) -> str:
@@ -122,10 +157,12 @@ def cached_embeddings(clip, tokenizer, dataset, path: Path, key: str, desc: str 
 
 class EmbeddedDataset(Dataset):
     """Items of a dataset with their cached CLIP embeddings and caption ids:
-    {"clip_image", "clip_text", "text"} (+ "image" when ``with_images``, for the decoder)."""
+    {"clip_image", "clip_text", "text"} (+ "image" when ``with_images``, for the decoder; or
+    "image_ids", the cached tokenizer ids [h, w] of the image, once ``image_ids`` is set)."""
 
     def __init__(self, source, cache: dict[str, torch.Tensor], with_images: bool):
         self.source, self.cache, self.with_images = source, cache, with_images
+        self.image_ids: torch.Tensor | None = None  # [len, h, w], row i the image of item i
 
     def __len__(self) -> int:
         return len(self.cache["index"])
@@ -133,12 +170,40 @@ class EmbeddedDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         item = {"clip_image": self.cache["image"][i].float(), "clip_text": self.cache["text"][i].float(),
                 "text": self.cache["ids"][i].long()}
-        if self.with_images:
-            item["image"] = self.source[int(self.cache["index"][i])]["image"]
+        if self.image_ids is not None:
+            item["image_ids"] = self.image_ids[i].long()
+        elif self.with_images:
+            item["image"] = self.image(i)
         return item
+
+    def image(self, i: int) -> torch.Tensor:
+        return self.source[int(self.cache["index"][i])]["image"]
 
     def caption(self, i: int) -> str:
         return self.source[int(self.cache["index"][i])]["caption"]
+
+
+@torch.no_grad()
+def tokenize_images(vae, data: EmbeddedDataset, batch_size: int = 256, desc: str = "") -> dict[str, torch.Tensor]:
+    """The tokenizer's code ids [len, h, w] of every image of ``data``, in its order."""
+    from cvformers.utils import progress
+
+    device = next(vae.parameters()).device
+    out = []
+    for start in progress(range(0, len(data), batch_size), desc=desc or "tokenizing", unit="batch"):
+        images = torch.stack([data.image(i) for i in range(start, min(start + batch_size, len(data)))])
+        out.append(vae.encode(images.to(device)).to(torch.int16).cpu())
+    return {"ids": torch.cat(out), "index": data.cache["index"]}
+
+
+def attach_image_ids(vae, vae_path: Path, data: EmbeddedDataset, out: Path, name: str) -> None:
+    """Give ``data`` its images' tokenizer ids, read from (or computed once into) ``vae_ids_<name>``."""
+    key = hashlib.sha256(json.dumps([_file_hash(vae_path / "model.safetensors"), data.cache["index"].tolist()[:8],
+                                     len(data), name]).encode()).hexdigest()
+    ids = cached_tensors(out / f"vae_ids_{name}.safetensors", key, ("ids", "index"),
+                         lambda: tokenize_images(vae, data, desc=f"tokenizing {name}"),
+                         fits=lambda t: torch.equal(t["index"], data.cache["index"]), what="tokenizing")
+    data.image_ids = ids["ids"]
 
 
 def _stack(items: list[dict]) -> dict:
@@ -182,10 +247,13 @@ def _ema(task_cfg: UnCLIPTaskConfig) -> EMA | None:
 
 
 def _image_data_config(args: TaskArgs, default_size: int = 32) -> DataConfig:
-    saved = dict(args.config.get("model", {}).get("unet", {})) if args.resume else {}
+    model = args.config.get("model", {}) if args.resume else {}
+    # a resumed run's images: the sizes its U-Net draws, or the ones its tokenizer reads
+    saved = dict(model.get("vae") or model.get("unet") or {})
+    size, channels = saved.get("image_size"), saved.get("channels") or saved.get("in_channels")
     table = args.config.get("data", {})
-    return data_config_from(args, image_size=saved.get("image_size") or table.get("image_size") or default_size,
-                            channels=saved.get("in_channels") or table.get("channels") or 3)
+    return data_config_from(args, image_size=size or table.get("image_size") or default_size,
+                            channels=channels or table.get("channels") or 3)
 
 
 def _unet_table(args: TaskArgs, preset: dict, data_cfg: DataConfig) -> tuple[dict, dict]:
@@ -221,15 +289,32 @@ def decoder_task(args: TaskArgs) -> TaskSetup:
 
     task_cfg = _task_config(args)
     data_cfg = _image_data_config(args)
+    vae_path = _vae_source(args)
+    vae = None if vae_path is None else _latent_vae(vae_path, data_cfg, args.device)  # refused before any work
     clip_path = _clip_source(args)
     clip, tokenizer, train_data, eval_data = _embedded_splits(args, data_cfg, clip_path, with_images=True)
     if clip.cfg.image_size != data_cfg.image_size:
         print(f"note: CLIP reads {clip.cfg.image_size}-px images; the decoder draws {data_cfg.image_size} px",
               file=sys.stderr)
-    table, unet = _unet_table(args, DECODER_UNET, data_cfg)
+    if vae is None:
+        table, unet = _unet_table(args, DECODER_UNET, data_cfg)
+    else:
+        grid = vae.cfg.grid_size
+        table, unet = _unet_table(args, {**LATENT_DECODER_UNET, "attention_resolutions": (grid, grid // 2)}, data_cfg)
+        table.pop("vae", None)  # a resumed run's own copy: the tokenizer in vae/ is the one used
+        unet.update(image_size=grid, in_channels=latent_channels(vae.cfg))  # the U-Net draws the latent grid
+        for split_data, name in ((train_data, "train"), (eval_data, data_cfg.eval_split)):
+            if split_data is not None:
+                attach_image_ids(vae, vae_path, split_data, Path(args.out), name)
     fixed = _clip_fixed(clip)
     _refuse_conflicts(table, fixed)
-    cfg = from_dict(DecoderConfig, {**table, **fixed, "unet": unet}, "model")
+    if vae is None:
+        cfg = from_dict(DecoderConfig, {**table, **fixed, "unet": unet}, "model")
+        model = UnCLIPDecoder(cfg)
+    else:
+        cfg = from_dict(LatentDecoderConfig, {**table, **fixed, "unet": unet, "vae": to_dict(vae.cfg)}, "model")
+        model = LatentDecoder(cfg)
+        model.vae.load_state_dict(vae.state_dict())
     ema = _ema(task_cfg)
     shown = eval_data if eval_data is not None else train_data
 
@@ -241,18 +326,22 @@ def decoder_task(args: TaskArgs) -> TaskSetup:
         batch = _stack([shown[i] for i in range(n)])
         sampling = DiffusionSamplingConfig(steps=task_cfg.sample_steps, guidance=task_cfg.sample_guidance, seed=0)
         drawn = sampler.sample(batch["clip_image"], batch["text"], sampling).cpu()
+        images = torch.stack([shown.image(i) for i in range(n)])
         # each column is one item: its caption under the decoded image, which was drawn from it
-        sheet = labelled_grid(torch.cat([batch["image"], drawn]), n, min_tile=64, row_labels=["data", "decoded"],
+        sheet = labelled_grid(torch.cat([images, drawn]), n, min_tile=64, row_labels=["data", "decoded"],
                               tile_labels=[""] * n + [shown.caption(i) for i in range(n)], label_width=60)
         save_png(sheet, Path(run_dir) / SAMPLES_FILE,
                  metadata={"step": str(step), "rows": "data, decoded from its CLIP image embedding"})
 
+    files = _clip_files(clip_path)
+    if vae_path is not None:
+        files.update({f"{VAE_DIR}/{name}": (vae_path / name).read_bytes() for name in ("config.toml", "model.safetensors")})
     return TaskSetup(
-        kind="unclip_decoder", model=UnCLIPDecoder(cfg), model_config=cfg,
+        kind="unclip_decoder" if vae is None else "unclip_latent_decoder", model=model, model_config=cfg,
         train_config=train_config_from(args, default_train_config("decoder")),
         train_data=train_data, eval_data=eval_data, collate=_stack,
         extra_config={"data": to_dict(data_cfg), "unclip": to_dict(task_cfg)},
-        extra_files=_clip_files(clip_path), hooks=[ema] if ema else [], on_checkpoint=write_samples,
+        extra_files=files, hooks=[ema] if ema else [], on_checkpoint=write_samples,
     )
 
 
