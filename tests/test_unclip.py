@@ -259,6 +259,8 @@ def test_latent_decoder_maps_code_ids_into_a_box_and_snaps_back_to_them():
     assert float((vae.decode(noisy) - vae.decode(ids)).abs().mean()) < 0.01
     # what it draws is the tokenizer's decoding of those codes
     assert torch.allclose(decoder.to_images(x0), vae.decode(ids))
+    weights = decoder.channel_weights()  # structure (64 channels) and colour (8) weigh the same in the loss
+    assert float(weights.mean()) == pytest.approx(1.0) and float(weights[:64].sum()) == pytest.approx(float(weights[64:].sum()))
     with pytest.raises(ConfigError, match="latent grid is 72x8x8"):
         from_dict(LatentDecoderConfig, {"vae": {**vae.cfg.__dict__}, "unet": TINY_UNET}, "model")
 

@@ -158,7 +158,8 @@ class LatentDecoder(UnCLIPDecoder):
     over the codebook onto [-1, 1], so the sampler's clipping of x̂_0 keeps it inside the box of
     real codes. To draw an image, every cell of x̂_0 is snapped to its nearest codebook vector
     (structure and colour each in their own codebook, as the tokenizer quantises) and decoded.
-    Training reads the images' code ids (``batch["image_ids"]``, computed once by the task).
+    Training reads the images' code ids (``batch["image_ids"]``, computed once by the task); the
+    loss gives each codebook's channels an equal share (``channel_weights``).
     """
 
     cfg: LatentDecoderConfig
@@ -200,6 +201,13 @@ class LatentDecoder(UnCLIPDecoder):
 
     def clean_sample(self, batch: dict) -> torch.Tensor:
         return self.latents(batch["image_ids"].to(self.vae.quantizer.codebook.device))
+
+    def channel_weights(self) -> torch.Tensor:
+        """Each codebook's channels share an equal part of the loss: the 8 colour channels weigh as much
+        as the 64 structure channels, since a wrong colour code is as visible as a wrong shape code."""
+        dims = [q.codebook.shape[1] for q in self.vae.quantizers()]
+        total = sum(dims)
+        return torch.cat([torch.full((d,), total / (len(dims) * d)) for d in dims]).to(self.vae.quantizer.codebook)
 
     def to_images(self, x: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(self.nearest_ids(x))

@@ -103,6 +103,10 @@ class DDPM(nn.Module):
         """x_0 of a training batch in the model's space: the images, mapped from [0, 1] to [-1, 1]."""
         return batch["image"] * 2 - 1
 
+    def channel_weights(self) -> torch.Tensor | None:
+        """Weights [C] (mean 1) of each channel's squared error in the loss; None: all equal."""
+        return None
+
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         x0 = self.clean_sample(batch)
         b = x0.shape[0]
@@ -112,7 +116,10 @@ class DDPM(nn.Module):
         xt = q_sample(self.schedule, x0, t, noise)
         out = self.unet(xt, t, **conditions)
         target = noise if self.cfg.prediction == "eps" else v_target(self.schedule, x0, t, noise)
-        per_image = (out - target).square().flatten(1).mean(dim=1)
+        error = (out - target).square()
+        if (channel_weights := self.channel_weights()) is not None:
+            error = error * channel_weights.view(1, -1, 1, 1)
+        per_image = error.flatten(1).mean(dim=1)
         weights = (min_snr_weights(self.schedule, t, self.cfg.min_snr_gamma, self.cfg.prediction)
                    if self.cfg.min_snr_gamma else 1.0)
         return (weights * per_image).mean(), {"mse": per_image.mean().item()}
