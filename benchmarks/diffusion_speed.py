@@ -15,8 +15,7 @@ maximum difference of their samples shows the outputs are equal. Then, in altern
 
 Printed: medians, the ratio of the medians (diffusers / cvformers: above 1 means cvformers is
 faster), parameter counts and the peak resident memory of the process (both models loaded).
-``--compile`` runs cvformers' U-Net through ``torch.compile`` as ``cvformers sample ddpm --compile`` does
-(``UNet.compile_for_sampling``: channels-last weights, inductor's freezing) and prints the compile time apart.
+``--compile`` runs cvformers' U-Net through ``torch.compile`` and prints the compile time apart.
 
     bash scripts/setup_diffusers_env.sh
     .venv-diffusers/bin/python benchmarks/diffusion_speed.py --threads 1
@@ -70,7 +69,7 @@ def sampling_pair(num: int, steps: int, compile_ours: bool):
     compile_s = None
     if compile_ours:
         t0 = time.perf_counter()
-        ours.unet.compile_for_sampling()
+        ours.unet.compile()
         with torch.inference_mode():  # the first call compiles
             ours.unet(torch.randn(num, *IMAGE), torch.full((num,), 500))
         compile_s = time.perf_counter() - t0

@@ -205,19 +205,6 @@ class UNet(nn.Module):
         nn.init.zeros_(out_conv.bias)
         self.out = nn.Sequential(group_norm(ch, cfg.groups, cfg.norm_eps), nn.SiLU(), out_conv)
 
-    def compile_for_sampling(self) -> None:
-        """Run this U-Net through ``torch.compile`` for inference (the first call compiles).
-
-        Two settings beyond the default compile, each measured in the results document: the conv
-        weights go channels-last (NHWC), the layout oneDNN's convolutions run fastest in, which
-        eager mode cannot use because PyTorch's CPU GroupNorm is slow on it while the compiled
-        GroupNorm is generated code; and inductor's ``freezing`` folds the weights in as constants,
-        prepacked once into oneDNN's blocked layout instead of reordered at every call. Frozen
-        weights are read once: compile a model after loading its weights, and do not train it after.
-        """
-        self.to(memory_format=torch.channels_last)
-        self.compile(options={"freezing": True})
-
     def embed(self, t: torch.Tensor, labels: torch.Tensor | None = None,
               cond: torch.Tensor | None = None) -> torch.Tensor:
         """[B, emb_dim]: MLP(timestep embedding) + label embedding + projected cond, as configured."""

@@ -39,8 +39,7 @@ class DiffusionPipeline:
     def load(cls, path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
              compile: bool = False) -> "DiffusionPipeline":
         """The run's model (EMA weights unless ``use_ema=False``). ``compile``: run the U-Net through
-        ``torch.compile`` for sampling (``UNet.compile_for_sampling``; the first call then compiles,
-        which takes tens of seconds on a CPU)."""
+        ``torch.compile`` (the first call then compiles, which takes tens of seconds on a CPU)."""
         run = resolve_run(path)
         model, cfg = load_run(run, device)
         if cfg.get("kind") not in KINDS:
@@ -53,7 +52,7 @@ class DiffusionPipeline:
 
             tokenizer = BPETokenizer.load(run / TOKENIZER_FILE)
         if compile:
-            model.unet.compile_for_sampling()
+            model.unet.compile()
         return cls(model, tokenizer=tokenizer)
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
