@@ -235,3 +235,49 @@ def test_load_run(tmp_path):
         load_run(run)
     with pytest.raises(UserError, match="no such folder"):
         load_run(tmp_path / "nothing")
+
+
+def test_optimizer_moments_follow_their_parameters_by_name_when_the_order_changes(tmp_path):
+    from torch import nn
+
+    from cvformers.errors import UserError
+    from cvformers.train import param_groups
+    from cvformers.train.checkpoint import align_optimizer_state
+
+    class Before(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(4, 3), nn.Linear(3, 3)
+
+    class After(nn.Module):  # the same parameters, registered in the other order
+        def __init__(self):
+            super().__init__()
+            self.second, self.first = nn.Linear(3, 3), nn.Linear(4, 3)
+
+    def trained_optimizer(model):
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
+        sum(p.square().sum() * (i + 1) for i, p in enumerate(model.parameters())).backward()
+        opt.step()
+        return opt
+
+    torch.manual_seed(0)
+    before = Before()
+    saved = trained_optimizer(before).state_dict()
+    moments = {name: saved["state"][i]["exp_avg"] for i, name in
+               enumerate(n for g in saved["param_groups"] for n in g["names"])}
+    after = After()
+    after.load_state_dict(before.state_dict())
+    opt = torch.optim.AdamW(param_groups(after, 0.1), lr=1e-2)
+    opt.load_state_dict(align_optimizer_state(saved, opt, tmp_path))
+    names = {p: n for n, p in after.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            assert torch.equal(opt.state[p]["exp_avg"], moments[names[p]]), names[p]
+
+    # a checkpoint without names: taken as it is when the shapes fit, refused in one line when not
+    for group in saved["param_groups"]:
+        del group["names"]
+    same_order = torch.optim.AdamW(param_groups(Before(), 0.1), lr=1e-2)
+    assert align_optimizer_state(saved, same_order, tmp_path) is saved
+    with pytest.raises(UserError, match="orders its parameters differently"):
+        align_optimizer_state(saved, torch.optim.AdamW(param_groups(After(), 0.1), lr=1e-2), tmp_path)

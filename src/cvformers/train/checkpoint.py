@@ -305,3 +305,42 @@ def load_checkpoint(run_dir: str | Path, model: nn.Module) -> tuple[dict[str, An
         if not top.is_file() or not os.path.samefile(top, where / WEIGHTS):
             _link_or_copy(where / WEIGHTS, top)
     return state, hooks
+
+
+def align_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimizer, run: Path) -> dict[str, Any]:
+    """A checkpoint's optimizer state dict, renumbered so that each parameter's moments reach the
+    parameter of the same name in ``optimizer`` (whose groups carry "names", see ``param_groups``).
+
+    PyTorch numbers an optimizer's parameters by position; a model that registers its parameters
+    in another order than the one that wrote the checkpoint would silently pair moments with the
+    wrong tensors (or fail at the first step when their shapes differ). A checkpoint without names
+    (written before they were saved) is taken as it is when every moment has its parameter's shape,
+    and refused in one line otherwise."""
+    groups, saved_groups = optimizer.param_groups, saved.get("param_groups", [])
+    if len(groups) != len(saved_groups):
+        raise UserError(f"{run}: the checkpoint's optimizer has {len(saved_groups)} parameter groups, this model "
+                        f"{len(groups)}; it was written for another model")
+    if not all("names" in g for g in groups) or not all("names" in g for g in saved_groups):
+        for group, saved_group in zip(groups, saved_groups):
+            for p, index in zip(group["params"], saved_group["params"]):
+                moments = saved["state"].get(index, {})
+                if any(torch.is_tensor(v) and v.dim() and v.shape != p.shape for v in moments.values()):
+                    raise UserError(f"{run}: the checkpoint's optimizer state pairs its moments with parameters by "
+                                    "position, and this model orders its parameters differently (written by an "
+                                    "older cvformers); its weights load, its optimizer state does not")
+        return saved
+    state, new_groups, next_index = {}, [], 0
+    for group, saved_group in zip(groups, saved_groups):
+        by_name = dict(zip(saved_group["names"], saved_group["params"]))
+        missing = [name for name in group["names"] if name not in by_name]
+        if missing or len(by_name) != len(group["names"]):
+            raise UserError(f"{run}: the checkpoint's optimizer state does not name the same parameters as this "
+                            f"model ({'missing ' + missing[0] if missing else 'extra parameters'})")
+        indices = []
+        for name in group["names"]:
+            if by_name[name] in saved["state"]:
+                state[next_index] = saved["state"][by_name[name]]
+            indices.append(next_index)
+            next_index += 1
+        new_groups.append({**saved_group, "params": indices, "names": list(group["names"])})
+    return {"state": state, "param_groups": new_groups}

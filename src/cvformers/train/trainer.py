@@ -124,17 +124,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     lookup tables and scales towards 0 for no benefit (as in GPT-2/nanoGPT, timm, CLIP).
     """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    decay, no_decay, decay_names, no_decay_names = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         lname = name.lower()
         if p.ndim < 2 or "embed" in lname or "codebook" in lname or lname.endswith("_token") or name in skip:
             no_decay.append(p)
+            no_decay_names.append(name)
         else:
             decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "decayed": True},
-              {"params": no_decay, "weight_decay": 0.0, "decayed": False}]
+            decay_names.append(name)
+    # "names" travels in the optimizer's state dict, so a checkpoint's moments find their
+    # parameters by name on resume even if the model now registers them in another order
+    groups = [{"params": decay, "weight_decay": weight_decay, "decayed": True, "names": decay_names},
+              {"params": no_decay, "weight_decay": 0.0, "decayed": False, "names": no_decay_names}]
     return [g for g in groups if g["params"]]
 
 
@@ -543,7 +547,7 @@ class Trainer:
         else:
             state, hook_state = ckpt.load_checkpoint(self.out, model)
             try:
-                optimizer.load_state_dict(state["optimizer"])
+                optimizer.load_state_dict(ckpt.align_optimizer_state(state["optimizer"], optimizer, self.out))
             except (ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{self.out}: the checkpoint's optimizer state does not fit this model ({e})") from e
         for hook in self.hooks:
