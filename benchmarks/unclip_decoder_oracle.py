@@ -5,6 +5,8 @@ decoder. This script takes the prior out, to say which stage loses what:
 
 - ``image``: the decoder reads the CLIP image embedding of the scene's own rendered image and its
   caption (the paper's reconstructions, unCLIP §7 and Figure 15: a perfect prior could do no better);
+- ``text``: the decoder reads the caption's CLIP *text* embedding in place of the image embedding,
+  and the caption (no prior: the baseline of unCLIP §5.1);
 - ``caption``: the decoder reads the caption with the embedding dropped (zero), as the 10% of
   training batches whose embedding was dropped taught it.
 
@@ -29,7 +31,7 @@ def main() -> None:
     ap.add_argument("--split", default="heldout", help="test (training distribution) or heldout (unseen pairs)")
     ap.add_argument("--captions", type=int, default=100)
     ap.add_argument("--per-caption", type=int, default=4)
-    ap.add_argument("--conditions", nargs="+", default=["image", "caption"], choices=["image", "caption"])
+    ap.add_argument("--conditions", nargs="+", default=["image", "caption"], choices=["image", "text", "caption"])
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
@@ -53,10 +55,10 @@ def main() -> None:
         start, checks = time.perf_counter(), []
         for i in range(args.captions):
             item = data[i]
-            text, _ = pipe.encode_prompt(item["caption"])
+            text, text_embedding = pipe.encode_prompt(item["caption"])
             text = text.expand(n, -1)
-            embedding = pipe.encode_images(item["image"]).expand(n, -1)
-            keep = torch.full((n,), condition == "image")
+            embedding = (text_embedding if condition == "text" else pipe.encode_images(item["image"])).expand(n, -1)
+            keep = torch.full((n,), condition != "caption")
             cond = decoder.conditions(embedding, text, keep_embedding=keep)
             null = decoder.conditions(embedding, None, keep_embedding=torch.zeros(n, dtype=torch.bool))
             generator = torch.Generator().manual_seed(args.seed + i)
