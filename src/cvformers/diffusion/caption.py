@@ -121,8 +121,7 @@ class CaptionDDPM(DDPM):
         n = len(text) if text is not None else n
         cond = self.caption_conditions(None if text is None else text.to(device), n)
         null = self.caption_conditions(None, n)
-        x = self.run_sampler(n, s, cond, null, generator, progress)
-        return ((x + 1) / 2).clamp(0, 1)
+        return self.to_images(self.run_sampler(n, s, cond, null, generator, progress))
 
 
 __all__ = ["CaptionDDPM", "CaptionDDPMConfig"]

@@ -116,10 +116,6 @@ class UnCLIPDecoder(CaptionDDPM):
         """Side of the images it draws."""
         return self.cfg.unet.image_size
 
-    def to_images(self, x: torch.Tensor) -> torch.Tensor:
-        """The sampler's x̂_0 (the model's space) -> images in [0, 1]."""
-        return ((x + 1) / 2).clamp(0, 1)
-
 
 @dataclass
 class LatentDecoderConfig(DecoderConfig):
@@ -181,10 +177,8 @@ class LatentDecoder(UnCLIPDecoder):
 
     def latents(self, ids: torch.Tensor) -> torch.Tensor:
         """Code ids [B, h, w] -> the model's x_0 [B, C, h, w] in [-1, 1]."""
-        vectors = [q.codebook[part] for part, q in zip(self.vae.split_ids(ids.long()), self.vae.quantizers())]
         low, width = self._ranges()
-        z = (torch.cat(vectors, dim=-1) - low) / width * 2 - 1
-        return rearrange(z, "b h w c -> b c h w")
+        return (self.vae.code_vectors(ids) - low.view(-1, 1, 1)) / width.view(-1, 1, 1) * 2 - 1
 
     def nearest_ids(self, x: torch.Tensor) -> torch.Tensor:
         """The model's x̂_0 [B, C, h, w] -> the nearest code ids [B, h, w], one codebook at a time."""
@@ -279,8 +273,7 @@ class Upsampler(DDPM):
             raise ConfigError(f"the upsampler enlarges {self.cfg.low_res}x{self.cfg.low_res} images, got "
                               f"{low_res.shape[-2]}x{low_res.shape[-1]}")
         cond = {"cond_image": self.enlarge(low_res.to(device) * 2 - 1)}
-        x = self.run_sampler(len(low_res), s, cond, None, generator, progress)
-        return ((x + 1) / 2).clamp(0, 1)
+        return self.to_images(self.run_sampler(len(low_res), s, cond, None, generator, progress))
 
 
 __all__ = ["DecoderConfig", "LatentDecoder", "LatentDecoderConfig", "UnCLIPDecoder", "Upsampler", "UpsamplerConfig", "gaussian_blur"]

@@ -103,6 +103,10 @@ class DDPM(nn.Module):
         """x_0 of a training batch in the model's space: the images, mapped from [0, 1] to [-1, 1]."""
         return batch["image"] * 2 - 1
 
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """The sampler's x̂_0 in the model's space -> images in [0, 1] (the inverse of ``clean_sample``)."""
+        return ((x + 1) / 2).clamp(0, 1)
+
     def channel_weights(self) -> torch.Tensor | None:
         """Weights [C] (mean 1) of each channel's squared error in the loss; None: all equal."""
         return None
@@ -192,8 +196,7 @@ class DDPM(nn.Module):
         elif self.num_classes:
             labels = torch.full((n,), self.num_classes, dtype=torch.long, device=device)  # unconditional
         cond, null = self.label_inputs(labels) if self.num_classes else ({}, None)
-        x = self.run_sampler(n, s, cond, null, generator, progress)
-        return ((x + 1) / 2).clamp(0, 1)
+        return self.to_images(self.run_sampler(n, s, cond, null, generator, progress))
 
 
 __all__ = ["DDPM", "DDPMConfig", "EMA_FILE"]

@@ -52,7 +52,7 @@ SAMPLES_FILE = "samples.png"
 # CPU-sized U-Nets. Decoder: 32 -> 16 -> 8 px, attention (with the context) at 16 and 8.
 DECODER_UNET = dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, heads=4, dropout=0.0)
 # Latent decoder: the tokenizer's 8x8 grid -> 4x4, attention at both; wider, as each step is cheap.
-LATENT_DECODER_UNET = dict(base_channels=64, channel_mults=(1, 2), num_res_blocks=2, heads=4, dropout=0.0)
+LATENT_DECODER_UNET = dict(base_channels=64, channel_mults=(1, 1), num_res_blocks=2, heads=4, dropout=0.0)
 # Upsampler: 64 -> 32 -> 16 -> 8 px, attention only at 8 (it sharpens; the layout comes from its input).
 UPSAMPLER_UNET = dict(base_channels=32, channel_mults=(1, 1, 2, 2), num_res_blocks=1, heads=4, dropout=0.0,
                       attention_resolutions=(8,))
@@ -196,10 +196,11 @@ def tokenize_images(vae, data: EmbeddedDataset, batch_size: int = 256, desc: str
     return {"ids": torch.cat(out), "index": data.cache["index"]}
 
 
-def attach_image_ids(vae, vae_path: Path, data: EmbeddedDataset, out: Path, name: str) -> None:
-    """Give ``data`` its images' tokenizer ids, read from (or computed once into) ``vae_ids_<name>``."""
-    key = hashlib.sha256(json.dumps([_file_hash(vae_path / "model.safetensors"), data.cache["index"].tolist()[:8],
-                                     len(data), name]).encode()).hexdigest()
+def attach_image_ids(vae, vae_path: Path, data: EmbeddedDataset, data_cfg: DataConfig, out: Path, name: str) -> None:
+    """Give ``data`` its images' tokenizer ids, read from (or computed once into) ``vae_ids_<name>``,
+    keyed like the CLIP embeddings by the weights, the data and the split."""
+    key = hashlib.sha256(json.dumps([_file_hash(vae_path / "model.safetensors"), to_dict(data_cfg), name],
+                                    sort_keys=True).encode()).hexdigest()
     ids = cached_tensors(out / f"vae_ids_{name}.safetensors", key, ("ids", "index"),
                          lambda: tokenize_images(vae, data, desc=f"tokenizing {name}"),
                          fits=lambda t: torch.equal(t["index"], data.cache["index"]), what="tokenizing")
@@ -305,7 +306,7 @@ def decoder_task(args: TaskArgs) -> TaskSetup:
         unet.update(image_size=grid, in_channels=latent_channels(vae.cfg))  # the U-Net draws the latent grid
         for split_data, name in ((train_data, "train"), (eval_data, data_cfg.eval_split)):
             if split_data is not None:
-                attach_image_ids(vae, vae_path, split_data, Path(args.out), name)
+                attach_image_ids(vae, vae_path, split_data, data_cfg, Path(args.out), name)
     fixed = _clip_fixed(clip)
     _refuse_conflicts(table, fixed)
     if vae is None:

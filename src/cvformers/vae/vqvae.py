@@ -252,14 +252,17 @@ class VQVAE(nn.Module):
             parts.append(rearrange(quantizer.nearest(flat), "(b h w) -> b h w", b=z_e.shape[0], h=z_e.shape[2]))
         return self.join_ids(parts)
 
-    @torch.no_grad()
-    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+    def code_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """Ids [B,h,w] -> the codebook vectors the decoder reads [B,D,h,w] (structure then colour)."""
         if ids.dim() != 3:
-            raise ValueError(f"decode expects ids [B,h,w], got {tuple(ids.shape)}")
+            raise ValueError(f"expected ids [B,h,w], got {tuple(ids.shape)}")
         parts = self.split_ids(ids.long())
         vectors = [quantizer.codebook[part] for part, quantizer in zip(parts, self.quantizers())]
-        z_q = rearrange(torch.cat(vectors, dim=-1), "b h w d -> b d h w")
-        return self.to_images(self.decoder(z_q))
+        return rearrange(torch.cat(vectors, dim=-1), "b h w d -> b d h w")
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.to_images(self.decoder(self.code_vectors(ids)))
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         images = batch["image"] if isinstance(batch, dict) else batch
