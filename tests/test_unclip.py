@@ -194,6 +194,25 @@ def test_bundle_load_generate_vary_and_the_cli(tiny_runs, tmp_path, capsys):
         assert err.count("\n") == 1 and pytest.importorskip("re").search(message, err), (argv, err)
 
 
+def test_another_reranker_chooses_the_candidates_kept(tiny_runs, tmp_path):
+    from cvformers import cli
+    from cvformers.pipelines.unclip import UnCLIP
+
+    class Brightest:  # prefers bright images, which the shared CLIP has no reason to
+        def score(self, images, prompt):
+            return images.mean(dim=(1, 2, 3))
+
+    fast = dict(steps=2, prior_steps=2, upsampler_steps=2, seed=1)
+    everything = UnCLIP.load(tiny_runs).generate("a red circle", num_images=4, **fast)
+    pipe = UnCLIP.load(tiny_runs, reranker=Brightest())
+    kept = pipe.generate("a red circle", num_images=2, candidates=4, **fast)
+    brightness = everything.images.mean(dim=(1, 2, 3))
+    assert torch.allclose(kept.scores, brightness.sort(descending=True).values[:2])
+    assert torch.equal(kept.images[0], everything.images[int(brightness.argmax())])
+    assert cli.main(["generate", "a red circle", "--model", str(tiny_runs), "--num", "1", "--candidates", "2",
+                     "--steps", "2", "--clip", "default/clip", "--out", str(tmp_path / "g.png")]) == 0
+
+
 def test_a_bundle_with_a_missing_part_is_refused_in_one_line(tiny_runs, tmp_path):
     import shutil
 

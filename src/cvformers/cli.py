@@ -272,7 +272,7 @@ def _cmd_eval_generation(args) -> int:
 def _add_eval_fidelity(esub) -> None:
     p = esub.add_parser("fidelity", help="caption fidelity of generated shapes (and the CLIP reranking gain)")
     p.add_argument("--model", default="default", help="dalle run folder or bundle, 'default', 'unclip', or an unclip folder")
-    p.add_argument("--clip", default=None, help="(dalle) CLIP run used to rerank (default: the bundle's own clip/)")
+    p.add_argument("--clip", default=None, help="CLIP run used to rerank (default: the model's own CLIP)")
     p.add_argument("--split", default="test", help="test (training distribution) or heldout (unseen pairs)")
     p.add_argument("--captions", type=int, default=100, help="captions (scenes) to draw")
     p.add_argument("--per-caption", type=int, default=8, help="images drawn per caption")
@@ -306,22 +306,17 @@ def _cmd_eval_fidelity(args) -> int:
         raise UserError("--show-misses draws the misses of the fidelity measurement; leave out --rerank")
     if is_unclip(args.model):
         given = [flag for flag, value in {"--temperature": args.temperature, "--top-k": args.top_k,
-                                          "--top-p": args.top_p, "--clip": args.clip}.items() if value is not None]
+                                          "--top-p": args.top_p}.items() if value is not None]
         if given:
             raise UserError(f"{', '.join(given)}: DALL-E settings; {args.model} is an unCLIP model")
-        pipe = UnCLIP.load(args.model, device=args.device)
+        pipe = UnCLIP.load(args.model, device=args.device, reranker=_reranker(args))
         if args.no_upsampler:
             pipe.upsampler = None
         sampling = {"guidance": args.guidance, "steps": args.steps, "prior_guidance": args.prior_guidance}
     else:
         if args.steps is not None or args.no_upsampler or args.prior_guidance is not None:
             raise UserError("--steps, --prior-guidance and --no-upsampler are unCLIP settings")
-        reranker = None
-        if args.clip:
-            from cvformers.pipelines.rerank import ClipReranker
-
-            reranker = ClipReranker.load(args.clip, device=args.device)
-        pipe = TextToImage.load(args.model, device=args.device, reranker=reranker)
+        pipe = TextToImage.load(args.model, device=args.device, reranker=_reranker(args))
         sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                     "guidance": args.guidance}
     if args.rerank:
@@ -492,7 +487,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--steps", type=int, default=None, help="(unclip) decoder DDIM steps")
     p.add_argument("--prior-guidance", type=float, default=None, help="(unclip) the prior's classifier-free guidance")
-    p.add_argument("--candidates", type=int, default=None, help="sample this many and keep the --num best (needs --clip)")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="sample this many and keep the --num best by CLIP (a DALL-E run without clip/ needs --clip)")
     p.add_argument("--clip", default=None, help="CLIP run folder or weight file used to rerank the candidates")
     p.add_argument("--image-prompt", default=None, help="image whose top rows the samples keep (DALL-E §3.3)")
     p.add_argument("--prompt-rows", type=int, default=None, help="rows of image ids kept from --image-prompt")
@@ -513,30 +509,34 @@ def _prompts(args) -> list[str]:
     return prompts
 
 
+def _reranker(args):
+    """The CLIP of --clip as a reranker, or None (the model's own)."""
+    if args.clip is None:
+        return None
+    from cvformers.pipelines.rerank import ClipReranker
+
+    return ClipReranker.load(args.clip, device=args.device)
+
+
 def _generator_pipeline(args):
     """(pipeline, its sampling with the flags on top, extra generate keywords) for --model."""
     from cvformers.pipelines.unclip import UnCLIP, is_unclip
 
     if is_unclip(args.model):
         dalle_only = {"--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p,
-                      "--clip": args.clip, "--image-prompt": args.image_prompt, "--prompt-rows": args.prompt_rows}
+                      "--image-prompt": args.image_prompt, "--prompt-rows": args.prompt_rows}
         given = [flag for flag, value in dalle_only.items() if value is not None]
         if given:
             raise UserError(f"{', '.join(given)}: DALL-E settings; {args.model} is an unCLIP model "
-                            "(it takes --guidance, --prior-guidance, --steps, --candidates, --seed)")
-        pipe = UnCLIP.load(args.model, device=args.device)
+                            "(it takes --guidance, --prior-guidance, --steps, --candidates, --clip, --seed)")
+        pipe = UnCLIP.load(args.model, device=args.device, reranker=_reranker(args))
         return pipe, pipe.sampling.override(guidance=args.guidance, prior_guidance=args.prior_guidance,
                                             steps=args.steps, candidates=args.candidates, seed=args.seed), {}
     from cvformers.pipelines.text_to_image import TextToImage
 
     if args.steps is not None or args.prior_guidance is not None:
         raise UserError("--steps and --prior-guidance are diffusion settings; DALL-E draws one image id per step")
-    reranker = None
-    if args.clip is not None:
-        from cvformers.pipelines.rerank import ClipReranker
-
-        reranker = ClipReranker.load(args.clip, device=args.device)
-    pipe = TextToImage.load(args.model, device=args.device, reranker=reranker)
+    pipe = TextToImage.load(args.model, device=args.device, reranker=_reranker(args))
     # the model's [sampling] defaults, with the flags given on the command line on top: one object, checked once
     sampling = pipe.sampling.override(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                       guidance=args.guidance, candidates=args.candidates, seed=args.seed)

@@ -146,7 +146,7 @@ class UnCLIP(PretrainedPipeline):
     title = "DALL-E 2 (unCLIP) text-to-image bundle (cvformers)"
 
     def __init__(self, prior, decoder, clip, tokenizer, upsampler=None,
-                 sampling: UnCLIPSamplingConfig | None = None, batch_size: int = 32):
+                 sampling: UnCLIPSamplingConfig | None = None, batch_size: int = 32, reranker=None):
         dim = clip.cfg.embed_dim
         if prior.cfg.clip_dim != dim or decoder.cfg.clip_dim != dim:
             raise UserError(f"the CLIP's embeddings are {dim} wide but the prior reads {prior.cfg.clip_dim} and "
@@ -158,12 +158,16 @@ class UnCLIP(PretrainedPipeline):
                             f"{decoder.image_size} px")
         self.prior, self.decoder, self.clip, self.tokenizer = prior, decoder, clip.eval(), tokenizer
         self.upsampler = upsampler
+        # Scores the candidates; None: the CLIP the prior and decoder share. Any object with
+        # ``score(images, prompt) -> [N]`` (a ``ClipReranker`` of another CLIP run) can take its place.
+        self.reranker = reranker
         self.sampling = sampling or UnCLIPSamplingConfig()
         self.batch_size = batch_size
         self.parts_record = {}
 
     @classmethod
-    def load(cls, path_or_name: str | Path = "unclip", device: str | torch.device = "cpu") -> "UnCLIP":
+    def load(cls, path_or_name: str | Path = "unclip", device: str | torch.device = "cpu",
+             reranker=None) -> "UnCLIP":
         root = resolve_run(path_or_name)
         table: dict = {}
         if (root / "config.toml").is_file():
@@ -185,7 +189,7 @@ class UnCLIP(PretrainedPipeline):
             raise UserError(f"{root}: no CLIP found (neither clip/ nor decoder/clip/)")
         clip, tokenizer = load_clip(clip_dir, device=device)
         pipe = cls(prior, decoder, clip, tokenizer, upsampler,
-                   sampling=from_dict(UnCLIPSamplingConfig, table, "sampling"))
+                   sampling=from_dict(UnCLIPSamplingConfig, table, "sampling"), reranker=reranker)
         pipe.remember_parts({"prior": root / "prior", "decoder": root / "decoder", "upsampler": root / "upsampler",
                              "clip": clip_dir})
         return pipe
@@ -228,7 +232,8 @@ class UnCLIP(PretrainedPipeline):
 
     @property
     def reranks(self) -> bool:
-        """Candidates are always reranked by the CLIP the prior and decoder share."""
+        """Candidates are always reranked: by ``reranker`` when set, else by the CLIP the prior and
+        decoder share."""
         return True
 
     # --- embeddings -------------------------------------------------------------------------
@@ -295,7 +300,10 @@ class UnCLIP(PretrainedPipeline):
         embeddings = self.prior.sample(text.expand(candidates, -1), text_embedding.expand(candidates, -1),
                                        s.stage("prior"), candidates=s.prior_candidates, generator=generator)
         images = self.decode(embeddings, text.expand(candidates, -1), s, generator)
-        scores = (self.encode_images(images) @ text_embedding[0]).cpu()
+        if self.reranker is not None:
+            scores = self.reranker.score(images, prompt).cpu()
+        else:
+            scores = (self.encode_images(images) @ text_embedding[0]).cpu()
         best = scores.argsort(descending=True)[:num_images]
         return Generation(prompt, images[best], None, scores[best], {**to_dict(s), "model": "unclip"})
 
