@@ -30,7 +30,6 @@ import resource
 import statistics
 
 import torch
-
 from diffusion_speed import alternate
 
 IMAGE = (3, 32, 32)
@@ -81,7 +80,7 @@ def main() -> None:
 
     shapes = (tuple(run_ours().shape), tuple(run_theirs().shape))
     assert shapes[0] == shapes[1] == (args.num, *IMAGE), shapes
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    count = lambda m: sum(p.numel() for p in m.parameters())
     ta, tb = alternate(run_ours, run_theirs, args.rounds)
     med_a, med_b = statistics.median(ta), statistics.median(tb)
     print(f"DDIM, {args.num} images of 32x32x3, {args.steps} steps, {torch.get_num_threads()} thread(s), "

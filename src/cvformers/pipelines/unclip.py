@@ -42,7 +42,7 @@ from cvformers.errors import UserError
 from cvformers.images import load_image
 from cvformers.loading import load_clip, load_run, load_weights, resolve_run
 from cvformers.pipelines.pretrained import PretrainedPipeline, text_tokenizer_files
-from cvformers.pipelines.text_to_image import MAX_CANDIDATES, Generation, UnknownWords, count_candidates
+from cvformers.pipelines.text_to_image import MAX_CANDIDATES, Generation, Reranker, UnknownWords, count_candidates
 
 PARTS = ("prior", "decoder", "upsampler", "clip")
 KINDS = {"prior": ("unclip_prior",), "decoder": ("unclip_decoder", "unclip_latent_decoder"),
@@ -146,7 +146,8 @@ class UnCLIP(PretrainedPipeline):
     title = "DALL-E 2 (unCLIP) text-to-image bundle (cvformers)"
 
     def __init__(self, prior, decoder, clip, tokenizer, upsampler=None,
-                 sampling: UnCLIPSamplingConfig | None = None, batch_size: int = 32, reranker=None):
+                 sampling: UnCLIPSamplingConfig | None = None, batch_size: int = 32,
+                 reranker: Reranker | None = None):
         dim = clip.cfg.embed_dim
         if prior.cfg.clip_dim != dim or decoder.cfg.clip_dim != dim:
             raise UserError(f"the CLIP's embeddings are {dim} wide but the prior reads {prior.cfg.clip_dim} and "
@@ -158,8 +159,8 @@ class UnCLIP(PretrainedPipeline):
                             f"{decoder.image_size} px")
         self.prior, self.decoder, self.clip, self.tokenizer = prior, decoder, clip.eval(), tokenizer
         self.upsampler = upsampler
-        # Scores the candidates; None: the CLIP the prior and decoder share. Any object with
-        # ``score(images, prompt) -> [N]`` (a ``ClipReranker`` of another CLIP run) can take its place.
+        # Scores the candidates (e.g. a ``ClipReranker`` of another CLIP run); None: the CLIP the
+        # prior and decoder share.
         self.reranker = reranker
         self.sampling = sampling or UnCLIPSamplingConfig()
         self.batch_size = batch_size
@@ -167,7 +168,7 @@ class UnCLIP(PretrainedPipeline):
 
     @classmethod
     def load(cls, path_or_name: str | Path = "unclip", device: str | torch.device = "cpu",
-             reranker=None) -> "UnCLIP":
+             reranker: Reranker | None = None) -> "UnCLIP":
         root = resolve_run(path_or_name)
         table: dict = {}
         if (root / "config.toml").is_file():
