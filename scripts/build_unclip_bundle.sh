@@ -4,7 +4,8 @@
 # a diffusion prior (caption -> CLIP image embedding) and a CLIP-conditioned diffusion decoder (in
 # the 8x8 code grid of the DALL-E bundle's VQ-VAE, decoded to 32 px), trained side by side on the
 # built-in shapes data, then bundled as fp16 safetensors. One thread per run (on a shared 2-core
-# machine more threads oversubscribe the cores). The shipped bundle has no upsampler; UPSAMPLER=1 also trains one (32 -> 64 px) and bundles it.
+# machine more threads oversubscribe the cores); about 90 minutes, the decoder's 12,000 steps, with the
+# prior trained beside it. The shipped bundle has no upsampler; UPSAMPLER=1 also trains one (32 -> 64 px) and bundles it.
 #
 #   bash scripts/build_unclip_bundle.sh            # runs go to runs/unclip/, bundle to assets
 set -euo pipefail

@@ -123,7 +123,7 @@ def test_unclip_call_round_trip(unclip, tmp_path):
     same = loaded(prompts, num_images_per_prompt=2, generator=seeded(0), **FAST_UNCLIP)
     assert np.array_equal(pixels(out.images), pixels(same.images))
     card = (saved / "README.md").read_text()
-    assert "| prior | unclip_prior |" in card and "| decoder | unclip_latent_decoder |" in card and "| 6000 |" in card
+    assert "| prior | unclip_prior |" in card and "| decoder | unclip_latent_decoder |" in card and "| 12000 |" in card
 
 
 def test_diffusers_setting_names(dalle, unclip):
