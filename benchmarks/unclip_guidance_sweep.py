@@ -3,8 +3,9 @@
 Each setting is scored by ``cvformers eval fidelity``'s protocol (``cvformers.eval.generation``:
 the same scenes of a split, ``--per-caption`` images drawn per caption, no reranking, the checker
 of every object's colour, shape, size and position). A setting is ``decoder guidance / prior
-guidance / decoder DDIM steps``; the prior draws ``prior_candidates`` embeddings and keeps the one
-closest to the text (unCLIP §2.2), as the bundle does.
+guidance / decoder DDIM steps``, optionally followed by ``/ decoder DDIM η / prior draws per image``
+(the bundle's 0 and 2: the prior draws two embeddings and keeps the one closest to the text, unCLIP
+§2.2).
 
     python benchmarks/unclip_guidance_sweep.py --model unclip --split heldout --captions 50 \\
         --per-caption 2 --settings 3/1/25 5/1/25 3/3/25 --threads 1
@@ -20,11 +21,17 @@ import torch
 
 
 def setting(text: str) -> dict:
+    fields = text.split("/")
     try:
-        guidance, prior_guidance, steps = text.split("/")
-        return {"guidance": float(guidance), "prior_guidance": float(prior_guidance), "steps": int(steps)}
+        if len(fields) not in (3, 5):
+            raise ValueError(text)
+        out = {"guidance": float(fields[0]), "prior_guidance": float(fields[1]), "steps": int(fields[2])}
+        if len(fields) == 5:
+            out.update(eta=float(fields[3]), prior_candidates=int(fields[4]))
+        return out
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"a setting is GUIDANCE/PRIOR_GUIDANCE/STEPS, e.g. 3/1/25: got {text!r}") from e
+        raise argparse.ArgumentTypeError("a setting is GUIDANCE/PRIOR_GUIDANCE/STEPS[/ETA/PRIOR_DRAWS], "
+                                         f"e.g. 3/1/25 or 3/1/25/0/2: got {text!r}") from e
 
 
 def main() -> None:
@@ -34,7 +41,7 @@ def main() -> None:
     ap.add_argument("--captions", type=int, default=50)
     ap.add_argument("--per-caption", type=int, default=2)
     ap.add_argument("--settings", type=setting, nargs="+", default=[setting("3/1/25")],
-                    help="decoder guidance / prior guidance / decoder steps, one or more")
+                    help="decoder guidance / prior guidance / decoder steps [/ η / prior draws], one or more")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
