@@ -127,15 +127,21 @@ def alternate(a, b, rounds: int) -> tuple[list[float], list[float]]:
     return ta, tb
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def speed_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every diffusion speed comparison takes (sampling and training rounds, threads)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num", type=int, default=16, help="images per sampling round")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of each (after one warm-up)")
     parser.add_argument("--train-batch", type=int, default=64, help="batch of the training step")
     parser.add_argument("--train-rounds", type=int, default=7, help="timed training steps of each")
-    parser.add_argument("--compile", action="store_true", help="torch.compile cvformers' U-Net for sampling")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    return parser
+
+
+def main() -> None:
+    parser = speed_parser(__doc__)
+    parser.add_argument("--compile", action="store_true", help="torch.compile cvformers' U-Net for sampling")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

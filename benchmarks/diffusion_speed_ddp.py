@@ -23,14 +23,13 @@ each library's own loss code.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import resource
 import statistics
 
 import torch
-from diffusion_speed import alternate
+from diffusion_speed import alternate, speed_parser
 
 IMAGE = (3, 32, 32)
 
@@ -55,14 +54,7 @@ def ours_diffusion():
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num", type=int, default=16, help="images per sampling round")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of each (after one warm-up)")
-    parser.add_argument("--train-batch", type=int, default=64, help="batch of the training step")
-    parser.add_argument("--train-rounds", type=int, default=7, help="timed training steps of each")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args()
+    args = speed_parser(__doc__).parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     from cvformers.diffusion.samplers import DiffusionSamplingConfig
