@@ -155,6 +155,24 @@ def test_hard_negative_loss_matches_hand_computation_and_trains_binding():
         tiny(micro_batch=2).loss(data)
 
 
+def test_negative_image_loss_matches_hand_computation_and_learns_to_rank_the_true_picture():
+    model = tiny()
+    data = batch(n=4, seed=5)
+    data["negative_image"] = torch.rand(data["image"].shape, generator=torch.Generator().manual_seed(3))
+    loss, _ = model.loss(data)
+    img = model.encode_image(torch.cat([data["image"], data["negative_image"]]), normalize=True)
+    txt = model.encode_text(data["text"], normalize=True)
+    logits = model.scale() * img @ txt.t()  # [8, 4]: 4 images and their 4 negatives against 4 captions
+    labels = torch.arange(4)
+    expected = (F.cross_entropy(logits[:4], labels) + F.cross_entropy(logits.t(), labels)) / 2
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    train(model, data, steps=60)
+    with torch.no_grad():
+        _, metrics = model.loss(data)
+    assert metrics["acc_vs_negative_image"] == 1.0 and metrics["acc_t2i"] == 1.0, metrics
+    assert "acc_vs_negative" not in metrics  # no negative captions in this batch
+
+
 def test_train_clip_with_hard_negatives_from_the_cli(tmp_path, capsys):
     import json
 
@@ -162,12 +180,12 @@ def test_train_clip_with_hard_negatives_from_the_cli(tmp_path, capsys):
 
     cfg = tmp_path / "c.toml"
     cfg.write_text("[data]\nsize = 32\neval_size = 16\n[text]\nbpe_train_captions = 200\nhard_negatives = true\n"
-                   "[train]\neval_every = 0\nlog_every = 1\n")
+                   "hard_negative_images = true\n[train]\neval_every = 0\nlog_every = 1\n")
     out = tmp_path / "run"
     assert main(["train", "clip", "--data", "shapes", "--out", str(out), "--steps", "2",
                  "--batch-size", "8", "--config", str(cfg)]) == 0
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert any("acc_vs_negative" in row for row in logged)
+    assert any("acc_vs_negative" in row and "acc_vs_negative_image" in row for row in logged)
     # other data have no scene records to make a wrong caption from: refused, exit status 2
     assert main(["train", "clip", "--data", "mnist", "--out", str(tmp_path / "x"),
                  "--steps", "1", "--config", str(cfg)]) == 2

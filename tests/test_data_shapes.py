@@ -7,7 +7,7 @@ import torch
 
 from cvformers.config import ConfigError
 from cvformers.data import DataConfig, build_dataset, build_from_config, collate
-from cvformers.data.shapes import COLOURS, HELDOUT_PAIRS, PALETTE, SHAPES, ShapesDataset, render
+from cvformers.data.shapes import COLOURS, HELDOUT_PAIRS, PALETTE, SHAPES, ShapesDataset, parse_caption, render
 from cvformers.errors import UserError
 from cvformers.eval.fidelity import check_image, fidelity, fidelity_report, gaussian_blur
 
@@ -173,6 +173,31 @@ def test_hard_negative_captions_are_wrong_and_name_no_heldout_pair():
         verdict = check_image(item["image"], stated)
         # the picture fails the negative: the checker sees it, or (sizes are outside its verdict) the size
         assert not verdict["all_correct"] or not all(o["size_ok"] for o in verdict["objects"]), negative
+
+
+def test_hard_negative_images_fail_their_caption_by_colour_or_shape_in_place():
+    import random
+
+    from cvformers.data.shapes import hard_negative_image
+
+    data = ShapesDataset("train", size=120)
+    for i in range(len(data)):
+        item = data[i]
+        negative = hard_negative_image(item["record"], random.Random(item["caption"]))
+        assert torch.equal(negative, hard_negative_image(item["record"], random.Random(item["caption"])))  # seeded
+        assert negative.shape == item["image"].shape
+        # the caption's own scene is not what it shows (a swap shows as objects out of place)
+        assert not check_image(negative, parse_caption(item["caption"]))["all_correct"]
+        # every coloured pixel is a training pair's colour at an object's place; the background is untouched
+        changed = (negative != item["image"]).any(0)
+        inside = torch.zeros_like(changed)
+        for obj in item["record"]["objects"]:
+            x0, y0, x1, y1 = obj["bbox"]
+            inside[y0:y1, x0:x1] = True
+        assert changed.any() and not (changed & ~inside).any()
+        drawn = {tuple(round(255 * v) for v in negative[:, y, x].tolist())
+                 for y, x in zip(*torch.where(negative.sum(0) > 0))}
+        assert not drawn - {PALETTE[c] for c in PALETTE}
 
 
 def test_captions_are_those_of_every_release():

@@ -261,6 +261,25 @@ def hard_negative_caption(record: dict, rng: random.Random) -> str:
     objs = record["objects"]
     kinds = ["colour", "shape"] + (["swap colours", "swap shapes", "relation"] if len(objs) == 2 else
                                    ["size", "position"])
+    return caption_for(_changed_record(record, rng, kinds), rng)
+
+
+def hard_negative_image(record: dict, rng: random.Random) -> torch.Tensor:
+    """The picture of ``record`` wrong in exactly one detail: an object's colour or shape replaced,
+    or (two objects) their colours or shapes swapped; everything else in place, pixel for pixel.
+
+    The image-side counterpart of ``hard_negative_caption``: a contrastive model that must rank
+    a caption's own picture above this one learns to rank near-identical pictures by the
+    colour–shape binding, which is what a reranker of generated candidates has to do (the
+    synthetic negative images of TripletCLIP, Patel et al. 2024, made exact here by the renderer).
+    Only training colour–shape pairs are drawn.
+    """
+    kinds = ["colour", "shape"] + (["swap colours", "swap shapes"] if len(record["objects"]) == 2 else [])
+    return render(_changed_record(record, rng, kinds))
+
+
+def _changed_record(record: dict, rng: random.Random, kinds: list[str]) -> dict:
+    """A copy of ``record`` with one detail of a kind in ``kinds`` changed, using training pairs only."""
     for _ in range(50):
         neg = copy.deepcopy(record)
         nobjs, kind = neg["objects"], rng.choice(kinds)
@@ -283,7 +302,7 @@ def hard_negative_caption(record: dict, rng: random.Random) -> str:
             target["position"] = rng.choice([p for p in POSITIONS if p != target["position"]])
             target["position_stated"] = True
         if all((o["colour"], o["shape"]) in TRAIN_PAIRS for o in nobjs):
-            return caption_for(neg, rng)
+            return neg
     raise UserError(f"no hard negative found for the scene {record.get('caption', record)!r}")
 
 

@@ -167,8 +167,8 @@ class CLIP(nn.Module):
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         images, text = batch["image"], batch["text"]
         _, processes = world()
-        if "negative_text" in batch:
-            return self._loss_with_negatives(images, text, batch["negative_text"])
+        if "negative_text" in batch or "negative_image" in batch:
+            return self._loss_with_negatives(images, text, batch.get("negative_text"), batch.get("negative_image"))
         if 0 < self.cfg.micro_batch < len(images):
             if processes > 1:
                 raise ConfigError("model.micro_batch (gradient caching) does not run under DDP: its "
@@ -195,26 +195,35 @@ class CLIP(nn.Module):
                 metrics["acc_t2i"] = (logits.argmax(0) == labels).float().mean().item()
         return loss, metrics
 
-    def _loss_with_negatives(self, images, text, negative_text) -> tuple[torch.Tensor, dict[str, float]]:
-        """NegCLIP (Yuksekgonul et al. 2023, §5): each image picks its caption among the batch's
-        captions and the batch's hard negatives [N, 2N]; each caption picks its image as in CLIP.
+    def _loss_with_negatives(self, images, text, negative_text=None,
+                             negative_images=None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Contrastive loss with hard negatives on either side. NegCLIP (Yuksekgonul et al. 2023, §5):
+        each image picks its caption among the batch's captions and their hard negatives; with
+        negative images (TripletCLIP, Patel et al. 2024) each caption likewise picks its image among
+        the batch's images and theirs. Logits [N(+N) images, N(+N) captions], true pairs first.
         One process, one pass (gradient caching and DDP gathering are not combined with it)."""
         if world()[1] > 1 or 0 < self.cfg.micro_batch < len(images):
-            raise ConfigError("hard negatives run on one process without gradient caching: "
-                              "set model.micro_batch = 0 and train on one process, or text.hard_negatives = false")
-        image_features = self.encode_image(images, normalize=True)
-        text_features = self.encode_text(torch.cat([text, negative_text]), normalize=True)
-        scale, n = self.scale(), len(images)
-        logits_per_image = scale * image_features @ text_features.t()  # [N, 2N]: true captions first
-        labels = torch.arange(n, device=logits_per_image.device)
-        loss_i = F.cross_entropy(logits_per_image, labels)
-        loss_t = F.cross_entropy(logits_per_image[:, :n].t(), labels)
+            raise ConfigError("hard negatives run on one process without gradient caching: set model.micro_batch "
+                              "= 0 and train on one process, or text.hard_negatives = text.hard_negative_images = false")
+        n = len(images)
+        image_features = self.encode_image(images if negative_images is None else torch.cat([images, negative_images]),
+                                           normalize=True)
+        text_features = self.encode_text(text if negative_text is None else torch.cat([text, negative_text]),
+                                         normalize=True)
+        scale = self.scale()
+        logits = scale * image_features @ text_features.t()
+        labels = torch.arange(n, device=logits.device)
+        loss_i = F.cross_entropy(logits[:n], labels)  # each image among all captions
+        loss_t = F.cross_entropy(logits[:, :n].t(), labels)  # each caption among all images
         loss = (loss_i + loss_t) / 2
         with torch.no_grad():
-            own, negative = logits_per_image[labels, labels], logits_per_image[labels, labels + n]
-            metrics = {"loss": loss.item(), "acc_i2t": (logits_per_image.argmax(1) == labels).float().mean().item(),
-                       "acc_t2i": (logits_per_image[:, :n].argmax(0) == labels).float().mean().item(),
-                       "acc_vs_negative": (own > negative).float().mean().item(), "logit_scale": scale.item()}
+            own = logits[labels, labels]
+            metrics = {"loss": loss.item(), "acc_i2t": (logits[:n].argmax(1) == labels).float().mean().item(),
+                       "acc_t2i": (logits[:, :n].argmax(0) == labels).float().mean().item(), "logit_scale": scale.item()}
+            if negative_text is not None:
+                metrics["acc_vs_negative"] = (own > logits[labels, labels + n]).float().mean().item()
+            if negative_images is not None:
+                metrics["acc_vs_negative_image"] = (own > logits[labels + n, labels]).float().mean().item()
         return loss, metrics
 
 

@@ -32,6 +32,10 @@ class ClipTextConfig:
     # Each image is also scored against a caption wrong in one detail (NegCLIP; only `shapes`,
     # whose records say what a scene is): teaches colour-to-object binding and relations.
     hard_negatives: bool = False
+    # Each caption is also scored against a picture of its scene wrong in one detail (colour or
+    # shape replaced, or the two objects' swapped; only `shapes`, whose renderer draws it): teaches
+    # the caption-to-picture ranking among near-identical pictures that reranking candidates needs.
+    hard_negative_images: bool = False
     # Share of training captions replaced by a true caption that leaves out object colours
     # (only `shapes`; cvformers.data.shapes.colourless_caption): shape features that cannot lean
     # on the colours a shape was seen in, so unseen colour-shape pairs are read by their shape.
@@ -86,9 +90,10 @@ def clip_task(args: TaskArgs) -> TaskSetup:
     cfg = model_config_from(args)
     data_cfg = data_config_from(args, image_size=cfg.image_size)
     text_cfg = from_dict(ClipTextConfig, dict(args.config.get("text", {})), "text")
-    if text_cfg.hard_negatives and data_cfg.name != "shapes":
-        raise ConfigError(f"text.hard_negatives needs the shapes data (its scenes say what a wrong caption is), "
-                          f"not {data_cfg.name!r}: set hard_negatives = false")
+    for name in ("hard_negatives", "hard_negative_images"):
+        if getattr(text_cfg, name) and data_cfg.name != "shapes":
+            raise ConfigError(f"text.{name} needs the shapes data (its scenes say what a wrong caption or picture "
+                              f"is), not {data_cfg.name!r}: set {name} = false")
     if not 0.0 <= text_cfg.colourless_captions <= 1.0:
         raise ConfigError(f"text.colourless_captions is a share between 0 and 1, got {text_cfg.colourless_captions}")
     if text_cfg.colourless_captions and data_cfg.name != "shapes":
@@ -128,6 +133,13 @@ def clip_task(args: TaskArgs) -> TaskSetup:
             # seeded by the caption: the same item gets the same negative in every epoch and on resume
             batch["negative_text"] = tokenize(tokenizer, [hard_negative_caption(r, random.Random(c))
                                                           for r, c in zip(batch["record"], batch["caption"])])
+        if text_cfg.hard_negative_images:
+            from cvformers.data.shapes import hard_negative_image
+
+            # seeded by the caption, as the negative caption; grey like the batch's images when they are
+            pictures = torch.stack([hard_negative_image(r, random.Random(f"image/{c}"))
+                                    for r, c in zip(batch["record"], batch["caption"])])
+            batch["negative_image"] = pictures.mean(1, keepdim=True) if batch["image"].shape[1] == 1 else pictures
         return batch
 
     defaults = default_train_config()
