@@ -213,6 +213,60 @@ def test_another_reranker_chooses_the_candidates_kept(tiny_runs, tmp_path):
                      "--steps", "2", "--clip", "default/clip", "--out", str(tmp_path / "g.png")]) == 0
 
 
+def test_sampling_without_the_prior_decodes_the_caption_text_embedding(tiny_runs, tmp_path, capsys):
+    from cvformers import cli
+    from cvformers.config import ConfigError
+    from cvformers.pipelines.unclip import UnCLIP, UnCLIPSamplingConfig
+
+    pipe = UnCLIP.load(tiny_runs)
+    fast = dict(steps=2, prior_steps=2, upsampler_steps=2, seed=4)
+    drawn = pipe.generate("a red circle", num_images=2, prior="text", **fast)
+    assert drawn.settings["prior"] == "text"
+    text, text_embedding = pipe.encode_prompt("a red circle")
+    decoded = pipe.decode(text_embedding.expand(2, -1), text.expand(2, -1), pipe.sampling.override(**fast))
+    assert all(any(torch.equal(image, other) for other in decoded) for image in drawn.images)
+    assert not torch.equal(drawn.images, pipe.generate("a red circle", num_images=2, **fast).images)
+    with pytest.raises(ConfigError, match="sampling.prior must be one of diffusion, text"):
+        UnCLIPSamplingConfig(prior="none")
+    capsys.readouterr()
+    assert cli.main(["generate", "a red circle", "--model", "default", "--prior", "text"]) == 2
+    assert "diffusion settings" in capsys.readouterr().err
+    assert cli.main(["eval", "fidelity", "--model", str(tiny_runs), "--prior", "text", "--captions", "2",
+                     "--per-caption", "1", "--candidates", "2", "--steps", "2"]) == 0
+    assert '"images": 2' in capsys.readouterr().out
+
+
+def test_a_reranker_run_is_bundled_and_scores_the_candidates(tiny_runs, tmp_path, capsys):
+    import shutil
+
+    from cvformers import cli
+    from cvformers.loading import resolve_run
+    from cvformers.pipelines.rerank import ClipReranker
+    from cvformers.pipelines.unclip import UnCLIP
+
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_runs, runs)
+    shutil.copytree(resolve_run("default/clip"), runs / "reranker")  # another CLIP than the one shared
+    bundle = tmp_path / "bundle"
+    assert cli.main(["bundle", "--unclip", str(runs), "--out", str(bundle)]) == 0
+    assert (bundle / "reranker" / "tokenizer.json").is_file()
+    pipe = UnCLIP.load(bundle)
+    assert isinstance(pipe.reranker, ClipReranker) and pipe.reranker.model is not pipe.clip
+    fast = dict(steps=2, prior_steps=2, upsampler_steps=2, seed=1)
+    kept = pipe.generate("a red circle", num_images=2, candidates=4, **fast)
+    reference = ClipReranker.load("default/clip")  # the fp16 copy scores within fp16 rounding
+    assert torch.allclose(kept.scores, reference.score(kept.images, "a red circle"), atol=2e-3)
+    # a saved pipeline keeps its reranker, and the bundle without one reranks with the shared CLIP
+    again = UnCLIP.load(pipe.save_pretrained(tmp_path / "saved"))
+    assert isinstance(again.reranker, ClipReranker)
+    assert UnCLIP.load(tiny_runs).reranker is None
+    shutil.rmtree(runs / "reranker")
+    shutil.copytree(tiny_runs / "prior", runs / "reranker")
+    capsys.readouterr()
+    assert cli.main(["bundle", "--unclip", str(runs), "--out", str(tmp_path / "b2")]) == 2
+    assert "where a CLIP reranker belongs" in capsys.readouterr().err
+
+
 def test_a_bundle_with_a_missing_part_is_refused_in_one_line(tiny_runs, tmp_path):
     import shutil
 

@@ -287,6 +287,10 @@ def _add_eval_fidelity(esub) -> None:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--steps", type=int, default=None, help="(unclip) decoder DDIM steps")
     p.add_argument("--prior-guidance", type=float, default=None, help="(unclip) the prior's classifier-free guidance")
+    p.add_argument("--prior", choices=("diffusion", "text"), default=None,
+                   help="(unclip) the decoder reads the prior's sample, or the caption's CLIP text embedding (no prior)")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="draw this many a caption and score the --per-caption best by the reranker")
     p.add_argument("--no-upsampler", action="store_true", help="(unclip) score the decoder's images, before the upsampler")
     p.add_argument("--show-misses", default=None, metavar="DIR",
                    help="write the images the checker failed, each with its caption and verdict, as DIR/misses_*.png "
@@ -304,6 +308,8 @@ def _cmd_eval_fidelity(args) -> int:
 
     if args.rerank and args.show_misses is not None:
         raise UserError("--show-misses draws the misses of the fidelity measurement; leave out --rerank")
+    if args.rerank and args.candidates is not None:
+        raise UserError("--rerank N draws its own N candidates a caption; leave out --candidates")
     if is_unclip(args.model):
         given = [flag for flag, value in {"--temperature": args.temperature, "--top-k": args.top_k,
                                           "--top-p": args.top_p}.items() if value is not None]
@@ -312,13 +318,15 @@ def _cmd_eval_fidelity(args) -> int:
         pipe = UnCLIP.load(args.model, device=args.device, reranker=_reranker(args))
         if args.no_upsampler:
             pipe.upsampler = None
-        sampling = {"guidance": args.guidance, "steps": args.steps, "prior_guidance": args.prior_guidance}
+        sampling = {"guidance": args.guidance, "steps": args.steps, "prior_guidance": args.prior_guidance,
+                    "prior": args.prior, "candidates": args.candidates}
     else:
-        if args.steps is not None or args.no_upsampler or args.prior_guidance is not None:
-            raise UserError("--steps, --prior-guidance and --no-upsampler are unCLIP settings")
+        if args.steps is not None or args.no_upsampler or args.prior_guidance is not None or args.prior is not None:
+            raise UserError("--steps, --prior-guidance, --prior and --no-upsampler are unCLIP settings")
         pipe = TextToImage.load(args.model, device=args.device, reranker=_reranker(args))
         sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                    "guidance": args.guidance}
+                    "guidance": args.guidance, "candidates": args.candidates}
+    sampling = {name: value for name, value in sampling.items() if value is not None}
     if args.rerank:
         result = rerank_gain(pipe, args.split, args.captions, args.rerank, seed=args.seed,
                              wording=args.wording, **sampling)
@@ -487,6 +495,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--steps", type=int, default=None, help="(unclip) decoder DDIM steps")
     p.add_argument("--prior-guidance", type=float, default=None, help="(unclip) the prior's classifier-free guidance")
+    p.add_argument("--prior", choices=("diffusion", "text"), default=None,
+                   help="(unclip) the decoder reads the prior's sample, or the caption's CLIP text embedding (no prior)")
     p.add_argument("--candidates", type=int, default=None,
                    help="sample this many and keep the --num best by CLIP (a DALL-E run without clip/ needs --clip)")
     p.add_argument("--clip", default=None, help="CLIP run folder or weight file used to rerank the candidates")
@@ -528,14 +538,15 @@ def _generator_pipeline(args):
         given = [flag for flag, value in dalle_only.items() if value is not None]
         if given:
             raise UserError(f"{', '.join(given)}: DALL-E settings; {args.model} is an unCLIP model "
-                            "(it takes --guidance, --prior-guidance, --steps, --candidates, --clip, --seed)")
+                            "(it takes --guidance, --prior-guidance, --prior, --steps, --candidates, --clip, --seed)")
         pipe = UnCLIP.load(args.model, device=args.device, reranker=_reranker(args))
         return pipe, pipe.sampling.override(guidance=args.guidance, prior_guidance=args.prior_guidance,
-                                            steps=args.steps, candidates=args.candidates, seed=args.seed), {}
+                                            prior=args.prior, steps=args.steps, candidates=args.candidates,
+                                            seed=args.seed), {}
     from cvformers.pipelines.text_to_image import TextToImage
 
-    if args.steps is not None or args.prior_guidance is not None:
-        raise UserError("--steps and --prior-guidance are diffusion settings; DALL-E draws one image id per step")
+    if args.steps is not None or args.prior_guidance is not None or args.prior is not None:
+        raise UserError("--steps, --prior-guidance and --prior are diffusion settings; DALL-E draws one image id per step")
     pipe = TextToImage.load(args.model, device=args.device, reranker=_reranker(args))
     # the model's [sampling] defaults, with the flags given on the command line on top: one object, checked once
     sampling = pipe.sampling.override(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

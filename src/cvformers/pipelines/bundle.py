@@ -41,7 +41,7 @@ LAST_EVAL_KEY = "cvformers.last_eval"  # safetensors metadata: that line, carrie
 # an existing --out with anything else is not replaced.
 # README.md is the model card that ``save_pretrained`` writes.
 _BUNDLE_ENTRIES = {"config.toml", "model.safetensors", "tokenizer.json", "vae", "clip", "README.md"}
-_UNCLIP_ENTRIES = {"config.toml", "prior", "decoder", "upsampler", "clip", "README.md"}
+_UNCLIP_ENTRIES = {"config.toml", "prior", "decoder", "upsampler", "clip", "reranker", "README.md"}
 # What each kind of bundle may hold at its root, and the entry that proves a folder is one.
 BUNDLE_LAYOUTS = {"dalle": (_BUNDLE_ENTRIES, "model.safetensors"), "unclip": (_UNCLIP_ENTRIES, "prior")}
 
@@ -206,12 +206,14 @@ def _swap_in(out: Path, write) -> Path:
 def export_unclip_bundle(runs: str | Path, out: str | Path, half: bool = True,
                          sampling: dict | None = None) -> Path:
     """Write ``out`` from a folder of unCLIP stage runs: ``prior/`` and ``decoder/`` (and
-    ``upsampler/`` when present) with their averaged weights, the decoder's ``clip/``, and a
-    ``config.toml`` (kind "unclip", optional ``[sampling]`` defaults). Safe as ``export_bundle``."""
+    ``upsampler/`` when present) with their averaged weights, the decoder's ``clip/``, a CLIP run
+    ``reranker/`` that scores the candidates when present, and a ``config.toml`` (kind "unclip",
+    optional ``[sampling]`` defaults). Safe as ``export_bundle``."""
     from cvformers.config import dumps_toml, from_dict, to_dict
     from cvformers.diffusion.model import EMA_FILE
     from cvformers.loading import load_weights
     from cvformers.pipelines.unclip import UnCLIPSamplingConfig
+    from cvformers.registry import kind_of
 
     runs, out = Path(runs), Path(out)
     stages = [name for name in ("prior", "decoder", "upsampler") if (runs / name).is_dir()]
@@ -229,8 +231,14 @@ def export_unclip_bundle(runs: str | Path, out: str | Path, half: bool = True,
         if (runs / name / EMA_FILE).is_file():
             load_weights(model, runs / name / EMA_FILE)
         parts.append(_run_part(model, runs / name, name))
-    clip_extra = ("tokenizer.json",) if (clip / "tokenizer.json").is_file() else ()
-    parts.append(_run_part(_check_run(clip, clip_extra), clip, "clip", clip_extra))
+    for rel, folder in (("clip", clip), ("reranker", runs / "reranker")):
+        if rel == "reranker" and not folder.is_dir():
+            continue
+        extra = ("tokenizer.json",) if (folder / "tokenizer.json").is_file() else ()
+        model = _check_run(folder, extra)
+        if rel == "reranker" and kind_of(model) != "clip":
+            raise UserError(f"{folder} holds a {kind_of(model)!r} model where a CLIP reranker belongs")
+        parts.append(_run_part(model, folder, rel, extra))
     dtype = torch.float16 if half else None
     return _swap_in(out, lambda tmp: _write_parts(tmp, parts, dtype))
 

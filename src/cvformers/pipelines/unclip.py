@@ -45,6 +45,7 @@ from cvformers.pipelines.pretrained import PretrainedPipeline, text_tokenizer_fi
 from cvformers.pipelines.text_to_image import MAX_CANDIDATES, Generation, Reranker, UnknownWords, count_candidates
 
 PARTS = ("prior", "decoder", "upsampler", "clip")
+PRIOR_MODES = ("diffusion", "text")  # UnCLIPSamplingConfig.prior
 KINDS = {"prior": ("unclip_prior",), "decoder": ("unclip_decoder", "unclip_latent_decoder"),
          "upsampler": ("unclip_upsampler",)}
 
@@ -58,6 +59,9 @@ class UnCLIPSamplingConfig:
     prior_steps: int = 64  # prior DDIM steps (the paper samples its prior with 64)
     prior_guidance: float = 1.0  # prior classifier-free guidance (1 = off)
     prior_candidates: int = 2  # embeddings the prior draws per image, keeping the closest to the text (§2.2)
+    # Where the decoder's image embedding comes from: "diffusion", the prior's sample (§2.2); or
+    # "text", the caption's CLIP text embedding in its place (no prior: the baseline of §5.1).
+    prior: str = "diffusion"
     upsampler_steps: int = 25  # upsampler DDIM steps
     eta: float = 0.0  # DDIM noise of the decoder and the upsampler (0: deterministic given x_T)
     candidates: int = 0  # images drawn and reranked by CLIP, keeping the best (0: as many as asked)
@@ -68,6 +72,8 @@ class UnCLIPSamplingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"sampling.{name} must be an integer >= 1, got {value!r}")
+        if self.prior not in PRIOR_MODES:
+            raise ConfigError(f"sampling.prior must be one of {', '.join(PRIOR_MODES)}, got {self.prior!r}")
         if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 0:
             raise ConfigError(f"sampling.candidates must be an integer >= 0, got {self.candidates!r}")
         # the rest is checked where it means the same as for one diffusion model
@@ -159,8 +165,8 @@ class UnCLIP(PretrainedPipeline):
                             f"{decoder.image_size} px")
         self.prior, self.decoder, self.clip, self.tokenizer = prior, decoder, clip.eval(), tokenizer
         self.upsampler = upsampler
-        # Scores the candidates (e.g. a ``ClipReranker`` of another CLIP run); None: the CLIP the
-        # prior and decoder share.
+        # Scores the candidates (a bundle's reranker/ or a ``ClipReranker`` of another CLIP run);
+        # None: the CLIP the prior and decoder share.
         self.reranker = reranker
         self.sampling = sampling or UnCLIPSamplingConfig()
         self.batch_size = batch_size
@@ -189,10 +195,14 @@ class UnCLIP(PretrainedPipeline):
         if not (clip_dir / "config.toml").is_file():
             raise UserError(f"{root}: no CLIP found (neither clip/ nor decoder/clip/)")
         clip, tokenizer = load_clip(clip_dir, device=device)
+        if reranker is None and (root / "reranker").is_dir():  # the bundle's own reranker, unless one is given
+            from cvformers.pipelines.rerank import ClipReranker
+
+            reranker = ClipReranker.load(root / "reranker", device=device)
         pipe = cls(prior, decoder, clip, tokenizer, upsampler,
                    sampling=from_dict(UnCLIPSamplingConfig, table, "sampling"), reranker=reranker)
         pipe.remember_parts({"prior": root / "prior", "decoder": root / "decoder", "upsampler": root / "upsampler",
-                             "clip": clip_dir})
+                             "clip": clip_dir, "reranker": root / "reranker"})
         return pipe
 
     def modules(self) -> dict[str, torch.nn.Module]:
@@ -200,6 +210,8 @@ class UnCLIP(PretrainedPipeline):
         found = {"prior": self.prior, "decoder": self.decoder, "clip": self.clip}
         if self.upsampler is not None:
             found["upsampler"] = self.upsampler
+        if hasattr(self.reranker, "model") and hasattr(self.reranker, "tokenizer"):  # a ClipReranker
+            found["reranker"] = self.reranker.model
         return found
 
     def bundle_parts(self):
@@ -208,7 +220,8 @@ class UnCLIP(PretrainedPipeline):
 
         root = {"kind": "unclip", "sampling": to_dict(self.sampling)}
         parts = [BundlePart("", None, {"config.toml": dumps_toml(root).encode()})]
-        parts += [self.part(rel, module, text_tokenizer_files(self.tokenizer) if rel == "clip" else None)
+        tokenizers = {"clip": self.tokenizer, "reranker": getattr(self.reranker, "tokenizer", None)}
+        parts += [self.part(rel, module, text_tokenizer_files(tokenizers[rel]) if rel in tokenizers else None)
                   for rel, module in self.modules().items()]
         return parts
 
@@ -298,8 +311,11 @@ class UnCLIP(PretrainedPipeline):
         candidates = count_candidates(num_images, s.candidates)
         text, text_embedding = self.encode_prompt(prompt)
         generator = generator or self._generator(s)
-        embeddings = self.prior.sample(text.expand(candidates, -1), text_embedding.expand(candidates, -1),
-                                       s.stage("prior"), candidates=s.prior_candidates, generator=generator)
+        if s.prior == "text":
+            embeddings = text_embedding.expand(candidates, -1)
+        else:
+            embeddings = self.prior.sample(text.expand(candidates, -1), text_embedding.expand(candidates, -1),
+                                           s.stage("prior"), candidates=s.prior_candidates, generator=generator)
         images = self.decode(embeddings, text.expand(candidates, -1), s, generator)
         if self.reranker is not None:
             scores = self.reranker.score(images, prompt).cpu()
