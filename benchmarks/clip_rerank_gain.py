@@ -10,6 +10,10 @@ captions with at least one faithful candidate (the ceiling of any reranker), and
     python benchmarks/clip_rerank_gain.py --dalle runs/dalle --clip runs/clip-shapes [--captions 100] [--candidates 32]
     python benchmarks/clip_rerank_gain.py --dalle default --clip runs/a,runs/b --cache runs/heldout_candidates.pt
     python benchmarks/clip_rerank_gain.py --dalle default --clip ... --temperature 1 --guidance 1   # plainer sampling
+    python benchmarks/clip_rerank_gain.py --unclip unclip --steps 25 --clip unclip/clip,default/clip --candidates 16
+
+``--unclip MODEL`` draws the candidates with an unCLIP bundle or run instead of DALL-E (its
+decoder's DDIM ``--steps``, the bundle's other sampling settings).
 
 ``--cache FILE`` keeps the candidates and the checker's verdicts: the first run draws and saves
 them, later runs (with the same split, captions, candidates and seed) load them, so several
@@ -99,6 +103,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clip", required=True, help="CLIP run folder(s), comma-separated")
     parser.add_argument("--dalle", default=None, help="DALL-E run folder (or --proxy)")
+    parser.add_argument("--unclip", default=None, help="unCLIP bundle or run folder drawing the candidates")
+    parser.add_argument("--steps", type=int, default=None, help="(--unclip) decoder DDIM steps")
     parser.add_argument("--proxy", action="store_true", help="stand-in generator instead of DALL-E (see above)")
     parser.add_argument("--split", default="heldout", help="shapes split whose captions are used")
     parser.add_argument("--captions", type=int, default=100)
@@ -117,8 +123,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rerankers = {path: ClipReranker.load(path) for path in args.clip.split(",")}
     key = {"split": args.split, "captions": args.captions, "candidates": args.candidates, "seed": args.seed,
-           "generator": "proxy" if args.proxy else args.dalle}
-    sampling = {k: v for k, v in (("temperature", args.temperature), ("guidance", args.guidance)) if v is not None}
+           "generator": "proxy" if args.proxy else args.unclip or args.dalle}
+    sampling = {k: v for k, v in (("temperature", args.temperature), ("guidance", args.guidance),
+                                  ("steps", args.steps)) if v is not None}
     key.update(sampling)  # only when given, so caches of the defaults keep their key
     if args.cache and Path(args.cache).is_file():
         drawn = torch.load(args.cache, weights_only=True)
@@ -139,8 +146,19 @@ def main() -> None:
             return pipe.generate(caption, num_images=k, seed=args.seed + seed, **sampling).images
 
         by_caption = {}
+    elif args.unclip:
+        from cvformers.pipelines.unclip import UnCLIP
+
+        unclip = UnCLIP.load(args.unclip)
+        image_size = unclip.image_size
+
+        def generate(caption: str, k: int, seed: int) -> torch.Tensor:
+            # all k are kept (sorted by unCLIP's own CLIP); the figures score every candidate, so order is moot
+            return unclip.generate(caption, num_images=k, seed=args.seed + seed, **sampling).images
+
+        by_caption = {}
     else:
-        parser.error("give --dalle RUN or --proxy")
+        parser.error("give --dalle RUN, --unclip MODEL or --proxy")
     scenes = [ShapesDataset(args.split, image_size=image_size, seed=args.seed).item(i)["record"]
               for i in range(args.captions)]
     for record in scenes:
