@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--dalle", default=None, help="DALL-E run folder (or --proxy)")
     parser.add_argument("--unclip", default=None, help="unCLIP bundle or run folder drawing the candidates")
     parser.add_argument("--steps", type=int, default=None, help="(--unclip) decoder DDIM steps")
+    parser.add_argument("--prior", choices=("diffusion", "text"), default=None,
+                        help="(--unclip) the prior's sample or the caption's text embedding (no prior)")
     parser.add_argument("--proxy", action="store_true", help="stand-in generator instead of DALL-E (see above)")
     parser.add_argument("--split", default="heldout", help="shapes split whose captions are used")
     parser.add_argument("--captions", type=int, default=100)
@@ -125,7 +127,7 @@ def main() -> None:
     key = {"split": args.split, "captions": args.captions, "candidates": args.candidates, "seed": args.seed,
            "generator": "proxy" if args.proxy else args.unclip or args.dalle}
     sampling = {k: v for k, v in (("temperature", args.temperature), ("guidance", args.guidance),
-                                  ("steps", args.steps)) if v is not None}
+                                  ("steps", args.steps), ("prior", args.prior)) if v is not None}
     key.update(sampling)  # only when given, so caches of the defaults keep their key
     if args.cache and Path(args.cache).is_file():
         drawn = torch.load(args.cache, weights_only=True)
