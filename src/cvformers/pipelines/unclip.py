@@ -44,7 +44,6 @@ from cvformers.loading import load_clip, load_run, load_weights, resolve_run
 from cvformers.pipelines.pretrained import PretrainedPipeline, text_tokenizer_files
 from cvformers.pipelines.text_to_image import MAX_CANDIDATES, Generation, Reranker, UnknownWords, count_candidates
 
-PARTS = ("prior", "decoder", "upsampler", "clip")
 PRIOR_MODES = ("diffusion", "text")  # UnCLIPSamplingConfig.prior
 KINDS = {"prior": ("unclip_prior",), "decoder": ("unclip_decoder", "unclip_latent_decoder"),
          "upsampler": ("unclip_upsampler",)}
