@@ -42,6 +42,7 @@ from cvformers.errors import UserError
 from cvformers.images import load_image
 from cvformers.loading import load_clip, load_run, load_weights, resolve_run
 from cvformers.pipelines.pretrained import PretrainedPipeline, text_tokenizer_files
+from cvformers.pipelines.rerank import ClipReranker
 from cvformers.pipelines.text_to_image import MAX_CANDIDATES, Generation, Reranker, UnknownWords, count_candidates
 
 PRIOR_MODES = ("diffusion", "text")  # UnCLIPSamplingConfig.prior
@@ -195,8 +196,6 @@ class UnCLIP(PretrainedPipeline):
             raise UserError(f"{root}: no CLIP found (neither clip/ nor decoder/clip/)")
         clip, tokenizer = load_clip(clip_dir, device=device)
         if reranker is None and (root / "reranker").is_dir():  # the bundle's own reranker, unless one is given
-            from cvformers.pipelines.rerank import ClipReranker
-
             reranker = ClipReranker.load(root / "reranker", device=device)
         pipe = cls(prior, decoder, clip, tokenizer, upsampler,
                    sampling=from_dict(UnCLIPSamplingConfig, table, "sampling"), reranker=reranker)
@@ -209,7 +208,7 @@ class UnCLIP(PretrainedPipeline):
         found = {"prior": self.prior, "decoder": self.decoder, "clip": self.clip}
         if self.upsampler is not None:
             found["upsampler"] = self.upsampler
-        if hasattr(self.reranker, "model") and hasattr(self.reranker, "tokenizer"):  # a ClipReranker
+        if isinstance(self.reranker, ClipReranker):  # another scorer has no weights to move or bundle
             found["reranker"] = self.reranker.model
         return found
 
@@ -219,7 +218,9 @@ class UnCLIP(PretrainedPipeline):
 
         root = {"kind": "unclip", "sampling": to_dict(self.sampling)}
         parts = [BundlePart("", None, {"config.toml": dumps_toml(root).encode()})]
-        tokenizers = {"clip": self.tokenizer, "reranker": getattr(self.reranker, "tokenizer", None)}
+        tokenizers = {"clip": self.tokenizer}
+        if isinstance(self.reranker, ClipReranker):
+            tokenizers["reranker"] = self.reranker.tokenizer
         parts += [self.part(rel, module, text_tokenizer_files(tokenizers[rel]) if rel in tokenizers else None)
                   for rel, module in self.modules().items()]
         return parts
